@@ -1,0 +1,3 @@
+from satcli.cli import main
+
+main()

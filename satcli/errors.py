@@ -1,0 +1,16 @@
+"""The one error type for user mistakes: bad files, bad options, missing data.
+
+Raised anywhere in satcli; only ``satcli.cli`` turns it into a red one-line message and exit code 1.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class SatcliError(Exception):
+    """A problem the user can fix. The message is one line and names the file when there is one."""
+
+    def __init__(self, message: str, path: str | Path | None = None):
+        self.path = None if path is None else Path(path)
+        super().__init__(f"{path}: {message}" if path is not None else message)
