@@ -1,0 +1,23 @@
+import os
+
+# Pin the terminal for rich so CLI output does not depend on the machine running the tests.
+os.environ.setdefault("COLUMNS", "120")
+os.environ["TERM"] = "dumb"
+os.environ.setdefault("NO_COLOR", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
