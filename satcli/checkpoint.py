@@ -1,0 +1,147 @@
+"""Model checkpoints: one file holding a plain dict, loaded with ``torch.load(weights_only=True)``.
+
+``{format, format_version, satcli_version, config, state_dict, vocab, preprocessing, train_options, metrics}``.
+No pickled module or class is ever stored, so loading a checkpoint cannot execute code; a file that is not a
+satcli checkpoint, or is truncated, is refused with a one-line error naming it.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from models.captioner import Captioner, CaptionerConfig
+from satcli import __version__
+from satcli.errors import SatcliError
+from satcli.vocab import Vocabulary
+
+FORMAT = "satcli-checkpoint"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How images must be prepared for a model: resized to ``image_size`` square, then normalised."""
+
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    @classmethod
+    def for_config(cls, config: CaptionerConfig) -> Preprocessing:
+        from models.encoders import ENCODERS
+
+        spec = ENCODERS[config.encoder]
+        return cls(int(config.image_size or spec.image_size), spec.mean, spec.std)
+
+
+@dataclass
+class LoadedCheckpoint:
+    """A captioner with everything that travels with it."""
+
+    model: Captioner
+    vocab: Vocabulary
+    preprocessing: Preprocessing
+    train_options: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain module under DDP / torch.compile wrappers, so stored keys never carry their prefixes."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+def checkpoint_dict(model: Captioner, vocab: Vocabulary, train_options: dict[str, Any] | None = None,
+                    metrics: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
+    """The dict a checkpoint file holds (plain types and tensors only). ``extra`` adds fields (e.g. optimiser)."""
+    model = _unwrap(model)  # type: ignore[assignment]
+    pre = Preprocessing.for_config(model.config)
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "satcli_version": __version__,
+        "config": model.config.to_dict(),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "vocab": vocab.to_list(),
+        "preprocessing": {"image_size": pre.image_size, "mean": list(pre.mean), "std": list(pre.std)},
+        "train_options": dict(train_options or {}),
+        "metrics": dict(metrics or {}),
+        **extra,
+    }
+
+
+def save_checkpoint(path: str | Path, model: Captioner, vocab: Vocabulary,
+                    train_options: dict[str, Any] | None = None, metrics: dict[str, Any] | None = None,
+                    **extra: Any) -> Path:
+    """Write atomically: a temporary file in the same directory, flushed to disk, then renamed over ``path``.
+
+    A crash at any moment leaves either the old file or the new one, never a torn one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = checkpoint_dict(model, vocab, train_options, metrics, **extra)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The checkpoint dict, validated. Raises SatcliError for anything that is not a readable satcli checkpoint."""
+    path = Path(path)
+    if not path.is_file():
+        raise SatcliError("no such checkpoint file", path)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        # weights_only refuses anything but tensors and plain containers, before running any of it.
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else "unsupported content"
+        raise SatcliError(f"not a satcli checkpoint: it holds objects satcli refuses to load ({reason[:120]})",
+                          path) from error
+    except Exception as error:  # torch raises many types for torn or foreign files; all mean the same here
+        raise SatcliError("not a readable checkpoint: the file is truncated or corrupt", path) from error
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise SatcliError("not a satcli checkpoint (no satcli format marker)", path)
+    version = payload.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise SatcliError(f"checkpoint format {version} is newer than this satcli understands ({FORMAT_VERSION}); "
+                          "upgrade satcli", path)
+    missing = {"config", "state_dict", "vocab", "preprocessing"} - payload.keys()
+    if missing:
+        raise SatcliError(f"checkpoint is missing {', '.join(sorted(missing))}", path)
+    return payload
+
+
+def load_captioner(path: str | Path, device: str | torch.device = "cpu") -> LoadedCheckpoint:
+    """Rebuild the captioner stored at ``path`` in eval mode on ``device``."""
+    path = Path(path)
+    payload = read_checkpoint(path)
+    try:
+        config = CaptionerConfig.from_dict(payload["config"])
+        model = Captioner(config)
+        model.load_state_dict(payload["state_dict"])
+        vocab = Vocabulary(list(payload["vocab"]))
+    except (TypeError, ValueError, RuntimeError, KeyError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise SatcliError(f"checkpoint does not describe a valid model: {first_line[:200]}", path) from error
+    if len(vocab) != config.vocab_size:
+        raise SatcliError(f"checkpoint vocabulary has {len(vocab)} words but the model {config.vocab_size}", path)
+    pre = payload["preprocessing"]
+    preprocessing = Preprocessing(int(pre["image_size"]), tuple(pre["mean"]), tuple(pre["std"]))
+    return LoadedCheckpoint(model.to(device).eval(), vocab, preprocessing, dict(payload.get("train_options", {})),
+                            dict(payload.get("metrics", {})), path)
