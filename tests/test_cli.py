@@ -1,0 +1,57 @@
+import pytest
+from typer.testing import CliRunner
+
+from satcli import __version__
+from satcli.cli import app
+from satcli.errors import SatcliError
+
+runner = CliRunner()
+
+
+def test_version():
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0
+    assert __version__ in result.output
+
+
+def test_help_lists_the_commands():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for command in ("encoders",):
+        assert command in result.output
+
+
+@pytest.mark.parametrize("command", ["encoders"])
+def test_each_command_has_help(command):
+    result = runner.invoke(app, [command, "--help"])
+    assert result.exit_code == 0
+    assert "Usage" in result.output
+
+
+def test_encoders_lists_offline_weights():
+    result = runner.invoke(app, ["encoders"])
+    assert result.exit_code == 0
+    assert "efficientnet-lite0" in result.output and "resnet101" in result.output and "vgg16" in result.output
+    assert "7×7" in result.output
+
+
+def test_user_errors_are_one_red_line_and_exit_1(monkeypatch):
+    import models.encoders
+
+    def broken():
+        raise SatcliError("something the user can fix", "photos/cat.jpg")
+
+    monkeypatch.setattr(models.encoders, "ENCODERS", _Raising(broken))
+    result = runner.invoke(app, ["encoders"])
+    assert result.exit_code == 1
+    assert "photos/cat.jpg: something the user can fix" in result.output
+    assert "Traceback" not in result.output
+
+
+class _Raising(dict):
+    def __init__(self, raise_):
+        super().__init__()
+        self._raise = raise_
+
+    def items(self):
+        self._raise()
