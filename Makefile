@@ -15,7 +15,9 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/satcli demo
+	@echo "satcli demo (shapes -> train -> evaluate -> caption -> report) arrives with 'satcli train'."
+	@echo "For now it generates and preprocesses the shapes dataset:"
+	$(VENV)/bin/satcli preprocess --dataset shapes
 
 test: $(STAMP)
 	$(PY) -m pytest -q
