@@ -52,7 +52,8 @@ def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> f
 
 def write_section(heading: str, body: str, path: Path = BENCHMARKS_MD) -> None:
     """Replace (or append) the ``## heading`` section of docs/benchmarks.md, keeping the other sections."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n\nEvery table below comes from the command printed above it.\n"
+    header = "# Benchmarks\n\nEvery table below comes from the command printed above it.\n"
+    text = path.read_text() if path.exists() else header
     section = f"## {heading}\n\n{body.strip()}\n"
     pattern = re.compile(rf"^## {re.escape(heading)}\n.*?(?=^## |\Z)", re.S | re.M)
     text = pattern.sub(lambda _: section + "\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + section

@@ -171,13 +171,15 @@ class Captioner(nn.Module):
         logits, state, alpha = self.decoder.step(tokens, state, memory)
         return logits.float().log_softmax(dim=-1), state, alpha
 
-    def forward(self, features: Tensor, tokens: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, features: Tensor, tokens: Tensor, lengths: Tensor,
+                sample_prob: float = 0.0) -> tuple[Tensor, Tensor]:
         """Teacher-forced pass over captions.
 
         features (B, L, D); tokens (B, T+1) = ``<start> w1 … wn <end> <pad>…``; lengths (B,) = number of
         targets (words + 1). Returns logprobs (B, T, V) and alphas (B, T, L), both zero at padded steps.
         Captions are processed longest first and each step only runs the captions still going, so padding
-        costs nothing and cannot change the result.
+        costs nothing and cannot change the result. ``sample_prob`` > 0 is scheduled sampling: each caption's
+        input word is, with that probability, the model's own previous prediction instead of the reference.
         """
         B, L, _ = features.shape
         T = tokens.shape[1] - 1
@@ -194,8 +196,12 @@ class Captioner(nn.Module):
             if n == 0:
                 break
             step_memory = Memory(memory.features[:n], memory.keys[:n])
+            inputs = tokens[:n, t]
+            if sample_prob > 0 and t > 0:
+                own = torch.rand(n, device=inputs.device) < sample_prob
+                inputs = torch.where(own, logits[:n, t - 1].argmax(dim=-1), inputs)
             step_logits, new_state, alpha = self.decoder.step(
-                tokens[:n, t : t + 1], State(state.h[:n], state.c[:n]), step_memory)
+                inputs.unsqueeze(1), State(state.h[:n], state.c[:n]), step_memory)
             logits[:n, t] = step_logits[:, 0]
             alphas[:n, t] = alpha[:, 0]
             state = new_state

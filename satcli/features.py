@@ -1,0 +1,114 @@
+"""The encoder-feature cache: with a frozen encoder, every image is encoded once, stored on disk next to the
+dataset (keyed by encoder, input size and grid), and reused by every later training run and evaluation.
+
+``data/NAME/features/<encoder>-<size>px[-grid<G>]/<split>.npy`` holds a float16 array (n_images, n_pixels, dim)
+in the split's row order; a ``<split>.json`` beside it says what made it. Both are written to temporary names and
+renamed when complete, so a killed run never leaves a cache that looks finished.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.progress import Progress
+
+from models.captioner import Captioner
+from satcli.checkpoint import Preprocessing
+from satcli.console import make_progress
+from satcli.store import StoredDataset
+from satcli.transforms import image_tensor
+
+log = logging.getLogger(__name__)
+CACHE_VERSION = 1
+
+
+def cache_dir(dataset: StoredDataset, model: Captioner) -> Path:
+    c = model.config
+    key = f"{c.encoder}-{c.image_size}px" + (f"-grid{c.grid_size}" if c.grid_size else "")
+    return dataset.root / "features" / key
+
+
+def _describe(dataset: StoredDataset, model: Captioner, split: str) -> dict:
+    c = model.config
+    return {"version": CACHE_VERSION, "encoder": c.encoder, "image_size": c.image_size, "grid_size": c.grid_size,
+            "split": split, "n_images": dataset.n_images(split), "store_created": dataset.meta.get("created"),
+            "shape": [dataset.n_images(split), model.grid_shape[0] * model.grid_shape[1], model.encoder.spec.dim]}
+
+
+def cached_features(dataset: StoredDataset, split: str, model: Captioner, device: torch.device,
+                    batch_size: int = 64, progress: Progress | None = None) -> np.ndarray:
+    """(n_images, n_pixels, dim) float16 features of ``split``, memory-mapped; computed on first use."""
+    folder = cache_dir(dataset, model)
+    array_path, info_path = folder / f"{split}.npy", folder / f"{split}.json"
+    expected = _describe(dataset, model, split)
+    if info_path.is_file() and array_path.is_file():
+        try:
+            if json.loads(info_path.read_text()) == expected:
+                return np.load(array_path, mmap_mode="r")
+        except (OSError, ValueError):
+            pass
+        log.info("feature cache %s is stale; recomputing", folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = array_path.with_name(f".{split}.{os.getpid()}.tmp.npy")
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=tuple(expected["shape"]))
+    try:
+        row = 0
+        for features in encode_split(dataset, split, model, device, batch_size, progress,
+                                     f"encoding {dataset.name}/{split}"):
+            out[row : row + len(features)] = features.to(torch.float16).cpu().numpy()
+            row += len(features)
+        out.flush()
+        del out
+        os.replace(tmp, array_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    info_path.write_text(json.dumps(expected))
+    return np.load(array_path, mmap_mode="r")
+
+
+@torch.inference_mode()
+def encode_split(dataset: StoredDataset, split: str, model: Captioner, device: torch.device, batch_size: int = 64,
+                 progress: Progress | None = None, description: str = "encoding"):
+    """Yield (B, n_pixels, dim) encoder features for ``split`` in row order, decoding images in a thread pool
+    while the encoder runs."""
+    preprocessing = Preprocessing.for_config(model.config)
+    was_training = model.training
+    model.eval()
+    own = progress is None
+    progress = progress or make_progress()
+    if own:
+        progress.start()
+    task = progress.add_task(description, total=dataset.n_images(split), unit="images")
+
+    def load(batch) -> torch.Tensor:
+        return torch.stack([image_tensor(dataset.decode_image(b), preprocessing)
+                            for b in batch.column("image").to_pylist()])
+
+    try:
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            pending = None
+            for batch in dataset.iter_batches(split, batch_size, columns=["image"]):
+                future = pool.submit(load, batch)
+                if pending is not None:
+                    yield _encode(model, pending.result(), device, progress, task)
+                pending = future
+            if pending is not None:
+                yield _encode(model, pending.result(), device, progress, task)
+    finally:
+        progress.remove_task(task)
+        if own:
+            progress.stop()
+        model.train(was_training)
+
+
+def _encode(model: Captioner, images: torch.Tensor, device: torch.device, progress: Progress, task) -> torch.Tensor:
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        features = model.encode(images.to(device, non_blocking=True))
+    progress.advance(task, len(images))
+    return features.float()

@@ -1,0 +1,149 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.decoding import decode
+from satcli.checkpoint import load_captioner, read_checkpoint
+from satcli.datasets import DatasetKind
+from satcli.errors import SatcliError
+from satcli.preprocess import PreprocessOptions
+from satcli.preprocess import run as preprocess
+from satcli.store import StoredDataset
+from satcli.train import FLIP_PAIRS, TrainOptions, _flip_table, batch_plan, run
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = dict(image_size=64, embed_dim=16, attention_dim=16, decoder_dim=24, dropout=0.0, batch_size=16,
+            decoder_lr=3e-3, val_max_length=12)
+
+
+@pytest.fixture(scope="module")
+def shapes_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    preprocess(PreprocessOptions(dataset=DatasetKind.shapes, data_root=root, n_train=120, n_val=12, n_test=12,
+                                 image_size=64, min_word_freq=1))
+    return root
+
+
+def _options(root: Path, out: Path, **overrides) -> TrainOptions:
+    return TrainOptions(dataset="shapes", data_root=root, out=out, **{**TINY, **overrides})
+
+
+def _train_cli(root: Path, out: Path, epochs: int, *extra: str) -> list[str]:
+    return ["train", "--dataset", "shapes", "--data-root", str(root), "--out", str(out), "--epochs", str(epochs),
+            "--image-size", "64", "--embed-dim", "16", "--attention-dim", "16", "--decoder-dim", "24",
+            "--dropout", "0", "--batch-size", "16", "--decoder-lr", "3e-3", *extra]
+
+
+def test_training_writes_loadable_checkpoints_and_metrics(shapes_root, tmp_path, monkeypatch):
+    monkeypatch.setenv("SATCLI_STATE_DIR", str(tmp_path / "state"))
+    result = run(_options(shapes_root, tmp_path / "run", epochs=2))
+    assert result.epochs == 2
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [line["epoch"] for line in lines] == [1, 2]
+    assert all(0.0 <= line["val_bleu4"] <= 1.0 and line["samples_per_s"] > 0 for line in lines)
+    assert lines[1]["loss"] < lines[0]["loss"]
+    loaded = load_captioner(result.best)
+    assert loaded.metrics["val_bleu4"] == result.best_bleu4
+    features = torch.randn(2, *loaded.model.grid_shape, 1280).flatten(1, 2)
+    assert len(decode(loaded.model, features, beam_size=2, max_length=5)) == 2
+    # the feature cache was written once and is reused
+    cache = list((shapes_root / "shapes" / "features").glob("*/train.npy"))
+    assert len(cache) == 1
+
+
+def test_a_second_run_into_the_same_folder_is_refused_without_resume_or_overwrite(shapes_root, tmp_path):
+    run(_options(shapes_root, tmp_path / "run", epochs=1))
+    with pytest.raises(SatcliError, match="already holds a training run"):
+        run(_options(shapes_root, tmp_path / "run", epochs=1))
+    with pytest.raises(SatcliError, match="nothing to resume"):
+        run(_options(shapes_root, tmp_path / "other", epochs=1, resume=True))
+
+
+def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(shapes_root, tmp_path):
+    env = {**os.environ, "SATCLI_STATE_DIR": str(tmp_path / "state"), "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "satcli", *_train_cli(shapes_root, tmp_path / "killed", 3, "--batch-size", "4")]
+    process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = tmp_path / "killed" / "last.pt"
+    deadline = time.time() + 240
+    while not last.exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    assert last.exists(), "the first epoch never finished"
+    time.sleep(0.5)  # well inside epoch 2
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert read_checkpoint(last)["train_state"]["epoch"] == 0  # killed before epoch 2 was saved
+    resumed = subprocess.run([sys.executable, "-m", "satcli", *_train_cli(shapes_root, tmp_path / "killed", 3,
+                                                                       "--batch-size", "4", "--resume")],
+                             env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    straight = run(_options(shapes_root, tmp_path / "straight", epochs=3, batch_size=4))
+    killed_state = read_checkpoint(last)
+    assert killed_state["train_state"]["epoch"] == 2
+    history = killed_state["train_state"]["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert [round(h["loss"], 5) for h in history] == [round(h["loss"], 5) for h in straight.history]
+    straight_state = read_checkpoint(straight.last)["state_dict"]
+    for key, value in straight_state.items():
+        assert torch.allclose(value.float(), killed_state["state_dict"][key].float(), atol=1e-6), key
+
+
+def test_ddp_two_cpu_processes_train_the_same_checkpoint_format(shapes_root, tmp_path):
+    env = {**os.environ, "SATCLI_STATE_DIR": str(tmp_path / "state"), "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "satcli", *_train_cli(shapes_root, out, 1, "--device", "cpu")]
+    done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    single = run(_options(shapes_root, tmp_path / "single", epochs=1))
+    ddp_state = read_checkpoint(out / "last.pt")
+    assert ddp_state["train_state"]["history"][0]["ranks"] == 2
+    # the same global batches and a loss normalised by the global batch: the one-process run's numbers
+    assert ddp_state["train_state"]["history"][0]["loss"] == pytest.approx(single.history[0]["loss"], rel=1e-3)
+    loaded = load_captioner(out / "best.pt")
+    features = torch.randn(1, 4, 1280)
+    assert decode(loaded.model, features, beam_size=2, max_length=5)[0].tokens is not None
+    assert not any(k.startswith("module.") for k in ddp_state["state_dict"])
+
+
+def test_batch_plan_buckets_by_length_and_depends_only_on_seed_and_epoch():
+    lengths = torch.randint(3, 30, (1000,))
+    plan = batch_plan(lengths, 32, seed=1, epoch=4)
+    assert sorted(torch.cat(plan).tolist()) == list(range(1000))
+    assert all((a == b).all() for a, b in zip(plan, batch_plan(lengths, 32, seed=1, epoch=4), strict=True))
+    assert not all((a == b).all() for a, b in zip(plan, batch_plan(lengths, 32, seed=1, epoch=5), strict=True))
+    padded = sum(int(lengths[b].max()) * len(b) for b in plan)
+    assert padded < 1.1 * int(lengths.sum())  # bucketing leaves under 10% padding
+    random_padded = sum(int(lengths[b].max()) * len(b) for b in torch.randperm(1000).split(32))
+    assert random_padded > 1.5 * int(lengths.sum())
+
+
+def test_flip_augmentation_swaps_left_and_right(shapes_root):
+    vocab = StoredDataset.open(shapes_root, "shapes").vocab
+    table = _flip_table(vocab)
+    pairs = [(a, b) for a, b in FLIP_PAIRS if a in vocab and b in vocab]
+    assert pairs, "shapes captions use left and right"
+    for a, b in pairs:
+        assert table[vocab.id(a)] == vocab.id(b) and table[vocab.id(b)] == vocab.id(a)
+    others = [i for i, w in enumerate(vocab.words) if w not in {x for p in pairs for x in p}]
+    assert all(table[i] == i for i in others)
+
+
+def test_fine_tuning_the_encoder_trains_it(shapes_root, tmp_path):
+    options = _options(shapes_root, tmp_path / "ft", epochs=1, fine_tune_encoder=True, fine_tune_blocks=1,
+                       encoder_lr=1e-2)
+    before = {k: v.clone() for k, v in
+              __import__("models.captioner", fromlist=["Captioner"]).Captioner(
+                  options.model_config(len(StoredDataset.open(shapes_root, "shapes").vocab)),
+                  pretrained_encoder=True).encoder.state_dict().items()}
+    result = run(options)
+    after = read_checkpoint(result.last)["state_dict"]
+    changed = [k for k, v in before.items() if not torch.equal(v, after["encoder." + k])]
+    assert any("_conv_head" in k for k in changed)
+    assert not any("_conv_stem" in k for k in changed)
