@@ -1,0 +1,66 @@
+"""Which model ``satcli caption`` uses when none is named: ``SATCLI_MODEL``, else the last one trained here.
+
+``satcli train`` calls :func:`remember_model` with the checkpoint it wrote; the absolute path goes into a small
+file under ``$SATCLI_STATE_DIR`` (or ``$XDG_STATE_HOME/satcli``, or ``~/.local/state/satcli``).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from satcli.errors import SatcliError
+
+MODEL_ENV = "SATCLI_MODEL"
+STATE_ENV = "SATCLI_STATE_DIR"
+_LAST_MODEL_FILE = "last-model"
+
+_HOW_TO_GET_ONE = ("train one with `satcli demo` (minutes on a CPU) or `satcli train --dataset NAME`, "
+                   f"or name one with --model CKPT or {MODEL_ENV}")
+
+
+def state_dir() -> Path:
+    """Where satcli keeps small state between runs."""
+    if os.environ.get(STATE_ENV):
+        return Path(os.environ[STATE_ENV]).expanduser()
+    if os.environ.get("XDG_STATE_HOME"):
+        return Path(os.environ["XDG_STATE_HOME"]).expanduser() / "satcli"
+    return Path.home() / ".local" / "state" / "satcli"
+
+
+def remember_model(path: str | Path) -> Path:
+    """Record ``path`` (made absolute) as the model of the most recent training run. Returns the state file."""
+    directory = state_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / _LAST_MODEL_FILE
+    fd, tmp = tempfile.mkstemp(prefix=f".{_LAST_MODEL_FILE}.", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(str(Path(path).expanduser().absolute()) + "\n")
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def default_model() -> Path:
+    """The model to use when ``--model`` is not given. Raises SatcliError saying how to get one."""
+    from_env = os.environ.get(MODEL_ENV)
+    if from_env:
+        return Path(from_env).expanduser()
+    state = state_dir() / _LAST_MODEL_FILE
+    try:
+        remembered = state.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        raise SatcliError(f"no model given and none trained yet: {_HOW_TO_GET_ONE}") from None
+    except OSError as error:
+        raise SatcliError(f"cannot read the remembered model ({error.strerror}); {_HOW_TO_GET_ONE}", state) \
+            from error
+    if not remembered:
+        raise SatcliError(f"no model given and none trained yet: {_HOW_TO_GET_ONE}")
+    path = Path(remembered)
+    if not path.is_file():
+        raise SatcliError(f"the most recently trained model is gone; {_HOW_TO_GET_ONE}", path)
+    return path
