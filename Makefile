@@ -15,9 +15,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	@echo "satcli demo (shapes -> train -> evaluate -> caption -> report) arrives with 'satcli train'."
-	@echo "For now it generates and preprocesses the shapes dataset:"
-	$(VENV)/bin/satcli preprocess --dataset shapes
+	$(VENV)/bin/satcli demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q

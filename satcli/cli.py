@@ -7,6 +7,7 @@ User mistakes arrive here as :class:`~satcli.errors.SatcliError` and leave as on
 from __future__ import annotations
 
 import logging
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -17,6 +18,7 @@ from rich.logging import RichHandler
 from rich.table import Table
 
 from satcli import __version__
+from satcli.datasets import DatasetKind
 from satcli.errors import SatcliError
 
 console = Console()
@@ -88,6 +90,185 @@ def encoders() -> None:
         grid = spec.grid_shape(spec.image_size, spec.image_size)
         table.add_row(name, f"{spec.image_size}px", f"{grid[0]}×{grid[1]}", str(spec.dim), spec.weights_source)
     console.print(table)
+
+
+@app.command()
+def preprocess(
+    dataset: Annotated[DatasetKind, typer.Option("--dataset", help="What kind of dataset the files hold.")],
+    images: Annotated[Path | None, typer.Option(
+        "--images", exists=True, file_okay=False, help="Folder the caption file's image paths start from.")] = None,
+    captions: Annotated[Path | None, typer.Option(
+        "--captions", exists=True, dir_okay=False, help="Caption file (format detected from its content).")] = None,
+    splits: Annotated[Path | None, typer.Option(
+        "--splits", exists=True, file_okay=False,
+        help="Folder with Flickr_8k.{train,dev,test}Images.txt (default: beside the caption file, if there).")] = None,
+    name: Annotated[str | None, typer.Option(help="Store name under the data root (default: the kind).")] = None,
+    data_root: DataRootOption = Path("data"),
+    min_word_freq: Annotated[int, typer.Option(min=1, help="Keep words seen this often in train captions.")] = 5,
+    max_caption_length: Annotated[int, typer.Option(min=1, help="Cut captions to this many words.")] = 50,
+    image_size: Annotated[int, typer.Option(min=16, help="Side of the stored square images, in pixels.")] = 256,
+    seed: Annotated[int, typer.Option(help="Seed of generated splits and of the shapes dataset.")] = 0,
+    n_train: Annotated[int, typer.Option(min=0, help="shapes: training images to draw.")] = 4000,
+    n_val: Annotated[int, typer.Option(min=0, help="shapes: validation images to draw.")] = 300,
+    n_test: Annotated[int, typer.Option(min=0, help="shapes: test images to draw.")] = 300,
+) -> None:
+    """Read a captioned image dataset (or draw the shapes one) into a store under the data root for training."""
+    from satcli import preprocess as step
+
+    step.run(step.PreprocessOptions(
+        dataset=dataset, images=images, captions=captions, splits=splits, name=name, data_root=data_root,
+        min_word_freq=min_word_freq, max_caption_length=max_caption_length, image_size=image_size, seed=seed,
+        n_train=n_train, n_val=n_val, n_test=n_test,
+    ))
+
+
+class Device(str, Enum):
+    """Where the model runs."""
+
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+# Options shared by the commands that caption images (caption now; evaluate reuses them), declared once.
+ModelOption = Annotated[Path | None, typer.Option(
+    "--model", "-m", dir_okay=False, show_default=False,
+    help="Model checkpoint. Default: $SATCLI_MODEL, else the model of the most recent `satcli train`.")]
+BeamSizeOption = Annotated[int, typer.Option("--beam-size", min=1, help="Captions kept per step (1: greedy).")]
+MaxLengthOption = Annotated[int, typer.Option("--max-length", min=1, help="Most words per caption, <end> included.")]
+LengthPenaltyOption = Annotated[float, typer.Option(
+    "--length-penalty", min=0.0, help="Rank captions by sum of log-probabilities / length ** this (0: no penalty).")]
+BatchSizeOption = Annotated[int, typer.Option("--batch-size", min=1, help="Images per batch on the device.")]
+DeviceOption = Annotated[Device, typer.Option("--device", help="auto: a CUDA GPU when there is one, else the CPU.")]
+WorkersOption = Annotated[int | None, typer.Option(
+    "--workers", min=0, show_default=False,
+    help="Processes decoding images (0: in the main one). Default: min(4, CPUs).")]
+ResultsOption = Annotated[Path, typer.Option("--output", "-o", dir_okay=False, help="Results Parquet file.")]
+
+
+@app.command()
+def caption(
+    inputs: Annotated[list[str], typer.Argument(
+        help="Image files, folders (searched recursively) and glob patterns.", show_default=False)],
+    model: ModelOption = None,
+    output: ResultsOption = Path("captions.parquet"),
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Start afresh instead of resuming or extending earlier results in the output.")] = False,
+    beam_size: BeamSizeOption = 3,
+    max_length: MaxLengthOption = 50,
+    length_penalty: LengthPenaltyOption = 0.0,
+    batch_size: BatchSizeOption = 32,
+    workers: WorkersOption = None,
+    device: DeviceOption = Device.auto,
+    shard: Annotated[str | None, typer.Option(
+        "--shard", metavar="K/N", show_default=False,
+        help="Caption only shard K (from 0) of N into <output>.part-K-of-N; under torchrun: RANK/WORLD_SIZE.")] = None,
+    root: Annotated[Path | None, typer.Option(
+        "--root", file_okay=False, show_default=False,
+        help="Write paths relative to this folder. Default: the current one.")] = None,
+    max_pixels: Annotated[int, typer.Option(
+        "--max-pixels", min=1, help="Refuse bigger images (decompression bombs) as errors.")] = 89_478_485,
+) -> None:
+    """Caption photos into a Parquet file with one row per image: caption, words and attention maps.
+
+    Rerun the same command after an interruption to continue where it stopped.
+
+    Files that are not readable images become rows with an error; the run goes on.
+    """
+    from satcli import caption as step
+
+    summary = step.run(step.CaptionOptions(
+        inputs=tuple(inputs), model=model, output=output, overwrite=overwrite, batch_size=batch_size,
+        beam_size=beam_size, max_length=max_length, length_penalty=length_penalty, workers=workers,
+        device=device.value, shard=None if shard is None else step.parse_shard(shard), root=root,
+        max_pixels=max_pixels,
+    ))
+    console.print(summary.table())
+
+
+@app.command()
+def merge(
+    parts: Annotated[list[Path] | None, typer.Argument(
+        help="Part files (default: every <output>.part-K-of-N file beside the output).", show_default=False)] = None,
+    output: ResultsOption = Path("captions.parquet"),
+    remove_parts: Annotated[bool, typer.Option("--remove-parts", help="Delete the parts once merged.")] = False,
+) -> None:
+    """Merge the parts written by sharded caption runs (--shard K/N, torchrun) into one results file."""
+    from satcli import merge as step
+
+    summary = step.run(step.MergeOptions(parts=tuple(parts or ()), output=output, remove_parts=remove_parts))
+    console.print(summary.table())
+
+@app.command()
+def train(
+    dataset: Annotated[str, typer.Option("--dataset", help="A preprocessed dataset under the data root.")],
+    data_root: DataRootOption = Path("data"),
+    out: Annotated[Path | None, typer.Option(
+        "--out", file_okay=False, show_default=False, help="Run folder. Default: runs/<dataset>.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last.pt.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a finished run in --out.")] = False,
+    encoder: Annotated[str, typer.Option(help="Image encoder (see `satcli encoders`).")] = "efficientnet-lite0",
+    attention: Annotated[str, typer.Option(help="Attention kind.")] = "soft",
+    image_size: Annotated[int | None, typer.Option(
+        min=32, show_default=False, help="Encoder input size. Default: the encoder's own.")] = None,
+    grid_size: Annotated[int | None, typer.Option(
+        min=1, show_default=False, help="Pool the feature map to this many cells a side (the paper: 14).")] = None,
+    embed_dim: Annotated[int, typer.Option(min=1, help="Word embedding size.")] = 512,
+    attention_dim: Annotated[int, typer.Option(min=1, help="Attention layer size.")] = 512,
+    decoder_dim: Annotated[int, typer.Option(min=1, help="LSTM size.")] = 512,
+    dropout: Annotated[float, typer.Option(min=0.0, max=0.99, help="Dropout before the output layers.")] = 0.5,
+    doubly_stochastic: Annotated[float, typer.Option(
+        min=0.0, help="λ of the attention regulariser λ·Σᵢ(1 − Σₜ αₜᵢ)².")] = 1.0,
+    epochs: Annotated[int, typer.Option(min=1, help="Epochs (one pass over every training caption).")] = 30,
+    batch_size: Annotated[int, typer.Option(min=1, help="Captions per step, over all processes.")] = 64,
+    decoder_lr: Annotated[float, typer.Option(min=0.0, help="Decoder learning rate.")] = 4e-4,
+    encoder_lr: Annotated[float, typer.Option(min=0.0, help="Encoder learning rate when fine-tuning.")] = 1e-4,
+    grad_clip: Annotated[float, typer.Option(min=0.0, help="Clip gradients to this norm.")] = 5.0,
+    lr_decay: Annotated[float, typer.Option(
+        min=0.0, max=1.0, help="Multiply learning rates by this when validation BLEU-4 stalls.")] = 0.8,
+    patience: Annotated[int, typer.Option(
+        min=1, help="Stop after this many epochs without validation improvement.")] = 10,
+    scheduled_sampling: Annotated[float, typer.Option(
+        min=0.0, max=1.0, help="Probability of feeding the model its own previous word.")] = 0.0,
+    fine_tune_encoder: Annotated[bool, typer.Option(
+        "--fine-tune-encoder", help="Train the encoder too, on augmented images.")] = False,
+    fine_tune_after: Annotated[int, typer.Option(min=0, help="Start fine-tuning after this many epochs.")] = 0,
+    fine_tune_blocks: Annotated[int, typer.Option(help="Encoder blocks to fine-tune from the top (-1: all).")] = -1,
+    val_beam_size: Annotated[int, typer.Option(min=1, help="Beam size of validation decoding.")] = 1,
+    device: DeviceOption = Device.auto,
+    amp: Annotated[bool, typer.Option(help="Mixed precision on CUDA (bf16 where supported).")] = True,
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the decoder step.")] = False,
+    seed: Annotated[int, typer.Option(help="Seed of initialisation, batch order and dropout.")] = 0,
+) -> None:
+    """Train a captioner on a preprocessed dataset; writes last.pt, best.pt and metrics.jsonl.
+
+    With torchrun (`torchrun --nproc_per_node N -m satcli train ...`) it trains on N processes with DDP.
+    """
+    from satcli import train as step
+
+    step.run(step.TrainOptions(
+        dataset=dataset, data_root=data_root, out=out, resume=resume, overwrite=overwrite, encoder=encoder,
+        attention=attention, image_size=image_size, grid_size=grid_size, embed_dim=embed_dim,
+        attention_dim=attention_dim, decoder_dim=decoder_dim, dropout=dropout, doubly_stochastic=doubly_stochastic,
+        epochs=epochs, batch_size=batch_size, decoder_lr=decoder_lr, encoder_lr=encoder_lr, grad_clip=grad_clip,
+        lr_decay=lr_decay, patience=patience, scheduled_sampling=scheduled_sampling,
+        fine_tune_encoder=fine_tune_encoder, fine_tune_after=fine_tune_after, fine_tune_blocks=fine_tune_blocks,
+        val_beam_size=val_beam_size, device=device.value, amp=amp, compile=compile, seed=seed,
+    ))
+
+
+@app.command()
+def demo(
+    data_root: DataRootOption = Path("data"),
+    out: Annotated[Path, typer.Option("--out", file_okay=False, help="Run folder.")] = Path("runs/shapes-demo"),
+    epochs: Annotated[int, typer.Option(min=1, help="Training epochs.")] = 6,
+    device: DeviceOption = Device.auto,
+) -> None:
+    """The whole job on the built-in shapes dataset: draw → preprocess → train → evaluate → caption, on CPU in
+    minutes."""
+    from satcli import demo as step
+
+    step.run(step.DemoOptions(data_root=data_root, out=out, epochs=epochs, device=device.value))
 
 
 def main() -> None:
