@@ -31,7 +31,9 @@ def machine() -> str:
 
 
 def command() -> str:
-    return "python " + " ".join([os.path.relpath(sys.argv[0]), *sys.argv[1:]])
+    """How to rerun this benchmark from the repository root."""
+    module = "bench." + Path(sys.argv[0]).stem
+    return " ".join(["python -m", module, *sys.argv[1:]])
 
 
 def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:

@@ -1,7 +1,7 @@
 """What one caption costs: the encoder against beam search, and what computing the attention's encoder-side
 projection once per image (satcli) instead of at every decoding step (the best-known PyTorch tutorial) saves.
 
-    python bench/decode_cost.py [--repeats 5] [--write]
+    python -m bench.decode_cost [--repeats 5] [--write]
 
 Both searches run the same model and the same batched beam search and produce identical captions; the only
 difference is where ``W_a a_i`` is computed. Weights are random (timing only), so captions run to
