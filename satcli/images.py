@@ -95,16 +95,13 @@ def load_image(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS,
 
 
 def _load_opened(im: Image.Image, max_pixels: int | None, min_size: int | None) -> LoadedImage:
-    width, height = im.size
-    if max_pixels is not None and width * height > max_pixels:
-        orientation = _orientation(im)
-        if orientation in _TRANSPOSED_ORIENTATIONS:
-            width, height = height, width
-        raise ImageError("too-large", f"{width}×{height} is {width * height:,} pixels, over the limit of "
-                                      f"{max_pixels:,} (raise it with --max-pixels)", width, height)
+    width, height = im.size  # from the header: nothing is decoded yet
     orientation = _orientation(im)
     if orientation in _TRANSPOSED_ORIENTATIONS:
         width, height = height, width
+    if max_pixels is not None and width * height > max_pixels:
+        raise ImageError("too-large", f"{width}×{height} is {width * height:,} pixels, over the limit of "
+                                      f"{max_pixels:,} (raise it with --max-pixels)", width, height)
     if min_size and im.format == "JPEG" and im.mode in ("RGB", "L", "CMYK"):
         im.draft(im.mode, (min_size, min_size))
     im.load()
