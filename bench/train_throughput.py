@@ -26,6 +26,7 @@ from bench.common import command, machine, write_section
 from models.captioner import Captioner
 from satcli.checkpoint import Preprocessing
 from satcli.datasets import DatasetKind
+from satcli.device import resolve_device
 from satcli.features import cached_features
 from satcli.preprocess import PreprocessOptions
 from satcli.preprocess import run as preprocess
@@ -38,7 +39,6 @@ from satcli.train import (
     _feature_batches,
     _prefetch,
     batch_plan,
-    resolve_device,
 )
 from satcli.transforms import normalise
 

@@ -46,6 +46,7 @@ from satcli import __version__
 from satcli.checkpoint import Preprocessing, load_captioner, read_checkpoint
 from satcli.console import make_progress
 from satcli.defaults import default_model
+from satcli.device import resolve_device
 from satcli.errors import SatcliError
 from satcli.images import (
     DEFAULT_MAX_PIXELS,
@@ -234,24 +235,6 @@ def part_path(output: Path, index: int, count: int) -> Path:
     suffix = output.suffix or ".parquet"
     stem = output.name[: -len(output.suffix)] if output.suffix else output.name
     return output.with_name(f"{stem}.part-{index}-of-{count}{suffix}")
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` → CUDA when available, else CPU. Under torchrun a plain ``cuda`` means this rank's GPU."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        resolved = torch.device(device)
-    except RuntimeError as error:
-        raise SatcliError(f"unknown device {device!r}; use auto, cpu or cuda") from error
-    if resolved.type == "cuda":
-        if not torch.cuda.is_available():
-            raise SatcliError("--device cuda was asked for, but no CUDA GPU is available; use --device cpu")
-        if resolved.index is None:
-            resolved = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0") or 0))
-    elif resolved.type != "cpu":
-        raise SatcliError(f"unsupported device {device!r}; use auto, cpu or cuda")
-    return resolved
 
 
 def default_workers() -> int:

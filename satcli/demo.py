@@ -22,12 +22,13 @@ from satcli.caption import run as caption
 from satcli.checkpoint import load_captioner
 from satcli.console import console
 from satcli.datasets import DatasetKind
+from satcli.device import resolve_device
 from satcli.errors import SatcliError
 from satcli.features import cached_features
 from satcli.preprocess import PreprocessOptions
 from satcli.preprocess import run as preprocess
 from satcli.store import StoredDataset
-from satcli.train import TrainOptions, resolve_device, validate
+from satcli.train import TrainOptions, validate
 from satcli.train import run as train
 
 log = logging.getLogger(__name__)

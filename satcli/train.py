@@ -36,6 +36,7 @@ from models.decoding import decode
 from models.encoders import DEFAULT_ENCODER, ENCODERS, PretrainedWeightsUnavailable
 from satcli.checkpoint import Preprocessing, read_checkpoint, save_checkpoint
 from satcli.console import console, make_progress
+from satcli.device import resolve_device
 from satcli.errors import SatcliError
 from satcli.features import cached_features, encode_split
 from satcli.metrics import bleu
@@ -140,18 +141,6 @@ class Ranks:
     def from_env(cls) -> Ranks:
         return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
                    int(os.environ.get("LOCAL_RANK", 0)))
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise SatcliError("--device cuda was asked for, but no CUDA GPU is available")
-        return torch.device("cuda", local_rank)
-    if name != "cpu":
-        raise SatcliError(f"unknown device {name!r}; use auto, cpu or cuda")
-    return torch.device("cpu")
 
 
 def _barrier(ranks: Ranks) -> None:
@@ -444,7 +433,7 @@ def _run(options: TrainOptions, ranks: Ranks) -> TrainResult:
         options = replace(stored, resume=True, device=options.device, data_root=options.data_root, out=out)
     if options.encoder not in ENCODERS:
         raise SatcliError(f"unknown encoder {options.encoder!r}; choose one of {', '.join(ENCODERS)}")
-    device = resolve_device(options.device, ranks.local_rank)
+    device = resolve_device(options.device)
     torch.manual_seed(options.seed + ranks.rank)
     random.seed(options.seed)
 
