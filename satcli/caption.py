@@ -31,6 +31,7 @@ import shutil
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -564,8 +565,10 @@ def run(options: CaptionOptions) -> CaptionSummary:
     sources = sources[shard[0]::shard[1]]
     device = resolve_device(options.device)
     model_path = Path(options.model if options.model is not None else default_model())
-    checkpoint = read_checkpoint(model_path)  # validated now; the model is built once the workers are busy
-    fingerprint = _fingerprint(checkpoint, model_path, decoding, options)
+    with ThreadPoolExecutor(1) as pool:  # hashing releases the GIL: it overlaps with reading the checkpoint
+        sha256 = pool.submit(checkpoint_sha256, model_path)
+        checkpoint = read_checkpoint(model_path)  # validated now; the model is built once the workers are busy
+        fingerprint = _fingerprint(checkpoint, sha256.result(), decoding, options)
     metadata = _metadata(checkpoint, model_path, decoding, options, shard, fingerprint)
     del checkpoint  # its weights are not needed twice: forked workers would keep this copy alive
     summary = CaptionSummary(output, len(sources), device=str(device), shard=shard)
@@ -685,12 +688,12 @@ def _caption(sources: list[ImageSource], batches: list[list[int]], model_path: P
     return n_processed
 
 
-def _fingerprint(checkpoint: dict[str, Any], model_path: Path, decoding: DecodingOptions,
+def _fingerprint(checkpoint: dict[str, Any], model_sha256: str, decoding: DecodingOptions,
                  options: CaptionOptions) -> dict[str, Any]:
     """Everything that changes what a row holds: a run may only resume or extend results with the same."""
     pre = checkpoint["preprocessing"]
     return {
-        "model_sha256": checkpoint_sha256(model_path),
+        "model_sha256": model_sha256,
         "beam_size": decoding.beam_size,
         "max_length": decoding.max_length,
         "length_penalty": decoding.length_penalty,
