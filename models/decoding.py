@@ -13,6 +13,14 @@ emits ``<end>`` still returns its best ``max_length``-token captions, marked ``f
 Scores: ``score = sum_logprob / n_tokens ** length_penalty`` where ``n_tokens`` counts the words and the
 ``<end>`` token. ``length_penalty=0`` ranks by the plain sum of log-probabilities (favours short captions);
 ``length_penalty=1`` by the mean log-probability per token.
+
+Constraints act on the log-probabilities before the ``topk``, so they shape the search rather than filter its
+results. ``min_length``: ``<end>`` is impossible until that many words are written. ``no_repeat_ngram_size``
+n: a word that would complete an n-gram the beam has already written is impossible; every live beam's words
+so far are kept as one (images, beams, steps) tensor, and the banned words of all beams come from one
+comparison of its trailing n-1 words with all its earlier windows and one ``scatter_add``. A hypothesis made
+impossible by the constraints (log-probability -inf) is never returned, so an image may get fewer than
+``n_best`` captions only when fewer possible ones exist.
 """
 
 from __future__ import annotations
@@ -35,6 +43,8 @@ class DecodingOptions:
     max_length: int = 50  # most tokens written per caption, <end> included
     length_penalty: float = 0.0
     n_best: int = 1  # captions returned per image, best first (at most beam_size)
+    no_repeat_ngram_size: int = 0  # n > 0: never write the same n words twice in one caption; 0: off
+    min_length: int = 0  # fewest words before <end> may be written
 
     def __post_init__(self) -> None:
         if self.beam_size < 1:
@@ -45,6 +55,11 @@ class DecodingOptions:
             raise ValueError(f"n_best must be between 1 and beam_size ({self.beam_size}), got {self.n_best}")
         if self.length_penalty < 0:
             raise ValueError(f"length_penalty must be >= 0, got {self.length_penalty}")
+        if self.no_repeat_ngram_size < 0:
+            raise ValueError(f"no_repeat_ngram_size must be >= 0 (0: off), got {self.no_repeat_ngram_size}")
+        if not 0 <= self.min_length < self.max_length:
+            raise ValueError(f"min_length must be between 0 and max_length - 1 ({self.max_length - 1}): a caption "
+                             f"of min_length words needs room for <end>; got {self.min_length}")
 
 
 @dataclass
@@ -101,6 +116,18 @@ def _length_score(sum_logprobs: Tensor, n_tokens: Tensor | int, penalty: float) 
     return sum_logprobs / n_tokens.clamp(min=1).to(sum_logprobs.dtype) ** penalty
 
 
+def _repeated_ngram_words(words: Tensor, n: int, vocab_size: int) -> Tensor:
+    """(B, K, V) mask of the words that would repeat an n-gram already in ``words`` (B, K, t), per beam."""
+    B, K, t = words.shape
+    banned = torch.zeros(B, K, vocab_size, device=words.device)
+    if t < n:
+        return banned.bool()
+    windows = words.unfold(2, n, 1)  # (B, K, t-n+1, n): every n-gram written so far
+    prefix = words[:, :, t - n + 1:].unsqueeze(2)  # (B, K, 1, n-1): what the next word would extend
+    seen = (windows[..., :-1] == prefix).all(dim=-1)  # (B, K, t-n+1); all() of nothing is True for n=1
+    return banned.scatter_add_(2, windows[..., -1], seen.float()) > 0
+
+
 def _reorder(state: tuple[Tensor, ...], flat_index: Tensor, n_images: int, n_beams: int) -> tuple[Tensor, ...]:
     """Pick, for every (image, beam), the state of the parent beam it continues."""
     reordered = [s.flatten(0, 1).index_select(0, flat_index).view(n_images, n_beams, *s.shape[2:]) for s in state]
@@ -150,6 +177,8 @@ def _beam_search(model: StepModel, features: Tensor, options: DecodingOptions) -
     token_history: list[Tensor] = []  # per step (B, K): the word each live beam wrote
     parent_history: list[Tensor] = []  # per step (B, K): the beam it continued
     alpha_history: list[Tensor] = []  # per step (B, K, L): the attention that wrote that word
+    n_gram = options.no_repeat_ngram_size
+    written = torch.zeros(B, K, 0, dtype=torch.long, device=device)  # (B, K, t) live beams' words, if n_gram
 
     for t in range(T):
         logprobs, new_state, alpha = model.step(tokens, state, memory)  # (B, K, V), ..., (B, K, L)
@@ -157,6 +186,10 @@ def _beam_search(model: StepModel, features: Tensor, options: DecodingOptions) -
         logprobs = logprobs.float()
         logprobs[..., start_id] = float("-inf")
         logprobs[..., pad_id] = float("-inf")
+        if t < options.min_length:
+            logprobs[..., end_id] = float("-inf")
+        if n_gram:
+            logprobs = logprobs.masked_fill(_repeated_ngram_words(written, n_gram, V), float("-inf"))
         candidates = sum_logprobs.unsqueeze(-1) + logprobs  # (B, K, V)
 
         # The best K continuations of each image. Those that emit <end> (t words + <end>) are finished: they
@@ -177,6 +210,9 @@ def _beam_search(model: StepModel, features: Tensor, options: DecodingOptions) -
         parent = torch.div(flat, V, rounding_mode="floor")
         tokens = flat - parent * V
         state = _reorder(new_state, (rows * K + parent).flatten(), B, K)
+        if n_gram:
+            written = torch.cat([written.gather(1, parent.unsqueeze(-1).expand(-1, -1, t)),
+                                 tokens.unsqueeze(-1)], dim=2)
         token_history.append(tokens)
         parent_history.append(parent)
         alpha_history.append(alpha.gather(1, parent.unsqueeze(-1).expand(-1, -1, alpha.shape[-1])))
@@ -202,6 +238,10 @@ def _beam_search(model: StepModel, features: Tensor, options: DecodingOptions) -
     chosen_sum = torch.cat([pool_sum, sum_logprobs], dim=1).gather(1, chosen)
     chosen_score = all_score.gather(1, chosen)
     chosen_finished = finished.gather(1, chosen)
+    # An impossible hypothesis (every continuation banned, or a beam that never held a caption) is dropped;
+    # the best one always stays so that every image has an answer.
+    possible = chosen_sum > float("-inf")
+    possible[:, 0] = True
 
     # Trace every chosen caption back through the recorded steps (a loop over steps, not images).
     N, L = chosen.shape[1], alpha_history[0].shape[-1]
@@ -216,20 +256,23 @@ def _beam_search(model: StepModel, features: Tensor, options: DecodingOptions) -
         attention[:, :, t] = step_alpha * valid.unsqueeze(-1)
         pointer = parent_history[t].gather(1, pointer)
 
-    return _to_results(words, attention, last_step + 1, chosen_sum, chosen_score, chosen_finished,
+    return _to_results(words, attention, last_step + 1, chosen_sum, chosen_score, chosen_finished, possible,
                        model.grid_shape)
 
 
 def _to_results(words: Tensor, attention: Tensor, n_words: Tensor, sums: Tensor, scores: Tensor,
-                finished: Tensor, grid_shape: tuple[int, int]) -> list[DecodingResult]:
+                finished: Tensor, possible: Tensor, grid_shape: tuple[int, int]) -> list[DecodingResult]:
     """Move the chosen captions to the host once and split them per image."""
     words_list, n_list = words.cpu().tolist(), n_words.cpu().tolist()
     sums_list, scores_list, finished_list = sums.cpu().tolist(), scores.cpu().tolist(), finished.cpu().tolist()
+    possible_list = possible.cpu().tolist()
     attention = attention.float().cpu()
     results = []
     for b in range(words.shape[0]):
         hypotheses = []
         for n in range(words.shape[1]):
+            if not possible_list[b][n]:
+                continue
             length = n_list[b][n]
             hypotheses.append(Hypothesis(
                 tokens=words_list[b][n][:length],

@@ -146,6 +146,79 @@ def test_batched_images_with_different_tables_equal_one_at_a_time():
         assert [h.tokens for h in alone.hypotheses] == [h.tokens for h in together[i].hypotheses]
 
 
+# --- constraints: repeated n-grams, minimum length ---------------------------------------------------------------
+
+# A model that wants to repeat itself: A B A B A B ... never ends on its own.
+REPEATER = {START: {A: 0.9, C: 0.1}, A: {B: 0.8, C: 0.15, END: 0.05}, B: {A: 0.8, C: 0.15, END: 0.05},
+            C: {END: 0.6, A: 0.4}}
+
+
+def repeated_ngrams(tokens, n):
+    grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+    return len(grams) - len(set(grams))
+
+
+def test_the_repeater_repeats_without_blocking():
+    model = BigramModel(REPEATER)
+    result = decode(model, model.features(), beam_size=1, max_length=12)[0]
+    assert result.tokens == [A, B] * 6 and not result.best.finished
+
+
+@pytest.mark.parametrize("beam_size", [1, 3, 5])
+@pytest.mark.parametrize("n", [1, 2, 3])
+@pytest.mark.parametrize("length_penalty", [0.0, 1.0])
+def test_ngram_blocking_never_emits_a_repeated_ngram(beam_size, n, length_penalty):
+    model = BigramModel(REPEATER)
+    result = decode(model, model.features(), beam_size=beam_size, max_length=12, n_best=beam_size,
+                    no_repeat_ngram_size=n, length_penalty=length_penalty)[0]
+    assert result.hypotheses
+    for hyp in result.hypotheses:
+        assert repeated_ngrams(hyp.tokens, n) == 0, hyp.tokens
+        assert math.isfinite(hyp.sum_logprob)
+
+
+def test_greedy_with_trigram_blocking_takes_the_best_word_that_does_not_repeat():
+    model = BigramModel(REPEATER)
+    result = decode(model, model.features(), beam_size=1, max_length=12, no_repeat_ngram_size=3)[0]
+    # A B A B, then A would repeat "A B A": the next best word is C, then <end>.
+    assert result.tokens == [A, B, A, B, C]
+    assert result.sum_logprob == pytest.approx(math.log(0.9 * 0.8 * 0.8 * 0.8 * 0.15 * 0.6), abs=1e-5)
+
+
+def test_ngram_blocking_on_the_real_model_batched_equals_alone():
+    model = tiny_captioner(vocab_size=9).eval()  # 6 words: repeats are likely
+    features = random_features(model, 4)
+    options = DecodingOptions(beam_size=3, max_length=15, n_best=3, no_repeat_ngram_size=2)
+    batched = decode(model, features, options)
+    for i in range(4):
+        alone = decode(model, features[i : i + 1], options)[0]
+        assert [h.tokens for h in alone.hypotheses] == [h.tokens for h in batched[i].hypotheses]
+        captions = [tuple(h.tokens) for h in batched[i].hypotheses]
+        assert len(set(captions)) == len(captions)
+        scores = [h.score for h in batched[i].hypotheses]
+        assert scores == sorted(scores, reverse=True)
+        for hyp in batched[i].hypotheses:
+            assert repeated_ngrams(hyp.tokens, 2) == 0
+            assert hyp.attention.shape[0] == len(hyp.tokens)
+
+
+def test_min_length_holds_back_end():
+    table = {START: {END: 0.9, A: 0.1}, A: {END: 0.9, A: 0.1}}
+    model = BigramModel(table)
+    assert decode(model, model.features(), beam_size=2)[0].tokens == []
+    result = decode(model, model.features(), beam_size=2, n_best=2, min_length=3)[0]
+    assert result.tokens == [A, A, A]
+    assert result.best.finished
+    assert result.sum_logprob == pytest.approx(math.log(0.1 ** 3 * 0.9), abs=1e-5)
+    assert all(len(h.tokens) >= 3 for h in result.hypotheses)
+
+
+def test_min_length_on_the_real_model():
+    model = tiny_captioner().eval()
+    for result in decode(model, random_features(model, 3), beam_size=3, n_best=3, max_length=12, min_length=6):
+        assert all(len(h.tokens) >= 6 for h in result.hypotheses)
+
+
 # --- the real captioner -----------------------------------------------------------------------------------------
 
 
@@ -218,6 +291,8 @@ def test_decode_from_images_and_restores_training_mode():
 @pytest.mark.parametrize("bad, message", [
     (dict(beam_size=0), "beam_size"), (dict(max_length=0), "max_length"),
     (dict(n_best=4, beam_size=3), "n_best"), (dict(length_penalty=-1.0), "length_penalty"),
+    (dict(no_repeat_ngram_size=-1), "no_repeat_ngram_size"), (dict(min_length=-1), "min_length"),
+    (dict(min_length=5, max_length=5), "min_length"),
 ])
 def test_options_are_validated_up_front(bad, message):
     with pytest.raises(ValueError, match=message):
