@@ -79,6 +79,9 @@ class CaptionOptions:
     beam_size: int = 3
     max_length: int = DecodingOptions.max_length
     length_penalty: float = 0.0
+    n_best: int = 1  # > 1: the runners-up go to the ``alternatives`` column
+    no_repeat_ngram_size: int = 0
+    min_length: int = 0
     workers: int | None = None  # image-decoding processes; None: min(4, CPUs)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     shard: tuple[int, int] | None = None  # (K, N); None: RANK/WORLD_SIZE under torchrun, else everything
@@ -250,7 +253,8 @@ def default_workers() -> int:
 def decoding_options(options: CaptionOptions) -> DecodingOptions:
     try:
         return DecodingOptions(beam_size=options.beam_size, max_length=options.max_length,
-                               length_penalty=options.length_penalty)
+                               length_penalty=options.length_penalty, n_best=options.n_best,
+                               no_repeat_ngram_size=options.no_repeat_ngram_size, min_length=options.min_length)
     except ValueError as error:
         raise SatcliError(str(error)) from None
 
@@ -489,6 +493,7 @@ class ChunkWriter:
         self.state = state
         self.metadata = metadata
         self.words = words
+        self.n_best = metadata["satcli.decoding"]["n_best"]  # > 1: runners-up go to the alternatives column
         self.error_kinds: dict[str, int] = {}
         self.n_written = 0
         self._queue: queue.Queue[_Done | None] = queue.Queue(maxsize=_QUEUE_BATCHES)
@@ -542,8 +547,12 @@ class ChunkWriter:
                 continue
             best = result.best
             tokens = [self.words[i] for i in best.tokens]
+            alternatives = None
+            if self.n_best > 1:
+                alternatives = [(detokenize([self.words[i] for i in h.tokens]), h.sum_logprob, h.finished)
+                                for h in result.hypotheses[1:]]
             rows.append(CaptionRow(path, detokenize(tokens), tokens, best.sum_logprob, best.finished,
-                                   best.attention.float().numpy(), width, height))
+                                   best.attention.float().numpy(), width, height, alternatives=alternatives))
         return rows
 
 
@@ -697,6 +706,9 @@ def _fingerprint(checkpoint: dict[str, Any], model_sha256: str, decoding: Decodi
         "beam_size": decoding.beam_size,
         "max_length": decoding.max_length,
         "length_penalty": decoding.length_penalty,
+        "n_best": decoding.n_best,
+        "no_repeat_ngram_size": decoding.no_repeat_ngram_size,
+        "min_length": decoding.min_length,
         "image_size": int(pre["image_size"]),
         "mean": [float(v) for v in pre["mean"]],
         "std": [float(v) for v in pre["std"]],
@@ -720,7 +732,9 @@ def _metadata(checkpoint: dict[str, Any], model_path: Path, decoding: DecodingOp
             "metrics": checkpoint.get("metrics", {}),
         },
         "satcli.decoding": {"beam_size": decoding.beam_size, "max_length": decoding.max_length,
-                            "length_penalty": decoding.length_penalty, "n_best": decoding.n_best},
+                            "length_penalty": decoding.length_penalty, "n_best": decoding.n_best,
+                            "no_repeat_ngram_size": decoding.no_repeat_ngram_size,
+                            "min_length": decoding.min_length},
         "satcli.images": {"max_pixels": options.max_pixels},
         "satcli.shard": {"index": shard[0], "count": shard[1]},
         "satcli.fingerprint": fingerprint,

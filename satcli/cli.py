@@ -138,6 +138,12 @@ BeamSizeOption = Annotated[int, typer.Option("--beam-size", min=1, help="Caption
 MaxLengthOption = Annotated[int, typer.Option("--max-length", min=1, help="Most words per caption, <end> included.")]
 LengthPenaltyOption = Annotated[float, typer.Option(
     "--length-penalty", min=0.0, help="Rank captions by sum of log-probabilities / length ** this (0: no penalty).")]
+NBestOption = Annotated[int, typer.Option(
+    "--n-best", min=1, help="Captions kept per image, best first (at most --beam-size); the runners-up go to the "
+    "results' `alternatives` column.")]
+NoRepeatNgramOption = Annotated[int, typer.Option(
+    "--no-repeat-ngram", min=0, help="Never write the same N words twice in one caption (0: off).")]
+MinLengthOption = Annotated[int, typer.Option("--min-length", min=0, help="Fewest words before a caption may end.")]
 BatchSizeOption = Annotated[int, typer.Option("--batch-size", min=1, help="Images per batch on the device.")]
 DeviceOption = Annotated[Device, typer.Option("--device", help="auto: a CUDA GPU when there is one, else the CPU.")]
 WorkersOption = Annotated[int | None, typer.Option(
@@ -157,6 +163,9 @@ def caption(
     beam_size: BeamSizeOption = 3,
     max_length: MaxLengthOption = 50,
     length_penalty: LengthPenaltyOption = 0.0,
+    n_best: NBestOption = 1,
+    no_repeat_ngram: NoRepeatNgramOption = 0,
+    min_length: MinLengthOption = 0,
     batch_size: BatchSizeOption = 32,
     workers: WorkersOption = None,
     device: DeviceOption = Device.auto,
@@ -179,7 +188,8 @@ def caption(
 
     summary = step.run(step.CaptionOptions(
         inputs=tuple(inputs), model=model, output=output, overwrite=overwrite, batch_size=batch_size,
-        beam_size=beam_size, max_length=max_length, length_penalty=length_penalty, workers=workers,
+        beam_size=beam_size, max_length=max_length, length_penalty=length_penalty, n_best=n_best,
+        no_repeat_ngram_size=no_repeat_ngram, min_length=min_length, workers=workers,
         device=device.value, shard=None if shard is None else step.parse_shard(shard), root=root,
         max_pixels=max_pixels,
     ))

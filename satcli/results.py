@@ -16,6 +16,8 @@ grid_width       int32                        columns of the encoder's feature g
 image_width      int32                        the original image's width after EXIF orientation
 image_height     int32                        the original image's height after EXIF orientation
 error            string                       null, or ``kind: reason`` when the image could not be captioned
+alternatives     list<struct<caption,         with ``--n-best N`` > 1: the 2nd … Nth best captions, best first, with
+                 sum_logprob, finished>>      their log-probabilities (no attention); null otherwise
 ===============  ===========================  =====================================================================
 
 The file's key-value metadata holds ``satcli.version``, ``satcli.schema_version``, ``satcli.model`` and
@@ -54,7 +56,11 @@ SCHEMA = pa.schema([
     pa.field("image_width", pa.int32()),
     pa.field("image_height", pa.int32()),
     pa.field("error", pa.string()),
+    pa.field("alternatives", pa.list_(pa.struct([("caption", pa.string()), ("sum_logprob", pa.float32()),
+                                                   ("finished", pa.bool_())]))),
 ])
+# Columns added after the first release: files written before them still read, with the column all null.
+_LATER_COLUMNS = ("alternatives",)
 
 ROW_GROUP_SIZE = 512  # rows per Parquet row group in merged files: bounded memory when reading and merging
 _COMPRESSION = "zstd"
@@ -73,6 +79,7 @@ class CaptionRow:
     image_width: int | None = None
     image_height: int | None = None
     error: str | None = None
+    alternatives: list[tuple[str, float, bool]] | None = None  # (caption, sum_logprob, finished): 2nd … Nth
 
 
 def to_table(rows: Sequence[CaptionRow], metadata: dict[str, str] | None = None) -> pa.Table:
@@ -102,6 +109,9 @@ def to_table(rows: Sequence[CaptionRow], metadata: dict[str, str] | None = None)
         "image_width": pa.array([r.image_width for r in rows], pa.int32()),
         "image_height": pa.array([r.image_height for r in rows], pa.int32()),
         "error": pa.array([r.error for r in rows], pa.string()),
+        "alternatives": pa.array([None if r.alternatives is None else
+                                  [{"caption": c, "sum_logprob": lp, "finished": f} for c, lp, f in r.alternatives]
+                                  for r in rows], SCHEMA.field("alternatives").type),
     }
     return pa.Table.from_pydict(columns, schema=SCHEMA.with_metadata(_encode(metadata)))
 
@@ -179,7 +189,7 @@ def read_schema(path: str | Path) -> pa.Schema:
         schema = pq.read_schema(path)
     except (OSError, pa.ArrowException) as error:
         raise SatcliError(f"not a readable Parquet file ({_first_line(error)})", path) from error
-    missing = [name for name in SCHEMA.names if name not in schema.names]
+    missing = [name for name in SCHEMA.names if name not in schema.names and name not in _LATER_COLUMNS]
     if missing:
         raise SatcliError(f"not a satcli results file (no column {', '.join(missing)})", path)
     return schema
@@ -274,6 +284,9 @@ def fsync_directory(directory: Path) -> None:
 
 def conform(table: pa.Table) -> pa.Table:
     """A table with exactly the satcli columns, in order and type (extra columns dropped)."""
+    for name in _LATER_COLUMNS:
+        if name not in table.column_names:
+            table = table.append_column(SCHEMA.field(name), pa.nulls(table.num_rows, SCHEMA.field(name).type))
     try:
         return table.select(SCHEMA.names).cast(SCHEMA.remove_metadata())
     except (KeyError, pa.ArrowException) as error:

@@ -1,6 +1,7 @@
 """``satcli caption`` and ``satcli merge``: every input once, errors as rows, resume after SIGKILL, shards, schema."""
 
 import io
+import itertools
 import signal
 import subprocess
 import sys
@@ -23,7 +24,7 @@ from satcli.checkpoint import save_checkpoint
 from satcli.cli import app
 from satcli.defaults import default_model, remember_model
 from satcli.errors import SatcliError
-from satcli.results import SCHEMA, read_attention, read_metadata
+from satcli.results import SCHEMA, merge_results, read_attention, read_metadata
 from satcli.vocab import SPECIALS, Vocabulary
 from tests.helpers import tiny_config
 
@@ -152,7 +153,8 @@ def test_schema_metadata_and_attention_helper(reference, checkpoint):
     assert table.schema.remove_metadata().equals(SCHEMA)
     metadata = read_metadata(reference)
     assert metadata["satcli.decoding"] == {"beam_size": 3, "max_length": MAX_LENGTH, "length_penalty": 0.0,
-                                           "n_best": 1}
+                                           "n_best": 1, "no_repeat_ngram_size": 0, "min_length": 0}
+    assert table.column("alternatives").null_count == table.num_rows  # no runners-up asked for
     assert metadata["satcli.model"]["path"] == str(checkpoint)
     assert metadata["satcli.model"]["encoder"] == "efficientnet-lite0"
     assert metadata["satcli.model"]["preprocessing"]["image_size"] == 64
@@ -165,6 +167,36 @@ def test_schema_metadata_and_attention_helper(reference, checkpoint):
     np.testing.assert_array_equal(read_attention(row), grids)  # a row dict gives the same
     error_index = table.column("path").to_pylist().index("zero.jpg")
     assert read_attention(table, error_index).shape == (0, 0, 0)
+
+
+def test_n_best_runners_up_share_the_row_of_their_image(reference, photos, checkpoint, tmp_path):
+    output = tmp_path / "n_best.parquet"
+    run(_options(photos, checkpoint, output, n_best=3, no_repeat_ngram_size=2, min_length=2))
+    rows, expected = _by_path(output), _by_path(reference)
+    assert list(rows) == list(expected)  # still one row per image
+    for row in rows.values():
+        if row["error"] is not None:
+            assert row["alternatives"] is None
+            continue
+        captions = [row["caption"], *(a["caption"] for a in row["alternatives"])]
+        assert len(row["alternatives"]) == 2 and len(set(captions)) == 3
+        ranks = [(row["finished"], row["sum_logprob"]),
+                 *((a["finished"], a["sum_logprob"]) for a in row["alternatives"])]
+        assert ranks == sorted(ranks, reverse=True)  # finished first, then by log-probability (no length penalty)
+        for caption in captions:
+            words = caption.split()
+            assert len(words) >= 2 and len(set(itertools.pairwise(words))) == len(words) - 1
+    assert read_metadata(output)["satcli.decoding"]["n_best"] == 3
+
+
+def test_results_written_before_the_alternatives_column_still_merge(reference, tmp_path):
+    old = tmp_path / "old.parquet"
+    pq.write_table(pq.read_table(reference).drop_columns(["alternatives"]), old)
+    merged = tmp_path / "merged.parquet"
+    merge_results([old], merged)
+    table = pq.read_table(merged)
+    assert table.num_rows == pq.read_table(reference).num_rows
+    assert table.column("alternatives").null_count == table.num_rows
 
 
 def test_results_do_not_depend_on_workers_and_rerun_does_nothing(reference, photos, checkpoint, tmp_path):
@@ -354,12 +386,13 @@ def test_cli_wiring(monkeypatch, tmp_path):
     result = runner.invoke(app, [
         "caption", "a.jpg", "photos", "*.png", "--model", "m.pt", "-o", "out.parquet", "--beam-size", "5",
         "--batch-size", "7", "--max-length", "12", "--length-penalty", "0.5", "--workers", "3", "--device", "cpu",
-        "--shard", "1/4", "--root", str(tmp_path), "--max-pixels", "1000", "--overwrite"])
+        "--shard", "1/4", "--root", str(tmp_path), "--max-pixels", "1000", "--overwrite", "--n-best", "2",
+        "--no-repeat-ngram", "3", "--min-length", "4"])
     assert result.exit_code == 0, result.output
     assert seen["options"] == CaptionOptions(
         inputs=("a.jpg", "photos", "*.png"), model=Path("m.pt"), output=Path("out.parquet"), overwrite=True,
         batch_size=7, beam_size=5, max_length=12, length_penalty=0.5, workers=3, device="cpu", shard=(1, 4),
-        root=tmp_path, max_pixels=1000)
+        root=tmp_path, max_pixels=1000, n_best=2, no_repeat_ngram_size=3, min_length=4)
     runner.invoke(app, ["caption", "x"])
     assert replace(seen["options"], inputs=("a.jpg", "photos", "*.png")) == CaptionOptions(
         inputs=("a.jpg", "photos", "*.png"))  # the CLI's defaults are the run's defaults
