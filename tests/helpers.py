@@ -29,3 +29,21 @@ def caption_batch(lengths: list[int], vocab_size: int, pad_to: int | None = None
         tokens[i, 1:n] = torch.randint(4, vocab_size, (n - 1,))
         tokens[i, n] = 2
     return tokens, torch.tensor(lengths)
+
+
+def peaked_attention(n_tokens: int, height: int, width: int, peaks: list[tuple[int, int]], seed: int = 0):
+    """(n_tokens, height, width) float32 grids that sum to 1, token t's largest weight at ``peaks[t]``."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    grids = rng.uniform(0.0, 0.3, size=(n_tokens, height, width)).astype(np.float32)
+    for t, (row, col) in enumerate(peaks):
+        grids[t, row, col] = 1.0
+    return grids / grids.sum(axis=(1, 2), keepdims=True)
+
+
+def write_results_file(path, rows, metadata=None):
+    """CaptionRows → a results Parquet at ``path`` (the real writer)."""
+    from satcli.results import write_results
+
+    return write_results(path, rows, metadata)

@@ -1,0 +1,357 @@
+"""Attention pictures: where the model looked for each word, drawn over the image.
+
+For each captioned image :func:`write_overlays` writes two files into the overlay folder:
+
+- ``<name>.png``: a contact sheet. The caption on top, then the image and one panel per word: that word's
+  attention upsampled smoothly (bicubic) over the image in a perceptual colour map (matplotlib's ``inferno``,
+  whose lightness rises monotonically, so the brightest place is where the model looked hardest), the word and
+  the attention's peak weight under the panel.
+- ``<name>.gif``: an animation, one frame per word, in which the gaze moves over the image as the caption is
+  written (the current word highlighted).
+
+Pictures are thumbnail-sized (panels of ``panel`` pixels, 176 by default) so that thousands of images stay cheap.
+``<name>`` is the image's result path made safe as a file name, plus a short hash of the full path so that two
+images never share a name and no path can point outside the folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image, ImageDraw, ImageFont, ImageOps
+
+from satcli.console import make_progress
+from satcli.errors import SatcliError
+from satcli.results import read_attention, read_schema
+
+log = logging.getLogger(__name__)
+
+COLORMAP = "inferno"
+PANEL = 160  # pixels a side of one panel in the contact sheet
+FRAME = 192  # pixels a side of the animation's picture
+FRAME_MS = 700  # how long the animation rests on each word
+MAX_COLUMNS = 6  # panels per row of the contact sheet
+# A pixel shows ``(1 - w) · image + w · colour`` with ``w = BLEND_FLOOR + BLEND_GAIN · heat``: the image stays
+# visible everywhere, dimmed where the model did not look, and the colour takes over where it did.
+BLEND_FLOOR = 0.5
+BLEND_GAIN = 0.3
+_BACKGROUND = (250, 250, 250)
+_INK = (20, 20, 20)
+_MUTED = (110, 110, 110)
+_HIGHLIGHT = (200, 60, 20)
+_MISSING = (60, 60, 60)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Heatmaps
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=4)
+def colormap_lut(name: str = COLORMAP) -> np.ndarray:
+    """The 256-entry RGB lookup table of a matplotlib colour map, uint8 (256, 3)."""
+    from matplotlib import colormaps  # imported here: only pictures need it, and it costs ~0.2 s
+
+    try:
+        cmap = colormaps[name].resampled(256)
+    except KeyError:
+        raise SatcliError(f"unknown colour map {name!r}") from None
+    return (cmap(np.linspace(0.0, 1.0, 256))[:, :3] * 255).round().astype(np.uint8)
+
+
+def upsample(grid: np.ndarray, width: int, height: int) -> np.ndarray:
+    """One attention grid (grid_height, grid_width) → a smooth heat map (height, width), float32 in [0, 1].
+
+    Scaled so the grid's largest weight is 1 (every word gets the full colour range), then upsampled bicubically
+    with cell ``(i, j)`` covering the pixels ``[i·height/grid_height, (i+1)·height/grid_height)`` (and likewise
+    for columns), the same geometry as the model's view of the squashed image.
+    """
+    grid = np.asarray(grid, dtype=np.float32)
+    peak = float(grid.max()) if grid.size else 0.0
+    if not np.isfinite(peak) or peak <= 0:
+        return np.zeros((height, width), np.float32)
+    heat = Image.fromarray(grid / peak, mode="F").resize((width, height), Image.BICUBIC)
+    return np.clip(np.asarray(heat, dtype=np.float32), 0.0, 1.0)
+
+
+def blend(image: np.ndarray, heat: np.ndarray, lut: np.ndarray | None = None) -> np.ndarray:
+    """RGB uint8 (H, W, 3) and heat (H, W) in [0, 1] → the heat drawn over the image, RGB uint8 (H, W, 3)."""
+    lut = colormap_lut() if lut is None else lut
+    colour = lut[np.rint(heat * 255).astype(np.intp)].astype(np.float32)
+    weight = (BLEND_FLOOR + BLEND_GAIN * heat)[..., None]
+    return np.rint(image.astype(np.float32) * (1 - weight) + colour * weight).astype(np.uint8)
+
+
+def heat_panel(thumbnail: Image.Image, grid: np.ndarray) -> Image.Image:
+    """One word's attention over a thumbnail (same size as the thumbnail)."""
+    rgb = np.asarray(thumbnail.convert("RGB"))
+    return Image.fromarray(blend(rgb, upsample(grid, thumbnail.width, thumbnail.height)))
+
+
+def thumbnail(image: Image.Image | None, size: int, aspect: tuple[int, int] | None = None) -> Image.Image:
+    """The picture fitted inside ``size`` × ``size``; a dark placeholder (of ``aspect`` = (w, h)) if it is None."""
+    if image is not None:
+        return ImageOps.contain(image.convert("RGB"), (size, size), Image.LANCZOS)
+    width, height = aspect if aspect and all(aspect) else (size, size)
+    scale = size / max(width, height)
+    return Image.new("RGB", (max(1, round(width * scale)), max(1, round(height * scale))), _MISSING)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The contact sheet and the animation
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=8)
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    return ImageFont.load_default(size=size)
+
+
+def _text_width(text: str, font) -> int:
+    left, _, right, _ = font.getbbox(text)
+    return int(right - left)
+
+
+def _wrap(text: str, font, width: int) -> list[str]:
+    lines: list[str] = []
+    line = ""
+    for word in text.split():
+        candidate = f"{line} {word}".strip()
+        if line and _text_width(candidate, font) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = candidate
+    return [*lines, line] if line else lines
+
+
+def _fit(text: str, font, width: int) -> str:
+    """``text`` cut with an ellipsis to fit ``width`` pixels."""
+    if _text_width(text, font) <= width:
+        return text
+    while text and _text_width(text + "…", font) > width:
+        text = text[:-1]
+    return text + "…"
+
+
+def render_sheet(image: Image.Image | None, tokens: Sequence[str], attention: np.ndarray, title: str = "",
+                 panel: int = PANEL, aspect: tuple[int, int] | None = None) -> Image.Image:
+    """The contact sheet: ``title`` and the caption, the image, then one heat panel per token.
+
+    ``attention`` is (n_tokens, grid_height, grid_width); ``image`` None draws a placeholder of ``aspect``.
+    """
+    if len(tokens) != attention.shape[0]:
+        raise ValueError(f"{len(tokens)} tokens but {attention.shape[0]} attention grids")
+    thumb = thumbnail(image, panel, aspect)
+    gap, label_height = 8, 38
+    word_font, small_font, title_font = _font(15), _font(12), _font(16)
+    n_panels = len(tokens) + 1
+    columns = min(n_panels, MAX_COLUMNS)
+    rows = -(-n_panels // columns)
+    cell_w, cell_h = thumb.width + gap, thumb.height + label_height
+    width = max(columns * cell_w + gap, 320)
+    caption_lines = _wrap(" ".join(tokens) or "(empty caption)", title_font, width - 2 * gap)
+    header = gap + (18 if title else 0) + 22 * len(caption_lines) + gap
+    sheet = Image.new("RGB", (width, header + rows * cell_h + gap), _BACKGROUND)
+    draw = ImageDraw.Draw(sheet)
+    y = gap
+    if title:
+        draw.text((gap, y), _fit(title, small_font, width - 2 * gap), fill=_MUTED, font=small_font)
+        y += 18
+    for line in caption_lines:
+        draw.text((gap, y), line, fill=_INK, font=title_font)
+        y += 22
+    for k in range(n_panels):
+        x0 = gap + (k % columns) * cell_w
+        y0 = header + (k // columns) * cell_h
+        if k == 0:
+            picture, word, note = thumb, "image", ""
+        else:
+            grid = attention[k - 1]
+            picture, word, note = heat_panel(thumb, grid), tokens[k - 1], f"peak {float(grid.max()):.0%} of gaze"
+        sheet.paste(picture, (x0, y0))
+        draw.text((x0, y0 + thumb.height + 3), _fit(word, word_font, thumb.width), fill=_INK, font=word_font)
+        if note:
+            draw.text((x0, y0 + thumb.height + 21), note, fill=_MUTED, font=small_font)
+    return sheet
+
+
+def render_frames(image: Image.Image | None, tokens: Sequence[str], attention: np.ndarray, size: int = FRAME,
+                  aspect: tuple[int, int] | None = None) -> list[Image.Image]:
+    """The animation: one frame per token, its attention over the image and the caption with it highlighted."""
+    if len(tokens) != attention.shape[0]:
+        raise ValueError(f"{len(tokens)} tokens but {attention.shape[0]} attention grids")
+    thumb = thumbnail(image, size, aspect)
+    font, gap, line_height = _font(14), 6, 18
+    width = max(thumb.width, 160)
+    # Lay the caption out once: every frame has the same lines, only the highlighted word changes.
+    placed: list[tuple[int, int]] = []
+    x, y, space = gap, 0, _text_width(" ", font) + 2
+    for token in tokens:
+        w = _text_width(token, font)
+        if x > gap and x + w > width - gap:
+            x, y = gap, y + line_height
+        placed.append((x, y))
+        x += w + space
+    text_height = (y + line_height if tokens else 0) + 2 * gap
+    frames = []
+    for t, token in enumerate(tokens):
+        frame = Image.new("RGB", (width, thumb.height + text_height), _BACKGROUND)
+        frame.paste(heat_panel(thumb, attention[t]), ((width - thumb.width) // 2, 0))
+        draw = ImageDraw.Draw(frame)
+        for k, (word, (px, py)) in enumerate(zip(tokens, placed, strict=True)):
+            colour = _HIGHLIGHT if k == t else (_INK if k < t else _MUTED)
+            draw.text((px, thumb.height + gap + py), word, fill=colour, font=font)
+        draw.line([(placed[t][0], thumb.height + gap + placed[t][1] + line_height - 1),
+                   (placed[t][0] + _text_width(token, font), thumb.height + gap + placed[t][1] + line_height - 1)],
+                  fill=_HIGHLIGHT, width=2)
+        frames.append(frame)
+    return frames
+
+
+def save_animation(frames: Sequence[Image.Image], path: Path, frame_ms: int = FRAME_MS) -> None:
+    """Frames → a looping GIF (one adaptive palette per frame)."""
+    if not frames:
+        raise ValueError("an animation needs at least one frame")
+    paletted = [f.convert("P", palette=Image.Palette.ADAPTIVE, colors=255) for f in frames]
+    with _atomic(path) as tmp:
+        paletted[0].save(tmp, format="GIF", save_all=True, append_images=paletted[1:], duration=frame_ms, loop=0,
+                         disposal=1, optimize=False)
+
+
+class _atomic:
+    """Write to a temporary name beside ``path`` and rename it over ``path`` when the block succeeds."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self) -> Path:
+        fd, name = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        os.close(fd)
+        self.tmp = Path(name)
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            os.chmod(self.tmp, 0o644)  # mkstemp makes it private; pictures are for sharing
+            os.replace(self.tmp, self.path)
+        else:
+            self.tmp.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# From a results file to a folder of pictures
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def overlay_name(path: str) -> str:
+    """A result path → a safe, unique file stem: ``photos/cat.jpg`` → ``photos_cat-1a2b3c4d``."""
+    stem = os.path.splitext(path)[0]
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._-")[-80:] or "image"
+    return f"{safe}-{hashlib.sha1(path.encode('utf-8', 'surrogateescape')).hexdigest()[:8]}"
+
+
+def resolve_image(path: str, image_root: Path | None) -> Path:
+    """Where the image of a result row lies: absolute paths as they are, relative ones under ``image_root``."""
+    return Path(path) if os.path.isabs(path) or image_root is None else Path(image_root) / path
+
+
+def open_image(file: Path) -> Image.Image | None:
+    """The picture, EXIF orientation applied, or None when it cannot be read (it may have moved)."""
+    try:
+        with Image.open(file) as image:
+            image.draft("RGB", (2 * PANEL, 2 * PANEL))  # JPEG: decode at a reduced scale, much faster
+            return ImageOps.exif_transpose(image).convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
+
+
+@dataclass
+class OverlaySummary:
+    """What :func:`write_overlays` did."""
+
+    directory: Path
+    n_written: int = 0
+    n_errors: int = 0  # rows without a caption: nothing to draw
+    n_missing_images: int = 0  # drawn over a grey placeholder: the image file could not be read
+
+    @property
+    def files(self) -> list[Path]:
+        return sorted(self.directory.glob("*.png"))
+
+
+_COLUMNS = ["path", "tokens", "attention", "grid_height", "grid_width", "image_width", "image_height", "error"]
+
+
+def count_rows(results: Path) -> int:
+    """How many rows a results file holds. Raises SatcliError if it is not one."""
+    read_schema(results)
+    return pq.ParquetFile(results).metadata.num_rows
+
+
+def iter_results(results: Path, columns: Sequence[str], batch_size: int = 256) -> Iterator[dict]:
+    """The rows of a results file as dicts, a batch at a time (bounded memory). Raises SatcliError if unreadable."""
+    read_schema(results)
+    try:
+        file = pq.ParquetFile(results)
+        for batch in file.iter_batches(batch_size=batch_size, columns=list(columns)):
+            yield from batch.to_pylist()
+    except (OSError, pa.ArrowException) as error:
+        raise SatcliError(f"cannot read results ({str(error).splitlines()[0][:200]})", results) from error
+
+
+def write_overlays(results: str | Path, image_root: str | Path | None, out_dir: str | Path, limit: int | None = None,
+                   panel: int = PANEL, progress: bool = True) -> OverlaySummary:
+    """Write ``<name>.png`` and ``<name>.gif`` into ``out_dir`` for every captioned row of ``results``.
+
+    Relative paths in the file are looked up under ``image_root`` (None: the current directory). Rows with an
+    error are skipped; an image that cannot be read any more is drawn as a grey placeholder (and counted).
+    ``limit`` stops after that many pictures.
+    """
+    results, out_dir = Path(results), Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise SatcliError("the overlay folder is a file", out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    root = Path(image_root) if image_root is not None else None
+    summary = OverlaySummary(out_dir)
+    n_rows = count_rows(results)
+    total = n_rows if limit is None else min(limit, n_rows)
+    bar = make_progress()
+    bar.disable = not progress
+    with bar:
+        task = bar.add_task("attention pictures", total=total, unit="images")
+        for row in iter_results(results, _COLUMNS):
+            if limit is not None and summary.n_written >= limit:
+                break
+            if row["error"] is not None or not row["tokens"]:
+                summary.n_errors += 1
+                continue
+            image = open_image(resolve_image(row["path"], root))
+            if image is None:
+                summary.n_missing_images += 1
+            aspect = (row["image_width"], row["image_height"])
+            attention = read_attention(row)
+            name = overlay_name(row["path"])
+            sheet = render_sheet(image, row["tokens"], attention, title=row["path"], panel=panel, aspect=aspect)
+            with _atomic(out_dir / f"{name}.png") as tmp:
+                # A 256-colour palette keeps a sheet of photos about 3× smaller than true colour.
+                sheet.quantize(256, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE).save(
+                    tmp, format="PNG", optimize=True)
+            save_animation(render_frames(image, row["tokens"], attention, aspect=aspect), out_dir / f"{name}.gif")
+            summary.n_written += 1
+            bar.advance(task)
+    if summary.n_missing_images:
+        log.warning("%d images could not be read (drawn grey); relative paths are looked up under %s",
+                    summary.n_missing_images, (root or Path(".")).absolute())
+    return summary
