@@ -3,15 +3,25 @@ tutorials report it, so numbers compare with theirs. Scores are on the 0–1 sca
 
 from __future__ import annotations
 
+import contextlib
+import importlib.metadata
+import importlib.util
+import io
+import logging
 import math
 import re
+import shutil
+import subprocess
 import unicodedata
 import warnings
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 from nltk.translate.bleu_score import corpus_bleu
+
+log = logging.getLogger(__name__)
 
 BLEU_WEIGHTS = {
     "bleu1": (1.0,),
@@ -212,3 +222,79 @@ def cider_d(references: Sequence[Sequence[Sequence[str]]], hypotheses: Sequence[
 def _check_lengths(references: Sequence, hypotheses: Sequence) -> None:
     if len(references) != len(hypotheses):
         raise ValueError(f"{len(references)} reference sets for {len(hypotheses)} hypotheses")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The COCO evaluation: through pycocoevalcap with Java when it can, else our own scorers without METEOR
+# ---------------------------------------------------------------------------------------------------------------
+
+COCO_METRICS = ("bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rouge_l", "cider_d")
+
+
+@dataclass
+class CocoScores:
+    """COCO caption metrics on the 0–1 scale (CIDEr-D on COCO's own scale), how they were computed, and what
+    was skipped and why (``{"meteor": "Java was not found on PATH"}``)."""
+
+    scores: dict[str, float]
+    backend: str
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+def coco_unavailable(java: bool = True) -> str | None:
+    """Why the official COCO evaluation (pycocoevalcap with Java) cannot run here, or None if it can."""
+    if not java:
+        return "Java was turned off (--no-java)"
+    if importlib.util.find_spec("pycocoevalcap") is None:
+        return "pycocoevalcap is not installed (pip install 'satcli[coco]')"
+    if shutil.which("java") is None:
+        return "Java was not found on PATH (pycocoevalcap runs METEOR and the PTB tokenizer on Java)"
+    return None
+
+
+def coco_metrics(references: Sequence[Sequence[str]], hypotheses: Sequence[str], java: bool = True) -> CocoScores:
+    """BLEU-1..4, METEOR, ROUGE-L and CIDEr-D of raw captions (``references[i]``: image i's reference captions).
+
+    With pycocoevalcap and Java: the official scorers after the PTB tokenizer. Otherwise :func:`ptb_tokenize`
+    and our COCO BLEU, ROUGE-L and CIDEr-D (equal to pycocoevalcap's), and METEOR is skipped with the reason.
+    """
+    _check_lengths(references, hypotheses)
+    reason = coco_unavailable(java)
+    if reason is None:
+        try:
+            return _pycocoevalcap(references, hypotheses)
+        except (OSError, ValueError, subprocess.SubprocessError) as error:  # a broken Java install
+            reason = f"pycocoevalcap failed ({type(error).__name__}: {str(error).strip()[:120]})"
+            log.warning("COCO evaluation: %s; using satcli's scorers without METEOR", reason)
+    refs = [[ptb_tokenize(c) for c in captions] for captions in references]
+    hyps = [ptb_tokenize(c) for c in hypotheses]
+    scores = {**coco_bleu(refs, hyps), "rouge_l": rouge_l(refs, hyps), "cider_d": cider_d(refs, hyps)}
+    return CocoScores(scores, "satcli (Python PTB-like tokenizer, no Java)", {"meteor": reason})
+
+
+def _pycocoevalcap(references: Sequence[Sequence[str]], hypotheses: Sequence[str]) -> CocoScores:
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.meteor.meteor import Meteor
+    from pycocoevalcap.rouge.rouge import Rouge
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    tokenizer = PTBTokenizer()
+    # One line per caption goes through the jar; an empty caption would drop its line, "." keeps it (and is
+    # removed as punctuation).
+    gts = tokenizer.tokenize({i: [{"caption": c or "."} for c in refs] for i, refs in enumerate(references)})
+    res = tokenizer.tokenize({i: [{"caption": c or "."}] for i, c in enumerate(hypotheses)})
+    scores: dict[str, float] = {}
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocoevalcap prints its BLEU counts
+        bleus, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    scores.update({f"bleu{k + 1}": float(b) for k, b in enumerate(bleus)})
+    meteor = Meteor()
+    try:
+        scores["meteor"] = float(meteor.compute_score(gts, res)[0])
+    finally:
+        meteor.meteor_p.stdin.close()
+        meteor.meteor_p.kill()
+        meteor.meteor_p.wait()
+    scores["rouge_l"] = float(Rouge().compute_score(gts, res)[0])
+    scores["cider_d"] = float(Cider().compute_score(gts, res)[0])
+    return CocoScores(scores, f"pycocoevalcap {importlib.metadata.version('pycocoevalcap')} (PTB tokenizer, Java)")

@@ -118,3 +118,32 @@ def test_python_tokenizer_without_java():
     assert ptb_tokenize("A dog's toy (red), isn't it?") == ["a", "dog", "'s", "toy", "-lrb-", "red", "-rrb-",
                                                            "is", "n't", "it"]
     assert ptb_tokenize("") == []
+
+
+def test_coco_metrics_without_java_say_meteor_was_skipped_and_why(monkeypatch):
+    from satcli import metrics
+
+    raw_references = [[r.capitalize() + "." for r in refs] for refs in REFERENCES]
+    result = metrics.coco_metrics(raw_references, HYPOTHESES, java=False)
+    assert "meteor" not in result.scores and "--no-java" in result.skipped["meteor"]
+    references = [_tokens(refs) for refs in REFERENCES]
+    hypotheses = [h.split() for h in HYPOTHESES]
+    assert result.scores["cider_d"] == pytest.approx(cider_d(references, hypotheses))
+    assert result.scores["rouge_l"] == pytest.approx(rouge_l(references, hypotheses))
+    assert result.scores["bleu4"] == pytest.approx(coco_bleu(references, hypotheses)["bleu4"])
+    monkeypatch.setattr(metrics.shutil, "which", lambda name: None)
+    if metrics.importlib.util.find_spec("pycocoevalcap") is not None:
+        assert "Java was not found" in metrics.coco_metrics(raw_references, HYPOTHESES).skipped["meteor"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("java") is None, reason="METEOR needs Java")
+def test_coco_metrics_with_java_agree_with_the_java_free_path():
+    pytest.importorskip("pycocoevalcap")
+    from satcli.metrics import coco_metrics
+
+    official = coco_metrics(REFERENCES, HYPOTHESES)
+    ours = coco_metrics(REFERENCES, HYPOTHESES, java=False)
+    assert official.skipped == {} and 0 < official.scores["meteor"] < 1
+    for key, value in ours.scores.items():
+        assert official.scores[key] == pytest.approx(value, abs=1e-9), key
