@@ -130,6 +130,13 @@ class Device(str, Enum):
     cuda = "cuda"
 
 
+class Attention(str, Enum):
+    """Attention kinds of the captioner."""
+
+    soft = "soft"
+    hard = "hard"
+
+
 # Options shared by the commands that caption images (caption now; evaluate reuses them), declared once.
 ModelOption = Annotated[Path | None, typer.Option(
     "--model", "-m", dir_okay=False, show_default=False,
@@ -218,7 +225,9 @@ def train(
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last.pt.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a finished run in --out.")] = False,
     encoder: Annotated[str, typer.Option(help="Image encoder (see `satcli encoders`).")] = "efficientnet-lite0",
-    attention: Annotated[str, typer.Option(help="Attention kind.")] = "soft",
+    attention: Annotated[Attention, typer.Option(
+        help="soft: the expected context; hard: a sampled location, trained with REINFORCE (the paper's 4.1).")
+    ] = Attention.soft,
     image_size: Annotated[int | None, typer.Option(
         min=32, show_default=False, help="Encoder input size. Default: the encoder's own.")] = None,
     grid_size: Annotated[int | None, typer.Option(
@@ -258,13 +267,55 @@ def train(
 
     step.run(step.TrainOptions(
         dataset=dataset, data_root=data_root, out=out, resume=resume, overwrite=overwrite, encoder=encoder,
-        attention=attention, image_size=image_size, grid_size=grid_size, embed_dim=embed_dim,
+        attention=attention.value, image_size=image_size, grid_size=grid_size, embed_dim=embed_dim,
         attention_dim=attention_dim, decoder_dim=decoder_dim, dropout=dropout, doubly_stochastic=doubly_stochastic,
         epochs=epochs, batch_size=batch_size, decoder_lr=decoder_lr, encoder_lr=encoder_lr, grad_clip=grad_clip,
         lr_decay=lr_decay, patience=patience, scheduled_sampling=scheduled_sampling,
         fine_tune_encoder=fine_tune_encoder, fine_tune_after=fine_tune_after, fine_tune_blocks=fine_tune_blocks,
         val_beam_size=val_beam_size, device=device.value, amp=amp, compile=compile, seed=seed,
     ))
+
+
+@app.command()
+def evaluate(
+    dataset: Annotated[str, typer.Option("--dataset", help="A preprocessed dataset under the data root.")],
+    model: ModelOption = None,
+    data_root: DataRootOption = Path("data"),
+    split: Annotated[str, typer.Option(help="Split to caption and score.")] = "test",
+    beam_size: BeamSizeOption = 3,
+    beam_sizes: Annotated[str | None, typer.Option(
+        "--beam-sizes", metavar="K,K,...", show_default=False,
+        help="Sweep several beam sizes in one run (images are encoded once), e.g. 1,3,5.")] = None,
+    bleu: Annotated[bool, typer.Option("--bleu", help="Corpus BLEU-1..4 with NLTK (the default metric).")] = False,
+    coco: Annotated[bool, typer.Option(
+        "--coco", help="COCO metrics: BLEU, METEOR, ROUGE-L, CIDEr-D (pycocoevalcap; METEOR needs Java).")] = False,
+    grounding: Annotated[bool, typer.Option(
+        "--grounding", help="Does attention land on the objects the caption names? (datasets with boxes)")] = False,
+    java: Annotated[bool, typer.Option(help="Let --coco use Java (METEOR, PTB tokenizer).")] = True,
+    out: Annotated[Path | None, typer.Option(
+        "--out", file_okay=False, show_default=False,
+        help="Folder for report.json and the predictions. Default: <model folder>/evaluate-<dataset>-<split>.")] = None,
+    max_length: MaxLengthOption = 50,
+    length_penalty: LengthPenaltyOption = 0.0,
+    batch_size: BatchSizeOption = 64,
+    device: DeviceOption = Device.auto,
+) -> None:
+    """Caption a dataset split and score it: BLEU, COCO metrics, attention grounding; writes report.json and the
+    captions as results Parquet files."""
+    from satcli import evaluate as step
+
+    result = step.run(step.EvaluateOptions(
+        dataset=dataset, model=model, data_root=data_root, split=split,
+        beam_sizes=step.parse_beam_sizes(beam_sizes) if beam_sizes else (beam_size,), bleu=bleu, coco=coco,
+        grounding=grounding, java=java, out=out, max_length=max_length, length_penalty=length_penalty,
+        batch_size=batch_size, device=device.value,
+    ))
+    console.print(result.table(f"{dataset}/{split}, {result.n_images} images (scores 0–100)"))
+    for name, why in result.skipped.items():
+        console.print(f"[yellow]{name.upper()} skipped:[/] {why}", highlight=False)
+    console.print(f"report:      {result.report}")
+    for beam in result.beams:
+        console.print(f"predictions: {beam.predictions}")
 
 
 @app.command()

@@ -1,0 +1,272 @@
+"""``satcli evaluate``: caption a split of a preprocessed dataset and score the captions.
+
+- ``--bleu``: corpus BLEU-1..4 with NLTK over all references of each image (as the PyTorch tutorials report it).
+- ``--coco``: the COCO caption metrics (BLEU-1..4, METEOR, ROUGE-L, CIDEr-D) through pycocoevalcap, or, without
+  Java or the package, our equal BLEU / ROUGE-L / CIDEr-D with METEOR skipped and the reason said.
+- ``--grounding``: pointing game and attention mass in the referred objects' boxes, beside chance
+  (:mod:`satcli.grounding`), on datasets that store object boxes.
+- ``--beam-sizes 1,3,5``: one sweep; every image is encoded (or read from the feature cache) once and decoded at
+  every beam size.
+
+Writes ``report.json`` (metrics per beam size on the 0–1 scale, dataset, split, model, decoding options,
+satcli version) and the captions per beam size as results Parquet files (the schema of ``satcli caption``) to
+``--out``, and returns a result whose :meth:`EvaluateResult.table` shows the scores on the 0–100 scale.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.table import Table
+
+from models.decoding import DecodingOptions, DecodingResult, decode
+from satcli import __version__
+from satcli.checkpoint import load_captioner
+from satcli.console import make_progress
+from satcli.defaults import default_model
+from satcli.device import resolve_device
+from satcli.errors import SatcliError
+from satcli.features import cached_features, encode_split
+from satcli.grounding import GroundingScores, grounding_scores, objects_from_store
+from satcli.metrics import bleu, coco_metrics
+from satcli.results import CaptionRow, write_results
+from satcli.store import StoredDataset
+from satcli.text import detokenize, tokenize
+
+log = logging.getLogger(__name__)
+REPORT = "report.json"
+
+
+@dataclass(frozen=True)
+class EvaluateOptions:
+    """What to evaluate and how. With none of ``bleu``, ``coco``, ``grounding`` set, BLEU is computed."""
+
+    dataset: str
+    model: Path | None = None  # default: $SATCLI_MODEL, else the most recent `satcli train`
+    data_root: Path = Path("data")
+    split: str = "test"
+    beam_sizes: tuple[int, ...] = (3,)
+    bleu: bool = False
+    coco: bool = False
+    grounding: bool = False
+    java: bool = True  # False: the Java-free COCO metrics even where Java is installed
+    out: Path | None = None  # default: <model folder>/evaluate-<dataset>-<split>
+    max_length: int = 50
+    length_penalty: float = 0.0
+    batch_size: int = 64
+    device: str = "auto"
+
+
+@dataclass
+class BeamResult:
+    """The scores of one beam size (0–1 scale; CIDEr-D on COCO's scale) and where its captions are."""
+
+    beam_size: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    grounding: GroundingScores | None = None
+    predictions: Path | None = None
+    seconds: float = 0.0
+
+
+@dataclass
+class EvaluateResult:
+    report: Path
+    beams: list[BeamResult]
+    n_images: int
+    coco_backend: str | None = None
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    def table(self, title: str = "") -> Table:
+        """The scores of every beam size side by side, on the 0–100 scale."""
+        table = Table(title=title or "Scores (0–100 scale)")
+        table.add_column("metric")
+        for beam in self.beams:
+            table.add_column(f"beam {beam.beam_size}", justify="right")
+        for key, label in METRIC_LABELS.items():
+            if any(key in beam.metrics for beam in self.beams):
+                table.add_row(label, *(_cell(beam.metrics.get(key)) for beam in self.beams))
+            elif key.removeprefix("coco_") in self.skipped:
+                table.add_row(label, *(["skipped"] * len(self.beams)))
+        if any(beam.grounding is not None for beam in self.beams):
+            rows = [("pointing game", "pointing"), ("  chance (uniform attention)", "pointing_chance"),
+                    ("attention mass in box", "mass"), ("  chance (uniform attention)", "mass_chance")]
+            for label, key in rows:
+                table.add_row(label, *(_cell(None if b.grounding is None or not b.grounding.n_words
+                                             else getattr(b.grounding, key)) for b in self.beams))
+            table.add_row("object words scored", *(str(b.grounding.n_words if b.grounding else 0)
+                                                   for b in self.beams))
+        return table
+
+
+METRIC_LABELS = {
+    "bleu1": "BLEU-1 (NLTK)", "bleu2": "BLEU-2 (NLTK)", "bleu3": "BLEU-3 (NLTK)", "bleu4": "BLEU-4 (NLTK)",
+    "coco_bleu1": "BLEU-1 (COCO)", "coco_bleu2": "BLEU-2 (COCO)", "coco_bleu3": "BLEU-3 (COCO)",
+    "coco_bleu4": "BLEU-4 (COCO)", "coco_meteor": "METEOR", "coco_rouge_l": "ROUGE-L", "coco_cider_d": "CIDEr-D",
+}
+
+
+def _cell(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.1f}"
+
+
+def parse_beam_sizes(text: str) -> tuple[int, ...]:
+    """``"1,3,5"`` → ``(1, 3, 5)``; a clear error for anything else."""
+    try:
+        sizes = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise SatcliError(f"--beam-sizes must be whole numbers separated by commas, got {text!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise SatcliError(f"--beam-sizes must be at least 1, got {text!r}")
+    return tuple(dict.fromkeys(sizes))
+
+
+def run(options: EvaluateOptions) -> EvaluateResult:
+    """Decode ``options.split`` at every beam size, score it, and write the report and the predictions."""
+    started = time.perf_counter()
+    if not options.beam_sizes or min(options.beam_sizes) < 1:
+        raise SatcliError(f"beam sizes must be at least 1, got {options.beam_sizes}")
+    try:
+        decodings = [DecodingOptions(beam_size=k, max_length=options.max_length,
+                                     length_penalty=options.length_penalty) for k in options.beam_sizes]
+    except ValueError as error:
+        raise SatcliError(str(error)) from None
+    want_bleu = options.bleu or not (options.coco or options.grounding)
+    model_path = Path(options.model if options.model is not None else default_model())
+    device = resolve_device(options.device)
+    dataset = StoredDataset.open(options.data_root, options.dataset)
+    table = dataset.read(options.split, ["path", "width", "height", "captions", "objects"])
+    n_images = table.num_rows
+    if n_images == 0:
+        raise SatcliError(f"the {options.split!r} split has no images", dataset.path(options.split))
+    objects = [objects_from_store(rows) for rows in table.column("objects").to_pylist()]
+    if options.grounding and not any(objects):
+        raise SatcliError(f"--grounding needs object boxes, and the {options.split!r} split of "
+                          f"{dataset.name!r} has none", dataset.path(options.split))
+    loaded = load_captioner(model_path, device)
+    out = options.out or model_path.parent / f"evaluate-{dataset.name}-{options.split}"
+
+    outputs = _decode_split(options, dataset, loaded, device, decodings, n_images)
+    words = loaded.vocab.words
+    raw_references = table.column("captions").to_pylist()
+    references = [[tokenize(c) for c in captions] for captions in raw_references]
+    result = EvaluateResult(out / REPORT, [], n_images)
+    for decoding, decoded in zip(decodings, outputs, strict=True):
+        beam = BeamResult(decoding.beam_size, seconds=decoded.seconds)
+        captions = [[words[i] for i in r.tokens] for r in decoded.results]
+        if want_bleu:
+            beam.metrics.update(bleu(references, captions))
+        if options.coco:
+            coco = coco_metrics(raw_references, [detokenize(c) for c in captions], java=options.java)
+            beam.metrics.update({f"coco_{k}": v for k, v in coco.scores.items()})
+            result.coco_backend, result.skipped = coco.backend, coco.skipped
+        if options.grounding:
+            beam.grounding = grounding_scores(
+                (tokens, r.attention.float().numpy(), objs)
+                for tokens, r, objs in zip(captions, decoded.results, objects, strict=True))
+        beam.predictions = _write_predictions(out / f"predictions-{options.split}-beam{decoding.beam_size}.parquet",
+                                              table, captions, decoded.results, _metadata(
+                                                  loaded, model_path, decoding, dataset, options.split))
+        result.beams.append(beam)
+    _write_report(result, options, dataset, loaded, model_path, decodings, time.perf_counter() - started)
+    return result
+
+
+@dataclass
+class _Decoded:
+    results: list[DecodingResult] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _feature_chunks(options: EvaluateOptions, dataset: StoredDataset, loaded: Any,
+                    device: torch.device) -> Iterator[torch.Tensor]:
+    """(B, n_pixels, dim) features of the split in row order, each batch encoded once for the whole sweep:
+    from the feature cache when the encoder was frozen in training (its weights are then the pretrained ones
+    the cache was made with), else by running the encoder."""
+    if loaded.train_options.get("fine_tune_encoder"):
+        yield from encode_split(dataset, options.split, loaded.model, device, options.batch_size)
+        return
+    features = cached_features(dataset, options.split, loaded.model, device, options.batch_size)
+    for start in range(0, len(features), options.batch_size):
+        yield torch.from_numpy(np.asarray(features[start : start + options.batch_size], np.float32)).to(device)
+
+
+def _decode_split(options: EvaluateOptions, dataset: StoredDataset, loaded: Any, device: torch.device,
+                  decodings: list[DecodingOptions], n_images: int) -> list[_Decoded]:
+    outputs = [_Decoded() for _ in decodings]
+    with make_progress() as progress:
+        task = progress.add_task(f"captioning {dataset.name}/{options.split} at beam "
+                                 f"{','.join(str(d.beam_size) for d in decodings)}", total=n_images, unit="images")
+        for features in _feature_chunks(options, dataset, loaded, device):
+            for decoding, output in zip(decodings, outputs, strict=True):
+                started = time.perf_counter()
+                output.results.extend(decode(loaded.model, features, decoding))
+                output.seconds += time.perf_counter() - started
+            progress.advance(task, len(features))
+    return outputs
+
+
+def _metadata(loaded: Any, model_path: Path, decoding: DecodingOptions, dataset: StoredDataset,
+              split: str) -> dict[str, Any]:
+    return {
+        "satcli.version": __version__,
+        "satcli.model": {"path": str(model_path.absolute()), "sha256": _sha256(model_path),
+                         "encoder": loaded.model.config.encoder, "vocab_size": loaded.model.config.vocab_size,
+                         "config": loaded.model.config.to_dict(), "train_options": loaded.train_options,
+                         "metrics": loaded.metrics},
+        "satcli.decoding": asdict(decoding),
+        "satcli.dataset": {"name": dataset.name, "split": split, "root": str(dataset.root.absolute())},
+    }
+
+
+def _write_predictions(path: Path, table: Any, captions: list[list[str]], results: list[DecodingResult],
+                       metadata: dict[str, Any]) -> Path:
+    paths, widths, heights = (table.column(c).to_pylist() for c in ("path", "width", "height"))
+    rows = [CaptionRow(p, detokenize(words), words, r.best.sum_logprob, r.best.finished,
+                       r.best.attention.float().numpy(), w, h)
+            for p, w, h, words, r in zip(paths, widths, heights, captions, results, strict=True)]
+    rows.sort(key=lambda row: row.path)  # satcli results files are sorted by path
+    return write_results(path, rows, metadata)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_report(result: EvaluateResult, options: EvaluateOptions, dataset: StoredDataset, loaded: Any,
+                  model_path: Path, decodings: list[DecodingOptions], seconds: float) -> None:
+    report = {
+        "satcli_version": __version__,
+        "scale": "0-1 (tables show 0-100); CIDEr-D on COCO's scale",
+        "dataset": {"name": dataset.name, "split": options.split, "n_images": result.n_images,
+                    "root": str(dataset.root.absolute())},
+        "model": {"path": str(model_path.absolute()), "encoder": loaded.model.config.encoder,
+                  "attention": getattr(loaded.model.config, "attention", None),
+                  "train_options": loaded.train_options, "checkpoint_metrics": loaded.metrics},
+        "decoding": {"beam_sizes": [d.beam_size for d in decodings], "max_length": options.max_length,
+                     "length_penalty": options.length_penalty},
+        "coco": None if result.coco_backend is None else {"backend": result.coco_backend,
+                                                           "skipped": result.skipped},
+        "results": [{"beam_size": b.beam_size, "metrics": b.metrics,
+                     "grounding": None if b.grounding is None else b.grounding.to_dict(),
+                     "predictions": b.predictions.name if b.predictions else None,
+                     "decode_seconds": round(b.seconds, 3)} for b in result.beams],
+        "seconds": round(seconds, 3),
+    }
+    result.report.parent.mkdir(parents=True, exist_ok=True)
+    tmp = result.report.with_name(f".{REPORT}.tmp")
+    tmp.write_text(json.dumps(report, indent=2, default=str))
+    os.replace(tmp, result.report)
