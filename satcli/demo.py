@@ -19,16 +19,15 @@ from rich.table import Table
 
 from satcli.caption import CaptionOptions
 from satcli.caption import run as caption
-from satcli.checkpoint import load_captioner
 from satcli.console import console
 from satcli.datasets import DatasetKind
-from satcli.device import resolve_device
 from satcli.errors import SatcliError
-from satcli.features import cached_features
+from satcli.evaluate import EvaluateOptions
+from satcli.evaluate import run as evaluate
 from satcli.preprocess import PreprocessOptions
 from satcli.preprocess import run as preprocess
 from satcli.store import StoredDataset
-from satcli.train import TrainOptions, validate
+from satcli.train import TrainOptions
 from satcli.train import run as train
 
 log = logging.getLogger(__name__)
@@ -70,13 +69,15 @@ def run(options: DemoOptions) -> DemoResult:
     dataset = _shapes_store(options)
     result = train(demo_train_options(options))
 
-    loaded = load_captioner(result.best, resolve_device(options.device))
-    features = cached_features(dataset, "test", loaded.model, resolve_device(options.device))
-    scores = validate(loaded.model, dataset, "test", loaded.vocab, resolve_device(options.device), features,
-                      options.beam_size, max_length=30)
-    report_json = options.out / "report.json"
-    report_json.write_text(json.dumps({"dataset": "shapes", "split": "test", "beam_size": options.beam_size,
-                                       "metrics": scores, "model": str(result.best)}, indent=2))
+    # BLEU, the Java-free COCO metrics and grounding: the same numbers on every machine, Java or not.
+    evaluated = evaluate(EvaluateOptions(dataset=dataset.name, model=result.best, data_root=options.data_root,
+                                         split="test", beam_sizes=(options.beam_size,), bleu=True, coco=True,
+                                         grounding=True, java=False, out=options.out, max_length=30,
+                                         device=options.device))
+    report_json = evaluated.report
+    beam = evaluated.beams[0]
+    scores = {**beam.metrics, **({f"grounding_{k}": v for k, v in beam.grounding.to_dict().items()}
+                                 if beam.grounding else {})}
 
     source = options.data_root / "shapes" / "source"
     test_images = _split_images(source, "test")
@@ -87,9 +88,11 @@ def run(options: DemoOptions) -> DemoResult:
     seconds = time.perf_counter() - started
 
     table = Table(title=f"shapes test split, beam {options.beam_size} (scores 0–100)")
-    for name in ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4"):
+    for name in ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "CIDEr-D", "pointing (chance)"):
         table.add_column(name, justify="right")
-    table.add_row(*(f"{100 * scores[k]:.1f}" for k in ("bleu1", "bleu2", "bleu3", "bleu4")))
+    table.add_row(*(f"{100 * scores[k]:.1f}" for k in ("bleu1", "bleu2", "bleu3", "bleu4", "coco_cider_d")),
+                  f"{100 * scores.get('grounding_pointing', 0):.1f} "
+                  f"({100 * scores.get('grounding_pointing_chance', 0):.1f})")
     console.print(table)
     console.print(f"model:    {result.best}\nscores:   {report_json}\ncaptions: {results}\n"
                   f"time:     {seconds / 60:.1f} minutes")
