@@ -1,0 +1,189 @@
+"""``satcli report``: one HTML file to browse a results Parquet and see where the model looked for every word.
+
+The page is self-contained (inline script and style, no network): open it from disk. It embeds every row's path,
+caption, words, scores, error and attention (each grid as bytes scaled to its peak, base64), and shows them 50 at
+a time with a search box and a sort order, so tens of thousands of rows stay responsive. Hovering or clicking a
+word draws that word's attention over the image on a canvas with the same colour map and blend as the PNG
+overlays. Image thumbnails (JPEG, at most ``thumb_size`` pixels a side) go into ``<report>_files/`` beside the
+page, referenced relatively: copy the two together.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import logging
+import math
+import urllib.parse
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from satcli import __version__
+from satcli.console import make_progress
+from satcli.errors import SatcliError
+from satcli.overlays import (
+    BLEND_FLOOR,
+    BLEND_GAIN,
+    colormap_lut,
+    count_rows,
+    iter_results,
+    open_image,
+    overlay_name,
+    resolve_image,
+)
+from satcli.results import read_attention, read_metadata
+
+log = logging.getLogger(__name__)
+
+THUMB_SIZE = 224
+PAGE_SIZE = 50
+_COLUMNS = ["path", "caption", "tokens", "sum_logprob", "finished", "attention", "grid_height", "grid_width",
+            "image_width", "image_height", "error"]
+_THREADS = 4  # thumbnails: decoding and resizing release the GIL
+
+
+@dataclass(frozen=True)
+class ReportOptions:
+    """What ``satcli report`` was asked to do."""
+
+    results: Path
+    output: Path | None = None  # None: the results file with .html
+    image_root: Path | None = None  # relative result paths start here; None: the current directory
+    thumb_size: int = THUMB_SIZE
+    progress: bool = True
+
+
+@dataclass
+class ReportSummary:
+    output: Path
+    thumbnails: Path
+    n_rows: int = 0
+    n_errors: int = 0
+    n_missing_images: int = 0
+
+
+def default_output(results: Path) -> Path:
+    return results.with_suffix(".html")
+
+
+def encode_attention(grids: np.ndarray) -> tuple[str, list[float]]:
+    """(n_tokens, H, W) → (base64 of uint8 grids each scaled to its own peak, the peak weights)."""
+    if grids.size == 0:
+        return "", []
+    peaks = grids.reshape(grids.shape[0], -1).max(axis=1)
+    scaled = grids / np.where(peaks > 0, peaks, 1)[:, None, None]
+    data = np.rint(np.clip(scaled, 0, 1) * 255).astype(np.uint8)
+    return base64.b64encode(data.tobytes()).decode("ascii"), [round(float(p), 4) for p in peaks]
+
+
+def _thumbnail(source: Path, target: Path, size: int) -> bool:
+    image = open_image(source)
+    if image is None:
+        return False
+    image.thumbnail((size, size), resample=3)  # bicubic
+    image.save(target, format="JPEG", quality=82, optimize=True)
+    return True
+
+
+def _about(results: Path, metadata: dict[str, Any], n_rows: int, n_errors: int) -> str:
+    model = metadata.get("satcli.model") or {}
+    decoding = metadata.get("satcli.decoding") or {}
+    parts = [f"{results.name}: {n_rows:,} images, {n_errors:,} errors"]
+    if model.get("encoder"):
+        parts.append(f"encoder {model['encoder']}")
+    if decoding.get("beam_size"):
+        parts.append(f"beam {decoding['beam_size']}")
+    if model.get("path"):
+        parts.append(f"model {model['path']}")
+    return " · ".join(parts)
+
+
+def _asset(name: str) -> str:
+    return resources.files("satcli").joinpath("report_assets", name).read_text(encoding="utf-8")
+
+
+def _rows(options: ReportOptions, thumbs: Path, summary: ReportSummary, total: int) -> Iterator[list[Any]]:
+    """The page's rows, thumbnails written on a few threads as the rows stream past."""
+    root = options.image_root if options.image_root is not None else Path(".")
+    bar = make_progress()
+    bar.disable = not options.progress
+    with bar, ThreadPoolExecutor(_THREADS) as pool:
+        task = bar.add_task("report", total=total, unit="images")
+        batch: list[tuple[dict, Any]] = []
+        folder = urllib.parse.quote(thumbs.name)
+
+        def drain() -> Iterator[list[Any]]:
+            for row, made in batch:
+                thumb = f"{folder}/{overlay_name(row['path'])}.jpg" if made is not None and made.result() else None
+                if thumb is None and row["error"] is None:
+                    summary.n_missing_images += 1
+                attention, peaks = encode_attention(read_attention(row)) if row["error"] is None else ("", [])
+                value = row["sum_logprob"]
+                sum_logprob = round(value, 4) if value is not None and math.isfinite(value) else None
+                yield [row["path"], row["caption"], row["tokens"], sum_logprob, row["finished"], row["error"],
+                       row["grid_height"], row["grid_width"], attention, peaks, thumb, row["image_width"],
+                       row["image_height"]]
+                bar.advance(task)
+            batch.clear()
+
+        for row in iter_results(options.results, _COLUMNS):
+            summary.n_rows += 1
+            summary.n_errors += row["error"] is not None
+            made = None  # no thumbnail for an error row: its file is no image, or one too large to open
+            if row["error"] is None:
+                made = pool.submit(_thumbnail, resolve_image(row["path"], root),
+                                   thumbs / f"{overlay_name(row['path'])}.jpg", options.thumb_size)
+            batch.append((row, made))
+            if len(batch) >= 64:
+                yield from drain()
+        yield from drain()
+
+
+def run(options: ReportOptions) -> ReportSummary:
+    """Write the report for ``options.results``; returns where it went and what it holds."""
+    results = Path(options.results)
+    if options.thumb_size < 16:
+        raise SatcliError(f"--thumb-size must be at least 16, got {options.thumb_size}")
+    total = count_rows(results)
+    output = Path(options.output) if options.output is not None else default_output(results)
+    if output.resolve() == results.resolve():
+        raise SatcliError("the report would overwrite the results file; name an .html file with -o", output)
+    if output.is_dir():
+        raise SatcliError("the output is a directory; name an .html file with -o", output)
+    thumbs = output.with_name(output.stem + "_files")
+    if thumbs.exists() and not thumbs.is_dir():
+        raise SatcliError("is in the way of the report's thumbnail folder", thumbs)
+    thumbs.mkdir(parents=True, exist_ok=True)
+    summary = ReportSummary(output, thumbs)
+    rows = list(_rows(options, thumbs, summary, total))
+    data = {
+        "rows": rows,
+        "about": _about(results, read_metadata(results), summary.n_rows, summary.n_errors),
+        "lut": colormap_lut().tobytes().hex(),
+        "blend": [BLEND_FLOOR, BLEND_GAIN],
+        "page_size": PAGE_SIZE,
+        "thumb_size": options.thumb_size,
+    }
+    # Inside <script>, "</script>" would end the element: "<" only occurs in JSON strings, where \u003c is "<".
+    text = json.dumps(data, ensure_ascii=False, separators=(",", ":"), allow_nan=False).replace("<", "\\u003c")
+    page = (_asset("report.html")
+            .replace("{{STYLE}}", _asset("report.css"))
+            .replace("{{SCRIPT}}", _asset("report.js"))
+            .replace("{{TITLE}}", html.escape(f"satcli report: {results.name}"))
+            .replace("{{VERSION}}", __version__)
+            .replace("{{DATA}}", text))  # last: the data may hold any of the other markers
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(f".{output.name}.tmp")
+    tmp.write_text(page, encoding="utf-8")
+    tmp.replace(output)
+    if summary.n_missing_images:
+        log.warning("%d images could not be read; relative paths are looked up under %s (see --image-root)",
+                    summary.n_missing_images, (options.image_root or Path(".")).absolute())
+    return summary
