@@ -57,6 +57,7 @@ from satcli.images import (
     load_image,
     resize_to_tensor,
 )
+from satcli.overlays import OverlaySummary, write_overlays
 from satcli.results import CaptionRow, merge_results, read_column, read_metadata, to_table, write_results
 from satcli.text import detokenize
 from satcli.transforms import normalise
@@ -88,6 +89,7 @@ class CaptionOptions:
     root: Path | None = None  # result paths are relative to this directory (None: the current one)
     max_pixels: int | None = DEFAULT_MAX_PIXELS
     progress: bool = True
+    overlays: Path | None = None  # a folder: attention pictures of every captioned image, after the Parquet
 
 
 @dataclass
@@ -103,6 +105,7 @@ class CaptionSummary:
     seconds: float = 0.0
     device: str = "cpu"
     shard: tuple[int, int] = (0, 1)
+    overlays: OverlaySummary | None = None
 
     @property
     def n_errors(self) -> int:
@@ -130,6 +133,10 @@ class CaptionSummary:
             table.add_row("images/s", f"{self.images_per_second:.1f}")
             table.add_row("device", self.device)
         table.add_row("output", str(self.output))
+        if self.overlays is not None:
+            table.add_row("attention pictures", f"{self.overlays.n_written:,} in {self.overlays.directory}")
+            if self.overlays.n_missing_images:
+                table.add_row("  images not found", f"{self.overlays.n_missing_images:,} (drawn grey)")
         return table
 
 
@@ -269,6 +276,8 @@ def _check(options: CaptionOptions) -> None:
                           f"got {options.max_pixels:,}")
     if options.output.exists() and options.output.is_dir():
         raise SatcliError("the output is a directory; name a .parquet file with -o", options.output)
+    if options.overlays is not None and options.overlays.exists() and not options.overlays.is_dir():
+        raise SatcliError("--overlays names a file; name a folder for the attention pictures", options.overlays)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -562,7 +571,16 @@ class ChunkWriter:
 
 
 def run(options: CaptionOptions) -> CaptionSummary:
-    """Caption every image named by ``options.inputs`` into ``options.output`` (or this shard's part)."""
+    """Caption every image named by ``options.inputs`` into ``options.output`` (or this shard's part), then
+    draw the attention pictures into ``options.overlays`` when asked (after the Parquet: the captioning loop
+    never waits for them, and an interrupted run keeps its captions)."""
+    summary = _run(options)
+    if options.overlays is not None:
+        summary.overlays = write_overlays(summary.output, options.root, options.overlays, progress=options.progress)
+    return summary
+
+
+def _run(options: CaptionOptions) -> CaptionSummary:
     started = time.perf_counter()
     _check(options)
     decoding = decoding_options(options)

@@ -157,6 +157,9 @@ WorkersOption = Annotated[int | None, typer.Option(
     "--workers", min=0, show_default=False,
     help="Processes decoding images (0: in the main one). Default: min(4, CPUs).")]
 ResultsOption = Annotated[Path, typer.Option("--output", "-o", dir_okay=False, help="Results Parquet file.")]
+OverlaysOption = Annotated[Path | None, typer.Option(
+    "--overlays", file_okay=False, show_default=False,
+    help="Also draw where the model looked: a PNG (a panel per word) and a GIF per image, in this folder.")]
 
 
 @app.command()
@@ -184,6 +187,7 @@ def caption(
         help="Write paths relative to this folder. Default: the current one.")] = None,
     max_pixels: Annotated[int, typer.Option(
         "--max-pixels", min=1, help="Refuse bigger images (decompression bombs) as errors.")] = 89_478_485,
+    overlays: OverlaysOption = None,
 ) -> None:
     """Caption photos into a Parquet file with one row per image: caption, words and attention maps.
 
@@ -198,7 +202,7 @@ def caption(
         beam_size=beam_size, max_length=max_length, length_penalty=length_penalty, n_best=n_best,
         no_repeat_ngram_size=no_repeat_ngram, min_length=min_length, workers=workers,
         device=device.value, shard=None if shard is None else step.parse_shard(shard), root=root,
-        max_pixels=max_pixels,
+        max_pixels=max_pixels, overlays=overlays,
     ))
     console.print(summary.table())
 
@@ -299,6 +303,7 @@ def evaluate(
     length_penalty: LengthPenaltyOption = 0.0,
     batch_size: BatchSizeOption = 64,
     device: DeviceOption = Device.auto,
+    overlays: OverlaysOption = None,
 ) -> None:
     """Caption a dataset split and score it: BLEU, COCO metrics, attention grounding; writes report.json and the
     captions as results Parquet files."""
@@ -316,6 +321,47 @@ def evaluate(
     console.print(f"report:      {result.report}")
     for beam in result.beams:
         console.print(f"predictions: {beam.predictions}")
+    if overlays is not None:
+        from satcli.overlays import dataset_images, write_overlays
+
+        images = dataset_images(data_root, dataset)
+        for beam in result.beams:
+            folder = overlays if len(result.beams) == 1 else overlays / f"beam{beam.beam_size}"
+            _drawn(write_overlays(beam.predictions, images, folder))
+
+
+def _drawn(summary) -> None:
+    console.print(f"attention pictures: {summary.n_written:,} in {summary.directory}")
+    if summary.n_missing_images:
+        console.print(f"[yellow]{summary.n_missing_images:,} images not found[/] (drawn grey)", highlight=False)
+
+
+@app.command()
+def report(
+    results: Annotated[Path, typer.Argument(
+        exists=True, dir_okay=False, help="A results Parquet file (satcli caption or evaluate).", show_default=False)],
+    output: Annotated[Path | None, typer.Option(
+        "--output", "-o", dir_okay=False, show_default=False,
+        help="The HTML file. Default: the results file with .html. Thumbnails go to <name>_files/ beside it.")] = None,
+    image_root: Annotated[Path | None, typer.Option(
+        "--image-root", file_okay=False, show_default=False,
+        help="Folder the results' relative paths start from (caption's --root). Default: the current one.")] = None,
+    overlays: OverlaysOption = None,
+) -> None:
+    """Write one HTML page to browse the captions: search, scores, errors, and each word's attention on hover.
+
+    The page works offline from disk; keep the thumbnail folder beside it.
+    """
+    from satcli import report as step
+
+    summary = step.run(step.ReportOptions(results=results, output=output, image_root=image_root))
+    console.print(f"report: {summary.output} ({summary.n_rows:,} images, {summary.n_errors:,} errors)")
+    if summary.n_missing_images:
+        console.print(f"[yellow]{summary.n_missing_images:,} images not found[/]: pass --image-root")
+    if overlays is not None:
+        from satcli.overlays import write_overlays
+
+        _drawn(write_overlays(results, image_root, overlays))
 
 
 @app.command()

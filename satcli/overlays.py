@@ -267,6 +267,14 @@ def resolve_image(path: str, image_root: Path | None) -> Path:
     return Path(path) if os.path.isabs(path) or image_root is None else Path(image_root) / path
 
 
+def dataset_images(data_root: Path, name: str) -> Path | None:
+    """The folder the image paths of a preprocessed dataset (and of ``satcli evaluate``'s results) start from."""
+    from satcli.store import StoredDataset
+
+    images = (StoredDataset.open(data_root, name).meta.get("source") or {}).get("images")
+    return Path(images) if images else None
+
+
 def open_image(file: Path) -> Image.Image | None:
     """The picture, EXIF orientation applied, or None when it cannot be read (it may have moved)."""
     try:

@@ -127,3 +127,52 @@ def test_write_overlays_refuses_a_file_that_is_no_results(tmp_path):
     bogus.write_text("not parquet")
     with pytest.raises(SatcliError, match="r.parquet"):
         write_overlays(bogus, tmp_path, tmp_path / "ov", progress=False)
+
+
+@pytest.fixture(scope="module")
+def shapes_and_model(tmp_path_factory):
+    """A tiny shapes store (real images on disk) and an untrained tiny captioner on its vocabulary."""
+    import torch
+
+    from models.captioner import Captioner
+    from satcli.checkpoint import save_checkpoint
+    from satcli.datasets import DatasetKind
+    from satcli.preprocess import PreprocessOptions
+    from satcli.preprocess import run as preprocess
+    from satcli.store import StoredDataset
+    from tests.helpers import tiny_config
+
+    root = tmp_path_factory.mktemp("data")
+    preprocess(PreprocessOptions(dataset=DatasetKind.shapes, data_root=root, n_train=4, n_val=2, n_test=3,
+                                 image_size=64, min_word_freq=1))
+    vocab = StoredDataset.open(root, "shapes").vocab
+    torch.manual_seed(0)
+    model = Captioner(tiny_config(vocab_size=len(vocab), image_size=64))
+    return root, save_checkpoint(tmp_path_factory.mktemp("model") / "tiny.pt", model, vocab)
+
+
+def test_caption_and_evaluate_draw_overlays(shapes_and_model, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from satcli.cli import app
+
+    monkeypatch.setenv("SATCLI_STATE_DIR", str(tmp_path / "state"))
+    root, checkpoint = shapes_and_model
+    images = root / "shapes" / "source" / "images"
+    photos = sorted(images.glob("*.jpg"))[:2]
+    runner = CliRunner()
+    result = runner.invoke(app, ["caption", *map(str, photos), "--model", str(checkpoint), "-o",
+                                 str(tmp_path / "c.parquet"), "--workers", "0", "--max-length", "4",
+                                 "--root", str(images), "--overlays", str(tmp_path / "ov")])
+    assert result.exit_code == 0, result.output
+    assert "attention pictures" in result.output and "not found" not in result.output
+    assert sorted(p.name for p in (tmp_path / "ov").glob("*.png")) == sorted(
+        f"{overlay_name(p.name)}.png" for p in photos)
+
+    result = runner.invoke(app, ["evaluate", "--model", str(checkpoint), "--dataset", "shapes", "--data-root",
+                                 str(root), "--max-length", "4", "--out", str(tmp_path / "eval"),
+                                 "--overlays", str(tmp_path / "eval-ov")])
+    assert result.exit_code == 0, result.output
+    drawn = sorted((tmp_path / "eval-ov").glob("*.gif"))
+    assert len(drawn) == 3  # every test image, found through the store's source folder
+    assert "not found" not in result.output  # drawn over the images, not grey placeholders

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from satcli.errors import SatcliError
+from satcli.overlays import overlay_name
 from satcli.report import ReportOptions, run
 from satcli.results import CaptionRow
 from tests.helpers import peaked_attention, write_results_file
@@ -149,3 +150,25 @@ def test_report_refuses_a_file_that_is_no_results(tmp_path):
     with pytest.raises(SatcliError, match="notes.parquet"):
         run(ReportOptions(bogus, progress=False))
     assert not (tmp_path / "notes.html").exists()
+
+
+def test_report_command(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from satcli.cli import app
+
+    (tmp_path / "pics").mkdir()
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(tmp_path / "pics" / "red.png")
+    rows = [CaptionRow("pics/red.png", "a red thing", ["a", "red", "thing"], -1.0, True,
+                       peaked_attention(3, 4, 4, [(0, 0), (1, 1), (2, 2)]), 40, 30)]
+    results = write_results_file(tmp_path / "r.parquet", rows)
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["report", "r.parquet", "-o", "site/index.html", "--overlays", "ov"])
+    assert result.exit_code == 0, result.output
+    assert "site/index.html (1 images, 0 errors)" in result.output and "not found" not in result.output
+    thumb = Image.open(tmp_path / "site" / "index_files" / f"{overlay_name('pics/red.png')}.jpg")
+    assert thumb.size == (40, 30)  # small images are not blown up
+    assert len(list((tmp_path / "ov").glob("*.gif"))) == 1
+
+    result = CliRunner().invoke(app, ["report", str(results), "-o", str(results)])
+    assert result.exit_code == 1 and "would overwrite the results file" in result.output
