@@ -24,13 +24,18 @@ from satcli.datasets import DatasetKind
 from satcli.errors import SatcliError
 from satcli.evaluate import EvaluateOptions
 from satcli.evaluate import run as evaluate
+from satcli.overlays import write_overlays
 from satcli.preprocess import PreprocessOptions
 from satcli.preprocess import run as preprocess
+from satcli.report import ReportOptions
+from satcli.report import run as build_report
 from satcli.store import StoredDataset
 from satcli.train import TrainOptions
 from satcli.train import run as train
 
 log = logging.getLogger(__name__)
+
+N_OVERLAYS = 8  # test images drawn as attention pictures (the HTML report shows every one)
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,8 @@ class DemoResult:
     report: Path
     scores: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
+    overlays: Path | None = None  # attention pictures of the first test images
+    page: Path | None = None  # the HTML report of the test captions
 
 
 def demo_train_options(options: DemoOptions) -> TrainOptions:
@@ -65,7 +72,7 @@ def demo_train_options(options: DemoOptions) -> TrainOptions:
 
 def run(options: DemoOptions) -> DemoResult:
     started = time.perf_counter()
-    console.rule("[bold]satcli demo[/]: shapes → preprocess → train → evaluate → caption")
+    console.rule("[bold]satcli demo[/]: shapes → preprocess → train → evaluate → caption → report")
     dataset = _shapes_store(options)
     result = train(demo_train_options(options))
 
@@ -85,6 +92,8 @@ def run(options: DemoOptions) -> DemoResult:
     caption(CaptionOptions(inputs=tuple(str(p) for p in test_images), model=result.best, output=results,
                            overwrite=True, beam_size=options.beam_size, root=source / "images", device=options.device,
                            workers=0 if torch.get_num_threads() <= 2 else None))
+    drawn = write_overlays(results, source / "images", options.out / "overlays", limit=N_OVERLAYS)
+    page = build_report(ReportOptions(results, options.out / "report.html", image_root=source / "images")).output
     seconds = time.perf_counter() - started
 
     table = Table(title=f"shapes test split, beam {options.beam_size} (scores 0–100)")
@@ -95,9 +104,10 @@ def run(options: DemoOptions) -> DemoResult:
                   f"({100 * scores.get('grounding_pointing_chance', 0):.1f})")
     console.print(table)
     console.print(f"model:    {result.best}\nscores:   {report_json}\ncaptions: {results}\n"
-                  f"time:     {seconds / 60:.1f} minutes")
+                  f"pictures: {drawn.directory} ({drawn.n_written} images: a PNG and a GIF each)\n"
+                  f"report:   {page}\ntime:     {seconds / 60:.1f} minutes")
     console.print(f"next:     satcli caption YOUR_PHOTOS --model {result.best}")
-    return DemoResult(result.best, results, report_json, scores, seconds)
+    return DemoResult(result.best, results, report_json, scores, seconds, drawn.directory, page)
 
 
 def _shapes_store(options: DemoOptions) -> StoredDataset:
