@@ -18,6 +18,8 @@ demo: $(STAMP)
 	$(VENV)/bin/satcli demo
 
 test: $(STAMP)
+	@# The HTML report is tested in Debian's headless chromium (driven by playwright, no browser download).
+	test -x /usr/bin/chromium || (apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium)
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
