@@ -1,5 +1,5 @@
-"""Show, Attend and Tell (Xu et al., 2015): soft attention over a CNN feature grid, an LSTM decoder, the
-deep output layer and the doubly stochastic attention regulariser.
+"""Show, Attend and Tell (Xu et al., 2015): soft or stochastic hard attention over a CNN feature grid, an LSTM
+decoder, the deep output layer and the doubly stochastic attention regulariser.
 
 Read top to bottom: config, attention, decoder, captioner, loss. The model offers a step API for decoding::
 
@@ -9,6 +9,16 @@ Read top to bottom: config, attention, decoder, captioner, loss. The model offer
     logprobs, state, alpha = model.step(tokens, state, memory)   # (B, n_beams, vocab), ..., (B, n_beams, n_pixels)
 
 and a teacher-forced :meth:`Captioner.forward` for training.
+
+Hard attention (the paper's section 4.1) trains differently and decodes the same. In training, each caption
+either (with probability ``hard_sample_prob``, the paper's 0.5) reads, at every step, the feature vector of one
+location s_t drawn from α_t, or reads the expectation Σ_i α_ti a_i as soft attention does. A sampled context does
+not depend on α, so the attention learns from the REINFORCE term of :func:`hard_attention_loss`:
+(log p(y | s, a) - b) ∇ Σ_t log α_t[s_t], with b a moving average of log p(y | s, a), plus an entropy bonus.
+α is computed as a log-softmax, so log α_t[s_t] and the entropy stay finite however peaked α gets. Decoding and
+the attention maps use the expectation for both kinds (the context the other half of hard training reads, and
+deterministic, so beam search stays a search), so a hard-attention checkpoint decodes and draws maps exactly
+like a soft one.
 """
 
 from __future__ import annotations
@@ -20,6 +30,8 @@ import torch
 from torch import Tensor, nn
 
 from models.encoders import DEFAULT_ENCODER, ENCODERS, Encoder
+
+ATTENTION_KINDS = ("soft", "hard")
 
 
 @dataclass
@@ -38,6 +50,10 @@ class CaptionerConfig:
     dropout: float = 0.5
     deep_output: bool = True  # the paper's L_o(E y + L_h h + L_z z); False: a linear layer on h
     doubly_stochastic: float = 1.0  # λ of the attention regulariser λ Σ_i (1 - Σ_t α_ti)²
+    hard_sample_prob: float = 0.5  # hard attention: share of training captions that sample locations
+    hard_reinforce: float = 1.0  # hard attention: λ_r, weight of the REINFORCE term
+    hard_entropy: float = 0.01  # hard attention: λ_e, weight of the entropy bonus
+    hard_baseline_decay: float = 0.9  # hard attention: b ← decay·b + (1 - decay)·mean log p(y | s, a)
     pad_id: int = 0
     start_id: int = 1
     end_id: int = 2
@@ -45,8 +61,12 @@ class CaptionerConfig:
     def __post_init__(self) -> None:
         if self.encoder not in ENCODERS:
             raise ValueError(f"unknown encoder {self.encoder!r}; choose one of {', '.join(ENCODERS)}")
-        if self.attention != "soft":
-            raise ValueError(f"unknown attention {self.attention!r}; this version has 'soft'")
+        if self.attention not in ATTENTION_KINDS:
+            raise ValueError(f"unknown attention {self.attention!r}; choose one of {', '.join(ATTENTION_KINDS)}")
+        if not 0.0 <= self.hard_sample_prob <= 1.0:
+            raise ValueError(f"hard_sample_prob must be in [0, 1], got {self.hard_sample_prob}")
+        if not 0.0 <= self.hard_baseline_decay < 1.0:
+            raise ValueError(f"hard_baseline_decay must be in [0, 1), got {self.hard_baseline_decay}")
         if self.image_size is None:
             self.image_size = ENCODERS[self.encoder].image_size
         if self.vocab_size <= max(self.pad_id, self.start_id, self.end_id):
@@ -73,11 +93,29 @@ class SoftAttention(nn.Module):
         self.query = nn.Linear(hidden_dim, attention_dim)  # W_h
         self.score = nn.Linear(attention_dim, 1)  # w
 
+    def log_alpha(self, keys: Tensor, h: Tensor) -> Tensor:
+        """keys (B, L, A), h (B, K, H) → log α (B, K, L), a log-softmax: finite however peaked α is."""
+        energy = torch.tanh(keys.unsqueeze(1) + self.query(h).unsqueeze(2))  # (B, K, L, A)
+        return self.score(energy).squeeze(-1).float().log_softmax(dim=-1)
+
     def forward(self, keys: Tensor, features: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
         """keys (B, L, A), features (B, L, D), h (B, K, H) → context (B, K, D), alpha (B, K, L)."""
         energy = torch.tanh(keys.unsqueeze(1) + self.query(h).unsqueeze(2))  # (B, K, L, A)
         alpha = self.score(energy).squeeze(-1).softmax(dim=-1)  # (B, K, L)
         return alpha @ features, alpha  # (B, K, D)
+
+    @staticmethod
+    def sample(log_alpha: Tensor) -> Tensor:
+        """One location per row drawn from α: log_alpha (..., L) → indices (...). Gumbel-max, on the device."""
+        uniform = torch.rand_like(log_alpha).clamp_(min=torch.finfo(log_alpha.dtype).tiny)
+        return (log_alpha - (-uniform.log()).log()).argmax(dim=-1)
+
+
+class HardSteps(NamedTuple):
+    """What one hard-attention training step adds to the usual outputs, per image and beam."""
+
+    location_logprob: Tensor  # (B, K) log α[s] of the sampled location; 0 where the expectation was read
+    entropy: Tensor  # (B, K) entropy of α
 
 
 class Memory(NamedTuple):
@@ -125,10 +163,30 @@ class AttentionDecoder(nn.Module):
         return State(h.contiguous(), c.contiguous())
 
     def step(self, tokens: Tensor, state: State, memory: Memory) -> tuple[Tensor, State, Tensor]:
-        """tokens (B, K) → logits (B, K, V), new state, alpha (B, K, L)."""
+        """tokens (B, K) → logits (B, K, V), new state, alpha (B, K, L). Attention: the expectation."""
+        context, alpha = self.attention(memory.keys, memory.features, state.h)  # (B, K, D), (B, K, L)
+        return self._write(tokens, state, context, alpha)
+
+    def hard_step(self, tokens: Tensor, state: State, memory: Memory,
+                  sampled: Tensor) -> tuple[Tensor, State, Tensor, HardSteps]:
+        """A hard-attention training step: rows where ``sampled`` (B,) is set read the feature vector of a
+        location drawn from α, the others the expectation. tokens (B, K) → logits, state, alpha, HardSteps."""
+        log_alpha = self.attention.log_alpha(memory.keys, state.h)  # (B, K, L)
+        alpha = log_alpha.exp()
+        location = self.attention.sample(log_alpha.detach())  # (B, K)
+        features = memory.features
+        picked = features.gather(1, location.unsqueeze(-1).expand(-1, -1, features.shape[-1]))  # (B, K, D)
+        expected = alpha.to(features.dtype) @ features  # (B, K, D)
+        use_sample = sampled.view(-1, 1, 1)
+        context = torch.where(use_sample, picked, expected)
+        location_logprob = log_alpha.gather(2, location.unsqueeze(-1)).squeeze(-1) * sampled.unsqueeze(1)
+        entropy = -(alpha * log_alpha).sum(dim=-1)  # (B, K)
+        logits, state, alpha = self._write(tokens, state, context, alpha)
+        return logits, state, alpha, HardSteps(location_logprob, entropy)
+
+    def _write(self, tokens: Tensor, state: State, context: Tensor, alpha: Tensor) -> tuple[Tensor, State, Tensor]:
         B, K = tokens.shape
         embedded = self.embedding(tokens)  # (B, K, E)
-        context, alpha = self.attention(memory.keys, memory.features, state.h)  # (B, K, D), (B, K, L)
         context = torch.sigmoid(self.f_beta(state.h)) * context
         h, c = self.lstm(torch.cat([embedded, context], dim=-1).flatten(0, 1),
                          (state.h.flatten(0, 1), state.c.flatten(0, 1)))
@@ -138,6 +196,16 @@ class AttentionDecoder(nn.Module):
         else:
             hidden = h
         return self.out(self.dropout(hidden)), State(h, c), alpha
+
+
+class TeacherForced(NamedTuple):
+    """The outputs of :meth:`Captioner.forward`. The last three are None for soft attention."""
+
+    logprobs: Tensor  # (B, T, V), zero at padded steps
+    alphas: Tensor  # (B, T, L), zero at padded steps
+    location_logprob: Tensor | None = None  # (B,) Σ_t log α_t[s_t] of the sampled locations (0: not sampled)
+    entropy: Tensor | None = None  # (B,) Σ_t H(α_t)
+    sampled: Tensor | None = None  # (B,) bool: the caption read sampled locations, not the expectation
 
 
 class Captioner(nn.Module):
@@ -150,6 +218,11 @@ class Captioner(nn.Module):
                                fine_tune_blocks=config.fine_tune_blocks)
         self.decoder = AttentionDecoder(config, self.encoder.spec.dim)
         self.grid_shape = self.encoder.grid_shape(config.image_size, config.image_size)
+        if config.attention == "hard":
+            # The REINFORCE baseline: a moving average of log p(y | s, a), and how many batches it has seen;
+            # both in the checkpoint so that a resumed run goes on with them.
+            self.register_buffer("reward_baseline", torch.zeros(()))
+            self.register_buffer("reward_baseline_updates", torch.zeros((), dtype=torch.long))
 
     @property
     def device(self) -> torch.device:
@@ -172,16 +245,18 @@ class Captioner(nn.Module):
         return logits.float().log_softmax(dim=-1), state, alpha
 
     def forward(self, features: Tensor, tokens: Tensor, lengths: Tensor,
-                sample_prob: float = 0.0) -> tuple[Tensor, Tensor]:
+                sample_prob: float = 0.0) -> TeacherForced:
         """Teacher-forced pass over captions.
 
         features (B, L, D); tokens (B, T+1) = ``<start> w1 … wn <end> <pad>…``; lengths (B,) = number of
-        targets (words + 1). Returns logprobs (B, T, V) and alphas (B, T, L), both zero at padded steps.
+        targets (words + 1). Returns logprobs (B, T, V) and alphas (B, T, L), both zero at padded steps, and
+        for hard attention in training mode the sampled locations' log-probabilities and the entropies.
         Captions are processed longest first and each step only runs the captions still going, so padding
         costs nothing and cannot change the result. ``sample_prob`` > 0 is scheduled sampling: each caption's
         input word is, with that probability, the model's own previous prediction instead of the reference.
         """
         B, L, _ = features.shape
+        hard = self.config.attention == "hard" and self.training
         T = tokens.shape[1] - 1
         sorted_lengths, order = lengths.sort(descending=True)
         n_active = (sorted_lengths.unsqueeze(0) > torch.arange(T, device=lengths.device).unsqueeze(1)).sum(1)
@@ -191,6 +266,10 @@ class Captioner(nn.Module):
         tokens = tokens[order]
         logits = features.new_zeros(B, T, self.config.vocab_size)
         alphas = features.new_zeros(B, T, L)
+        if hard:
+            sampled = torch.rand(B, device=features.device) < self.config.hard_sample_prob
+            location_logprobs = features.new_zeros(B, T, dtype=torch.float32)
+            entropies = features.new_zeros(B, T, dtype=torch.float32)
         for t in range(T):
             n = n_active[t]
             if n == 0:
@@ -200,15 +279,24 @@ class Captioner(nn.Module):
             if sample_prob > 0 and t > 0:
                 own = torch.rand(n, device=inputs.device) < sample_prob
                 inputs = torch.where(own, logits[:n, t - 1].argmax(dim=-1), inputs)
-            step_logits, new_state, alpha = self.decoder.step(
-                inputs.unsqueeze(1), State(state.h[:n], state.c[:n]), step_memory)
+            step_state = State(state.h[:n], state.c[:n])
+            if hard:
+                step_logits, new_state, alpha, extra = self.decoder.hard_step(
+                    inputs.unsqueeze(1), step_state, step_memory, sampled[:n])
+                location_logprobs[:n, t] = extra.location_logprob[:, 0]
+                entropies[:n, t] = extra.entropy[:, 0]
+            else:
+                step_logits, new_state, alpha = self.decoder.step(inputs.unsqueeze(1), step_state, step_memory)
             logits[:n, t] = step_logits[:, 0]
             alphas[:n, t] = alpha[:, 0]
             state = new_state
         mask = (torch.arange(T, device=lengths.device).unsqueeze(0) < sorted_lengths.unsqueeze(1)).unsqueeze(-1)
         logprobs = logits.float().log_softmax(dim=-1) * mask
         unsort = order.argsort()
-        return logprobs[unsort], alphas[unsort]
+        if not hard:
+            return TeacherForced(logprobs[unsort], alphas[unsort])
+        return TeacherForced(logprobs[unsort], alphas[unsort], location_logprobs.sum(1)[unsort],
+                             entropies.sum(1)[unsort], sampled[unsort])
 
 
 def doubly_stochastic_penalty(alphas: Tensor) -> Tensor:
@@ -227,3 +315,34 @@ def caption_loss(logprobs: Tensor, alphas: Tensor, tokens: Tensor, lengths: Tens
     token_logprobs = logprobs.gather(2, targets.unsqueeze(-1)).squeeze(-1)  # (B, T)
     nll = -(token_logprobs * mask).sum() / mask.sum()
     return nll + doubly_stochastic * doubly_stochastic_penalty(alphas), nll
+
+
+def hard_attention_loss(model: Captioner, output: TeacherForced, tokens: Tensor,
+                        update_baseline: bool = True) -> Tensor:
+    """The hard-attention terms, summed over captions (the caller normalises, as it does the NLL):
+
+        - λ_r Σ_n (R_n - b) Σ_t log α_t[s_t]  -  λ_e Σ_n Σ_t H(α_t),    R_n = log p(y_n | s_n, a)
+
+    over the captions that sampled locations (the entropy over all). Its gradient is the paper's eq. 12
+    estimator without the log-likelihood term the NLL already gives. b is the moving average of R before this
+    batch, so the estimator stays unbiased; the first batch starts b at its own mean. ``output`` comes from
+    :meth:`Captioner.forward` in training mode; tokens (B, T+1) as given to it.
+    """
+    if output.location_logprob is None or output.entropy is None or output.sampled is None:
+        raise ValueError("hard_attention_loss needs the outputs of a hard-attention model in training mode")
+    config = model.config
+    T = output.logprobs.shape[1]
+    targets = tokens[:, 1 : T + 1]
+    reward = output.logprobs.detach().gather(2, targets.unsqueeze(-1)).squeeze(-1).sum(dim=1)  # (B,), 0 at pads
+    sampled = output.sampled.float()
+    baseline, n_updates = model.reward_baseline, model.reward_baseline_updates
+    n_sampled = sampled.sum()
+    batch_mean = (reward * sampled).sum() / n_sampled.clamp(min=1)
+    used = torch.where(n_updates > 0, baseline, batch_mean)  # no sync with the host either way
+    if update_baseline:
+        decay = config.hard_baseline_decay
+        baseline.copy_(torch.where(n_sampled > 0, decay * used + (1 - decay) * batch_mean, baseline))
+        n_updates.add_((n_sampled > 0).long())
+    advantage = (reward - used) * sampled  # (B,)
+    return -(config.hard_reinforce * advantage * output.location_logprob).sum() \
+        - config.hard_entropy * output.entropy.sum()

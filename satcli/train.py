@@ -31,7 +31,7 @@ import torch.distributed as dist
 from rich.progress import TextColumn
 from rich.table import Table
 
-from models.captioner import Captioner, CaptionerConfig, caption_loss
+from models.captioner import Captioner, CaptionerConfig, caption_loss, hard_attention_loss
 from models.decoding import decode
 from models.encoders import DEFAULT_ENCODER, ENCODERS, PretrainedWeightsUnavailable
 from satcli.checkpoint import Preprocessing, read_checkpoint, save_checkpoint
@@ -333,13 +333,17 @@ class Stepper:
             else:
                 features = features.to(device, non_blocking=True)
             tokens, lengths = tokens.to(device, non_blocking=True), lengths.to(device, non_blocking=True)
-            logprobs, alphas = self.train_model(features, tokens, lengths, options.scheduled_sampling)
+            output = self.train_model(features, tokens, lengths, options.scheduled_sampling)
+            logprobs, alphas = output.logprobs, output.alphas
             _, nll = caption_loss(logprobs, alphas, tokens, lengths, 0.0)
             penalty = ((1.0 - alphas.float().sum(dim=1)) ** 2).sum()
             # normalised by the global batch, so the DDP average over ranks equals the one-process loss
             loss = (nll * int(lengths.sum()) / global_tokens
                     + options.doubly_stochastic * penalty / global_n) * self.ranks.world
-        self.scaler.scale(loss).backward()
+            objective = loss
+            if output.location_logprob is not None:  # hard attention: REINFORCE and entropy, per token too
+                objective = loss + hard_attention_loss(self.model, output, tokens) / global_tokens * self.ranks.world
+        self.scaler.scale(objective).backward()
         self.scaler.unscale_(self.optimizer)
         torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]],
                                        options.grad_clip)

@@ -147,3 +147,24 @@ def test_fine_tuning_the_encoder_trains_it(shapes_root, tmp_path):
     changed = [k for k, v in before.items() if not torch.equal(v, after["encoder." + k])]
     assert any("_conv_head" in k for k in changed)
     assert not any("_conv_stem" in k for k in changed)
+
+
+def test_hard_attention_trains_from_the_cli(shapes_root, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from satcli.cli import app
+
+    monkeypatch.setenv("SATCLI_STATE_DIR", str(tmp_path / "state"))
+    out = tmp_path / "hard"
+    result = CliRunner().invoke(app, _train_cli(shapes_root, out, 1, "--attention", "hard"))
+    assert result.exit_code == 0, result.output
+    checkpoint = read_checkpoint(out / "last.pt")
+    assert checkpoint["config"]["attention"] == "hard"
+    assert int(checkpoint["state_dict"]["reward_baseline_updates"]) == -(-120 * 5 // 16)  # moved at every step
+    assert torch.isfinite(checkpoint["state_dict"]["reward_baseline"])
+    line = json.loads((out / "metrics.jsonl").read_text())
+    assert torch.isfinite(torch.tensor(line["loss"])) and 0.0 <= line["val_bleu4"] <= 1.0
+    loaded = load_captioner(out / "last.pt").model
+    assert all(torch.isfinite(p).all() for p in loaded.parameters())
+    features = torch.randn(2, *loaded.grid_shape, 1280).flatten(1, 2)
+    assert len(decode(loaded, features, beam_size=2, max_length=6)) == 2
