@@ -283,3 +283,49 @@ def _to_results(words: Tensor, attention: Tensor, n_words: Tensor, sums: Tensor,
             ))
         results.append(DecodingResult(hypotheses))
     return results
+
+
+@dataclass
+class Samples:
+    """Captions drawn from the model, ``n_samples`` per image, with the graph kept (for self-critical training)."""
+
+    tokens: Tensor  # (B, n_samples, T) word ids, <end> included when written, then pad
+    logprobs: Tensor  # (B, n_samples, T) log-probability of each written token (<end> included), 0 after it
+    finished: Tensor  # (B, n_samples) bool: wrote <end> within max_length
+
+
+def sample(model: StepModel, features: Tensor, n_samples: int, max_length: int) -> Samples:
+    """Draw ``n_samples`` captions per image from the model's own distribution; features (B, L, D).
+
+    Unlike :func:`decode` this keeps the autograd graph (the log-probabilities are what a policy gradient
+    differentiates) and runs in whatever mode the model is in. ``<start>`` and ``<pad>`` are never drawn.
+    Sampling is a Gumbel-max over the log-probabilities, on the device; the loop stops once every caption
+    has written ``<end>`` (checked every few steps) or after ``max_length`` tokens.
+    """
+    if n_samples < 1 or max_length < 1:
+        raise ValueError(f"n_samples and max_length must be at least 1, got {n_samples} and {max_length}")
+    config = model.config  # type: ignore[attr-defined]
+    start_id, end_id, pad_id = config.start_id, config.end_id, config.pad_id
+    B, device = features.shape[0], features.device
+    memory = model.prepare(features)
+    state = model.init_state(memory, n_samples)
+    tokens = torch.full((B, n_samples), start_id, dtype=torch.long, device=device)
+    done = torch.zeros(B, n_samples, dtype=torch.bool, device=device)
+    words: list[Tensor] = []
+    logprobs: list[Tensor] = []
+    for t in range(max_length):
+        step_logprobs, state, _ = model.step(tokens, state, memory)  # (B, n, V)
+        step_logprobs = step_logprobs.float()
+        allowed = step_logprobs.detach().clone()
+        allowed[..., start_id] = float("-inf")
+        allowed[..., pad_id] = float("-inf")
+        uniform = torch.rand_like(allowed).clamp_(min=torch.finfo(allowed.dtype).tiny)
+        word = (allowed - (-uniform.log()).log()).argmax(dim=-1)  # (B, n)
+        word_logprob = step_logprobs.gather(2, word.unsqueeze(-1)).squeeze(-1)
+        words.append(torch.where(done, pad_id, word))
+        logprobs.append(torch.where(done, torch.zeros_like(word_logprob), word_logprob))
+        done = done | (word == end_id)
+        tokens = words[-1]
+        if (t + 1) % _SETTLED_CHECK_EVERY == 0 and bool(done.all()):
+            break
+    return Samples(torch.stack(words, dim=2), torch.stack(logprobs, dim=2), done)

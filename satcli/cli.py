@@ -258,6 +258,13 @@ def train(
     fine_tune_after: Annotated[int, typer.Option(min=0, help="Start fine-tuning after this many epochs.")] = 0,
     fine_tune_blocks: Annotated[int, typer.Option(help="Encoder blocks to fine-tune from the top (-1: all).")] = -1,
     val_beam_size: Annotated[int, typer.Option(min=1, help="Beam size of validation decoding.")] = 1,
+    scst: Annotated[bool, typer.Option(
+        "--scst", help="Self-critical fine-tuning of --init with a CIDEr-D reward and the greedy caption as "
+        "baseline (--out default: runs/<dataset>-scst; pass a lower --decoder-lr, e.g. 5e-5).")] = False,
+    init: Annotated[Path | None, typer.Option(
+        "--init", exists=True, dir_okay=False, show_default=False, help="With --scst: the checkpoint to start from.")
+    ] = None,
+    scst_samples: Annotated[int, typer.Option(min=1, help="With --scst: captions sampled per image.")] = 5,
     device: DeviceOption = Device.auto,
     amp: Annotated[bool, typer.Option(help="Mixed precision on CUDA (bf16 where supported).")] = True,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the decoder step.")] = False,
@@ -276,7 +283,8 @@ def train(
         epochs=epochs, batch_size=batch_size, decoder_lr=decoder_lr, encoder_lr=encoder_lr, grad_clip=grad_clip,
         lr_decay=lr_decay, patience=patience, scheduled_sampling=scheduled_sampling,
         fine_tune_encoder=fine_tune_encoder, fine_tune_after=fine_tune_after, fine_tune_blocks=fine_tune_blocks,
-        val_beam_size=val_beam_size, device=device.value, amp=amp, compile=compile, seed=seed,
+        val_beam_size=val_beam_size, scst=scst, init=init, scst_samples=scst_samples, device=device.value,
+        amp=amp, compile=compile, seed=seed,
     ))
 
 

@@ -85,6 +85,10 @@ class TrainOptions:
     fine_tune_blocks: int = -1  # with fine-tuning: the top N blocks (-1: all)
     val_beam_size: int = 1
     val_max_length: int = 30
+    # self-critical fine-tuning (satcli.scst): CIDEr-D reward, greedy baseline
+    scst: bool = False
+    init: Path | None = None  # the trained checkpoint SCST starts from
+    scst_samples: int = 5  # captions sampled per image and step
     # machinery
     device: str = "auto"
     amp: bool = True  # mixed precision on CUDA (bf16 where supported)
@@ -99,7 +103,7 @@ class TrainOptions:
     def from_dict(cls, values: dict[str, Any]) -> TrainOptions:
         known = {f.name: f for f in fields(cls)}
         kept = {k: v for k, v in values.items() if k in known}
-        for key in ("data_root", "out"):
+        for key in ("data_root", "out", "init"):
             if kept.get(key) is not None:
                 kept[key] = Path(kept[key])
         return cls(**kept)
@@ -420,10 +424,22 @@ def run(options: TrainOptions) -> TrainResult:
         backend = "nccl" if options.device != "cpu" and torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend)
     try:
+        if options.scst or _resumes_scst(options):
+            from satcli.scst import run_scst
+
+            return run_scst(options, ranks)
         return _run(options, ranks)
     finally:
         if ranks.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _resumes_scst(options: TrainOptions) -> bool:
+    """``--resume`` of a run folder that holds an SCST run continues it as SCST, flag or not."""
+    last = Path(options.out or Path("runs") / options.dataset) / LAST
+    if not options.resume or not last.is_file():
+        return False
+    return bool(read_checkpoint(last).get("train_state", {}).get("options", {}).get("scst"))
 
 
 def _run(options: TrainOptions, ranks: Ranks) -> TrainResult:
