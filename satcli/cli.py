@@ -309,6 +309,9 @@ def evaluate(
         help="Folder for report.json and the predictions. Default: <model folder>/evaluate-<dataset>-<split>.")] = None,
     max_length: MaxLengthOption = 50,
     length_penalty: LengthPenaltyOption = 0.0,
+    n_best: NBestOption = 1,
+    no_repeat_ngram: NoRepeatNgramOption = 0,
+    min_length: MinLengthOption = 0,
     batch_size: BatchSizeOption = 64,
     device: DeviceOption = Device.auto,
     overlays: OverlaysOption = None,
@@ -321,6 +324,7 @@ def evaluate(
         dataset=dataset, model=model, data_root=data_root, split=split,
         beam_sizes=step.parse_beam_sizes(beam_sizes) if beam_sizes else (beam_size,), bleu=bleu, coco=coco,
         grounding=grounding, java=java, out=out, max_length=max_length, length_penalty=length_penalty,
+        n_best=n_best, no_repeat_ngram_size=no_repeat_ngram, min_length=min_length,
         batch_size=batch_size, device=device.value,
     ))
     console.print(result.table(f"{dataset}/{split}, {result.n_images} images (scores 0–100)"))

@@ -63,6 +63,9 @@ class EvaluateOptions:
     out: Path | None = None  # default: <model folder>/evaluate-<dataset>-<split>
     max_length: int = 50
     length_penalty: float = 0.0
+    n_best: int = 1  # > 1: the runners-up go to the predictions' alternatives column
+    no_repeat_ngram_size: int = 0
+    min_length: int = 0
     batch_size: int = 64
     device: str = "auto"
 
@@ -137,7 +140,9 @@ def run(options: EvaluateOptions) -> EvaluateResult:
         raise SatcliError(f"beam sizes must be at least 1, got {options.beam_sizes}")
     try:
         decodings = [DecodingOptions(beam_size=k, max_length=options.max_length,
-                                     length_penalty=options.length_penalty) for k in options.beam_sizes]
+                                     length_penalty=options.length_penalty, n_best=options.n_best,
+                                     no_repeat_ngram_size=options.no_repeat_ngram_size,
+                                     min_length=options.min_length) for k in options.beam_sizes]
     except ValueError as error:
         raise SatcliError(str(error)) from None
     want_bleu = options.bleu or not (options.coco or options.grounding)
@@ -173,9 +178,14 @@ def run(options: EvaluateOptions) -> EvaluateResult:
             beam.grounding = grounding_scores(
                 (tokens, r.attention.float().numpy(), objs)
                 for tokens, r, objs in zip(captions, decoded.results, objects, strict=True))
+        alternatives = None
+        if decoding.n_best > 1:  # the runners-up, as `satcli caption --n-best` stores them
+            alternatives = [[(detokenize([words[i] for i in h.tokens]), h.sum_logprob, h.finished)
+                             for h in r.hypotheses[1:]] for r in decoded.results]
         beam.predictions = _write_predictions(out / f"predictions-{options.split}-beam{decoding.beam_size}.parquet",
                                               table, captions, decoded.results, _metadata(
-                                                  loaded, model_path, decoding, dataset, options.split))
+                                                  loaded, model_path, decoding, dataset, options.split),
+                                              alternatives)
         result.beams.append(beam)
     _write_report(result, options, dataset, loaded, model_path, decodings, time.perf_counter() - started)
     return result
@@ -229,11 +239,12 @@ def _metadata(loaded: Any, model_path: Path, decoding: DecodingOptions, dataset:
 
 
 def _write_predictions(path: Path, table: Any, captions: list[list[str]], results: list[DecodingResult],
-                       metadata: dict[str, Any]) -> Path:
+                       metadata: dict[str, Any], alternatives: list[Any] | None = None) -> Path:
     paths, widths, heights = (table.column(c).to_pylist() for c in ("path", "width", "height"))
     rows = [CaptionRow(p, detokenize(words), words, r.best.sum_logprob, r.best.finished,
-                       r.best.attention.float().numpy(), w, h)
-            for p, w, h, words, r in zip(paths, widths, heights, captions, results, strict=True)]
+                       r.best.attention.float().numpy(), w, h, alternatives=alt)
+            for p, w, h, words, r, alt in zip(paths, widths, heights, captions, results,
+                                              alternatives or [None] * len(results), strict=True)]
     rows.sort(key=lambda row: row.path)  # satcli results files are sorted by path
     return write_results(path, rows, metadata)
 
@@ -257,7 +268,8 @@ def _write_report(result: EvaluateResult, options: EvaluateOptions, dataset: Sto
                   "attention": getattr(loaded.model.config, "attention", None),
                   "train_options": loaded.train_options, "checkpoint_metrics": loaded.metrics},
         "decoding": {"beam_sizes": [d.beam_size for d in decodings], "max_length": options.max_length,
-                     "length_penalty": options.length_penalty},
+                     "length_penalty": options.length_penalty, "n_best": options.n_best,
+                     "no_repeat_ngram_size": options.no_repeat_ngram_size, "min_length": options.min_length},
         "coco": None if result.coco_backend is None else {"backend": result.coco_backend,
                                                            "skipped": result.skipped},
         "results": [{"beam_size": b.beam_size, "metrics": b.metrics,

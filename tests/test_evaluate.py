@@ -61,7 +61,8 @@ def test_evaluate_writes_the_report_and_one_results_file_per_beam_size(shapes_ro
     assert report["dataset"]["name"] == "shapes" and report["dataset"]["split"] == "test"
     assert report["dataset"]["n_images"] == 6
     assert report["model"]["path"] == str(checkpoint.absolute())
-    assert report["decoding"] == {"beam_sizes": [1, 2], "max_length": 8, "length_penalty": 0.0}
+    assert report["decoding"] == {"beam_sizes": [1, 2], "max_length": 8, "length_penalty": 0.0, "n_best": 1,
+                                  "no_repeat_ngram_size": 0, "min_length": 0}
     assert report["satcli_version"] and "no-java" in report["coco"]["skipped"]["meteor"]
     assert [r["beam_size"] for r in report["results"]] == [1, 2]
 
@@ -95,6 +96,25 @@ def test_beam_1_results_are_the_greedy_captions(shapes_root, checkpoint, tmp_pat
     assert set(alone.beams[0].metrics) == {"bleu1", "bleu2", "bleu3", "bleu4"}  # BLEU when no metric is named
     one = pq.read_table(alone.beams[0].predictions).column("caption").to_pylist()
     assert pq.read_table(sweep.beams[1].predictions).column("caption").to_pylist() == one
+
+
+def test_decoding_constraints_and_n_best_reach_the_predictions(shapes_root, checkpoint, tmp_path):
+    out = tmp_path / "eval"
+    result = runner.invoke(app, ["evaluate", "--model", str(checkpoint), "--dataset", "shapes", "--data-root",
+                                 str(shapes_root), "--beam-size", "3", "--n-best", "2", "--no-repeat-ngram", "1",
+                                 "--min-length", "3", "--max-length", "8", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["decoding"]["n_best"] == 2 and report["decoding"]["no_repeat_ngram_size"] == 1
+    rows = pq.read_table(out / report["results"][0]["predictions"]).to_pylist()
+    assert len(rows) == 6  # one row per image, the runner-up beside the best
+    for row in rows:
+        assert len(row["tokens"]) >= 3 and len(set(row["tokens"])) == len(row["tokens"])
+        assert [a["caption"] for a in row["alternatives"]] != [row["caption"]]
+        assert len(row["alternatives"]) == 1
+    result = runner.invoke(app, ["evaluate", "--model", str(checkpoint), "--dataset", "shapes", "--data-root",
+                                 str(shapes_root), "--beam-sizes", "1,3", "--n-best", "2", "--out", str(out)])
+    assert result.exit_code == 1 and "n_best" in result.output
 
 
 def test_cli_wiring_and_bad_input(monkeypatch, tmp_path):
