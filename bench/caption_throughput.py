@@ -28,7 +28,6 @@ import argparse
 import logging
 import os
 import random
-import resource
 import shutil
 import statistics
 import tempfile
@@ -41,7 +40,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageEnhance
 
-from bench.common import command, machine, write_section
+from bench.common import OtherLoad, command, cpu_seconds, machine, write_section
 from models.captioner import Captioner, CaptionerConfig
 from models.decoding import DecodingOptions
 from satcli.caption import CaptionOptions, ImageFiles, caption_batch, default_workers, prepare_model, run
@@ -112,9 +111,9 @@ def time_satcli(folder: Path, checkpoint: Path, output: Path, beam: int,
     options = CaptionOptions(inputs=(str(folder),), model=checkpoint, output=output, overwrite=True,
                              batch_size=args.batch_size, beam_size=beam, max_length=args.max_length,
                              workers=args.workers, device=args.device)
-    start, cpu = time.perf_counter(), _cpu_seconds()
+    start, cpu = time.perf_counter(), cpu_seconds()
     summary = run(options)
-    seconds, cpu = time.perf_counter() - start, _cpu_seconds() - cpu
+    seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu
     assert summary.n_captioned == summary.n_images, "every bench image must be captioned"
     return seconds, cpu
 
@@ -125,11 +124,11 @@ def time_floor(model: Captioner, preprocessing, images: torch.Tensor, beam: int,
     options = DecodingOptions(beam_size=beam, max_length=args.max_length)
     caption_batch(model, images[: args.batch_size], preprocessing, options)  # warm-up, not timed
     _sync()
-    start, cpu = time.perf_counter(), _cpu_seconds()
+    start, cpu = time.perf_counter(), cpu_seconds()
     for first in range(0, images.shape[0], args.batch_size):
         caption_batch(model, images[first : first + args.batch_size], preprocessing, options)
     _sync()
-    return time.perf_counter() - start, _cpu_seconds() - cpu
+    return time.perf_counter() - start, cpu_seconds() - cpu
 
 
 def time_one_by_one(model: Captioner, preprocessing, files: list[Path], beam: int,
@@ -144,40 +143,11 @@ def time_one_by_one(model: Captioner, preprocessing, files: list[Path], beam: in
 
     one(files[0])  # warm-up, not timed
     _sync()
-    start, cpu = time.perf_counter(), _cpu_seconds()
+    start, cpu = time.perf_counter(), cpu_seconds()
     for file in files:
         one(file)
     _sync()
-    return time.perf_counter() - start, _cpu_seconds() - cpu
-
-
-def _cpu_seconds() -> float:
-    """CPU time of this process and of its finished children (the DataLoader workers, once joined)."""
-    me, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return me.ru_utime + me.ru_stime + children.ru_utime + children.ru_stime
-
-
-def _machine_busy_seconds() -> float:
-    """CPU seconds all processes on this machine have used since boot (from /proc/stat; 0 where unavailable)."""
-    try:
-        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-    except OSError:
-        return 0.0
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
-class OtherLoad:
-    """How much of the machine's CPU other processes used between ``start`` and ``share``."""
-
-    def start(self) -> OtherLoad:
-        self.wall, self.busy, self.own = time.perf_counter(), _machine_busy_seconds(), _cpu_seconds()
-        return self
-
-    def share(self) -> float:
-        """Fraction of all cores' time used by other processes."""
-        others = (_machine_busy_seconds() - self.busy) - (_cpu_seconds() - self.own)
-        return max(others, 0.0) / ((time.perf_counter() - self.wall) * (os.cpu_count() or 1))
+    return time.perf_counter() - start, cpu_seconds() - cpu
 
 
 def _sync() -> None:

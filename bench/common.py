@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import re
+import resource
 import statistics
 import sys
 import time
@@ -61,3 +62,32 @@ def write_section(heading: str, body: str, path: Path = BENCHMARKS_MD) -> None:
     text = pattern.sub(lambda _: section + "\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + section
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text.rstrip() + "\n")
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and of its finished children (the DataLoader workers, once joined)."""
+    me, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + children.ru_utime + children.ru_stime
+
+
+def _machine_busy_seconds() -> float:
+    """CPU seconds all processes on this machine have used since boot (from /proc/stat; 0 where unavailable)."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    except OSError:
+        return 0.0
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+class OtherLoad:
+    """How much of the machine's CPU other processes used between ``start`` and ``share``."""
+
+    def start(self) -> OtherLoad:
+        self.wall, self.busy, self.own = time.perf_counter(), _machine_busy_seconds(), cpu_seconds()
+        return self
+
+    def share(self) -> float:
+        """Fraction of all cores' time used by other processes."""
+        others = (_machine_busy_seconds() - self.busy) - (cpu_seconds() - self.own)
+        return max(others, 0.0) / ((time.perf_counter() - self.wall) * (os.cpu_count() or 1))

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MINUS_ONE_TO_ONE = (0.5, 0.5, 0.5)  # EfficientNet-Lite: (x - 0.5) / 0.5 maps [0, 1] to [-1, 1]
+CPU_CHUNK = 4  # images per trunk call on a CPU (see Encoder.forward)
 
 
 class PretrainedWeightsUnavailable(RuntimeError):
@@ -304,6 +305,16 @@ class Encoder(nn.Module):
         return self.spec.grid_shape(height, width)
 
     def forward(self, images: Tensor) -> Tensor:
-        """(B, 3, H, W) normalised images → (B, n_pixels, dim) features, rows first."""
+        """(B, 3, H, W) normalised images → (B, n_pixels, dim) features, rows first.
+
+        On a CPU the batch runs through the trunk a few images at a time: a whole batch's early activations
+        (64 × 32 × 112 × 112 floats for EfficientNet-Lite0) spill out of the caches and run 2-3× slower
+        (``python -m bench.encoder_chunk``). Not while BatchNorm layers are training: their statistics would change.
+        """
+        if images.device.type == "cpu" and len(images) > CPU_CHUNK and not (self.training and self._tuned):
+            return torch.cat([self._forward(chunk) for chunk in images.split(CPU_CHUNK)])
+        return self._forward(images)
+
+    def _forward(self, images: Tensor) -> Tensor:
         grid = self.pool(self.trunk(images))  # (B, dim, h, w)
         return grid.flatten(2).transpose(1, 2)  # (B, h*w, dim)

@@ -96,3 +96,27 @@ def test_fine_tune_top_blocks_only():
 def test_unknown_encoder_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown encoder 'resnet9'.*efficientnet-lite0"):
         Encoder("resnet9")
+
+
+def test_cpu_chunking_gives_the_same_features_as_one_call(monkeypatch):
+    import models.encoders as encoders
+
+    encoder = Encoder("efficientnet-lite0", pretrained=False).eval()
+    images = torch.randn(7, 3, 64, 64)
+    with torch.no_grad():
+        chunked = encoder(images)
+        monkeypatch.setattr(encoders, "CPU_CHUNK", 100)
+        whole = encoder(images)
+    torch.testing.assert_close(chunked, whole, rtol=1e-4, atol=1e-5)
+
+
+def test_fine_tuned_batchnorm_sees_the_whole_batch(monkeypatch):
+    import models.encoders as encoders
+
+    calls = []
+    encoder = Encoder("efficientnet-lite0", pretrained=False, fine_tune_blocks=1).train()
+    monkeypatch.setattr(encoder, "_forward", lambda x: calls.append(len(x)) or torch.zeros(len(x), 1, 1))
+    encoder(torch.randn(encoders.CPU_CHUNK + 3, 3, 64, 64))
+    assert calls == [encoders.CPU_CHUNK + 3]  # one call: BatchNorm statistics over the whole batch
+    encoder.eval()(torch.randn(encoders.CPU_CHUNK + 3, 3, 64, 64))
+    assert calls[1:] == [encoders.CPU_CHUNK, 3]
