@@ -64,13 +64,18 @@ class DecodingOptions:
 
 @dataclass
 class Hypothesis:
-    """One caption: word ids (no ``<start>``/``<end>``), its log-probability and attention."""
+    """One caption: word ids (no ``<start>``/``<end>``), its log-probability and attention.
+
+    ``token_logprobs[t]`` is the log-probability of ``tokens[t]`` given the words before it (after the search's
+    constraints); a finished caption's ``<end>`` term is ``sum_logprob - sum(token_logprobs)``.
+    """
 
     tokens: list[int]
     sum_logprob: float  # includes the log-probability of <end> when finished
     score: float  # the ranking score, see the module docstring
     attention: Tensor  # (n_tokens, grid_h, grid_w): the attention that produced each word
     finished: bool  # False when cut at max_length without <end>
+    token_logprobs: list[float] = field(default_factory=list)  # one per token, see above
 
 
 @dataclass
@@ -177,6 +182,7 @@ def _beam_search(model: StepModel, features: Tensor, options: DecodingOptions) -
     token_history: list[Tensor] = []  # per step (B, K): the word each live beam wrote
     parent_history: list[Tensor] = []  # per step (B, K): the beam it continued
     alpha_history: list[Tensor] = []  # per step (B, K, L): the attention that wrote that word
+    sum_history: list[Tensor] = []  # per step (B, K): the beam's log-probability with that word
     n_gram = options.no_repeat_ngram_size
     written = torch.zeros(B, K, 0, dtype=torch.long, device=device)  # (B, K, t) live beams' words, if n_gram
 
@@ -215,6 +221,7 @@ def _beam_search(model: StepModel, features: Tensor, options: DecodingOptions) -
                                  tokens.unsqueeze(-1)], dim=2)
         token_history.append(tokens)
         parent_history.append(parent)
+        sum_history.append(sum_logprobs)
         alpha_history.append(alpha.gather(1, parent.unsqueeze(-1).expand(-1, -1, alpha.shape[-1])))
 
         # Settled: the pool is full and no live beam can reach its worst score, even at the longest length.
@@ -247,6 +254,7 @@ def _beam_search(model: StepModel, features: Tensor, options: DecodingOptions) -
     N, L = chosen.shape[1], alpha_history[0].shape[-1]
     words = torch.full((B, N, n_steps), pad_id, dtype=torch.long, device=device)
     attention = torch.zeros(B, N, n_steps, L, device=device)
+    running = torch.zeros(B, N, n_steps + 1, device=device)  # [:, :, t + 1]: the path's sum after word t
     pointer = torch.zeros_like(beam)
     for t in reversed(range(n_steps)):
         pointer = torch.where(last_step == t, beam, pointer)
@@ -254,17 +262,22 @@ def _beam_search(model: StepModel, features: Tensor, options: DecodingOptions) -
         words[:, :, t] = torch.where(valid, token_history[t].gather(1, pointer), pad_id)
         step_alpha = alpha_history[t].gather(1, pointer.unsqueeze(-1).expand(-1, -1, L))
         attention[:, :, t] = step_alpha * valid.unsqueeze(-1)
+        running[:, :, t + 1] = torch.where(valid, sum_history[t].gather(1, pointer), 0.0)
         pointer = parent_history[t].gather(1, pointer)
+    token_logprobs = running[:, :, 1:] - running[:, :, :-1]  # (B, N, n_steps); past a caption's end: unused
 
-    return _to_results(words, attention, last_step + 1, chosen_sum, chosen_score, chosen_finished, possible,
-                       model.grid_shape)
+    return _to_results(words, attention, token_logprobs, last_step + 1, chosen_sum, chosen_score, chosen_finished,
+                       possible, model.grid_shape)
 
 
-def _to_results(words: Tensor, attention: Tensor, n_words: Tensor, sums: Tensor, scores: Tensor,
-                finished: Tensor, possible: Tensor, grid_shape: tuple[int, int]) -> list[DecodingResult]:
+def _to_results(words: Tensor, attention: Tensor, token_logprobs: Tensor, n_words: Tensor, sums: Tensor,
+                scores: Tensor, finished: Tensor, possible: Tensor,
+                grid_shape: tuple[int, int]) -> list[DecodingResult]:
     """Move the chosen captions to the host once and split them per image."""
     words_list, n_list = words.cpu().tolist(), n_words.cpu().tolist()
-    sums_list, scores_list, finished_list = sums.cpu().tolist(), scores.cpu().tolist(), finished.cpu().tolist()
+    # One transfer for every float per hypothesis: sum, score, then the per-word log-probabilities.
+    floats = torch.cat([sums.unsqueeze(-1), scores.unsqueeze(-1), token_logprobs], dim=2).cpu().tolist()
+    finished_list = finished.cpu().tolist()
     possible_list = possible.cpu().tolist()
     attention = attention.float().cpu()
     results = []
@@ -276,10 +289,11 @@ def _to_results(words: Tensor, attention: Tensor, n_words: Tensor, sums: Tensor,
             length = n_list[b][n]
             hypotheses.append(Hypothesis(
                 tokens=words_list[b][n][:length],
-                sum_logprob=sums_list[b][n],
-                score=scores_list[b][n],
+                sum_logprob=floats[b][n][0],
+                score=floats[b][n][1],
                 attention=attention[b, n, :length].reshape(length, *grid_shape),
                 finished=finished_list[b][n],
+                token_logprobs=floats[b][n][2 : 2 + length],
             ))
         results.append(DecodingResult(hypotheses))
     return results

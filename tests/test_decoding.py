@@ -77,6 +77,28 @@ def test_beam_search_finds_the_known_best_caption_that_greedy_misses():
     assert beam.best.finished
 
 
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_each_word_carries_its_logprob_from_the_table(beam_size):
+    model = BigramModel(TRAP)
+    result = decode(model, model.features(), beam_size=beam_size, n_best=beam_size)[0]
+    assert result.tokens == ([A, C] if beam_size == 1 else [B])
+    for hyp in result.hypotheses:
+        path = [START, *hyp.tokens]
+        expected = [math.log(TRAP[p][w]) for p, w in itertools.pairwise(path)]
+        assert hyp.token_logprobs == pytest.approx(expected, abs=1e-5)
+        end = hyp.sum_logprob - sum(hyp.token_logprobs)
+        assert end == pytest.approx(math.log(TRAP[path[-1]][END]), abs=1e-5)
+
+
+def test_unfinished_captions_carry_every_words_logprob():
+    table = {START: {A: 0.6, B: 0.4}, A: {A: 0.5, B: 0.5}, B: {A: 0.3, B: 0.7}}
+    model = BigramModel(table)
+    for hyp in decode(model, model.features(), beam_size=3, max_length=5, n_best=3)[0].hypotheses:
+        expected = [math.log(table[p][w]) for p, w in itertools.pairwise([START, *hyp.tokens])]
+        assert hyp.token_logprobs == pytest.approx(expected, abs=1e-5)
+        assert sum(hyp.token_logprobs) == pytest.approx(hyp.sum_logprob, abs=1e-5)
+
+
 def test_search_stops_once_no_live_beam_can_win():
     model = BigramModel(TRAP)
     decode(model, model.features(), beam_size=2, max_length=50)
@@ -260,6 +282,8 @@ def test_batched_beam_search_equals_each_image_alone():
         for a, b in zip(alone.hypotheses, batched[i].hypotheses, strict=True):
             assert a.sum_logprob == pytest.approx(b.sum_logprob, abs=1e-4)
             assert torch.allclose(a.attention, b.attention, atol=1e-5)
+            assert a.token_logprobs == pytest.approx(b.token_logprobs, abs=1e-4)
+            assert len(b.token_logprobs) == len(b.tokens) and all(lp <= 0 for lp in b.token_logprobs)
 
 
 def test_encoder_side_attention_projection_runs_once_per_image_not_per_step():
