@@ -561,7 +561,8 @@ class ChunkWriter:
                 alternatives = [(detokenize([self.words[i] for i in h.tokens]), h.sum_logprob, h.finished)
                                 for h in result.hypotheses[1:]]
             rows.append(CaptionRow(path, detokenize(tokens), tokens, best.sum_logprob, best.finished,
-                                   best.attention.float().numpy(), width, height, alternatives=alternatives))
+                                   best.attention.float().numpy(), width, height, alternatives=alternatives,
+                                   token_logprobs=best.token_logprobs))
         return rows
 
 
@@ -753,7 +754,9 @@ def _metadata(checkpoint: dict[str, Any], model_path: Path, decoding: DecodingOp
                             "length_penalty": decoding.length_penalty, "n_best": decoding.n_best,
                             "no_repeat_ngram_size": decoding.no_repeat_ngram_size,
                             "min_length": decoding.min_length},
-        "satcli.images": {"max_pixels": options.max_pixels},
+        # root: where the relative result paths start, so report and overlays find the images from anywhere.
+        "satcli.images": {"max_pixels": options.max_pixels,
+                          "root": os.path.abspath(options.root if options.root is not None else os.getcwd())},
         "satcli.shard": {"index": shard[0], "count": shard[1]},
         "satcli.fingerprint": fingerprint,
     }

@@ -235,6 +235,8 @@ def _metadata(loaded: Any, model_path: Path, decoding: DecodingOptions, dataset:
                          "metrics": loaded.metrics},
         "satcli.decoding": asdict(decoding),
         "satcli.dataset": {"name": dataset.name, "split": split, "root": str(dataset.root.absolute())},
+        # The folder the store's image paths start from, as `satcli caption` records its --root.
+        "satcli.images": {"root": (dataset.meta.get("source") or {}).get("images")},
     }
 
 
@@ -242,7 +244,7 @@ def _write_predictions(path: Path, table: Any, captions: list[list[str]], result
                        metadata: dict[str, Any], alternatives: list[Any] | None = None) -> Path:
     paths, widths, heights = (table.column(c).to_pylist() for c in ("path", "width", "height"))
     rows = [CaptionRow(p, detokenize(words), words, r.best.sum_logprob, r.best.finished,
-                       r.best.attention.float().numpy(), w, h, alternatives=alt)
+                       r.best.attention.float().numpy(), w, h, alternatives=alt, token_logprobs=r.best.token_logprobs)
             for p, w, h, words, r, alt in zip(paths, widths, heights, captions, results,
                                               alternatives or [None] * len(results), strict=True)]
     rows.sort(key=lambda row: row.path)  # satcli results files are sorted by path

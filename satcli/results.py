@@ -18,6 +18,9 @@ image_height     int32                        the original image's height after 
 error            string                       null, or ``kind: reason`` when the image could not be captioned
 alternatives     list<struct<caption,         with ``--n-best N`` > 1: the 2nd … Nth best captions, best first, with
                  sum_logprob, finished>>      their log-probabilities (no attention); null otherwise
+token_logprobs   list<float>                  log-probability of each word given the words before it, one per
+                                              token; ``sum_logprob`` minus their sum is ``<end>``'s. Null in files
+                                              written before this column
 ===============  ===========================  =====================================================================
 
 The file's key-value metadata holds ``satcli.version``, ``satcli.schema_version``, ``satcli.model`` and
@@ -58,9 +61,10 @@ SCHEMA = pa.schema([
     pa.field("error", pa.string()),
     pa.field("alternatives", pa.list_(pa.struct([("caption", pa.string()), ("sum_logprob", pa.float32()),
                                                    ("finished", pa.bool_())]))),
+    pa.field("token_logprobs", pa.list_(pa.float32())),
 ])
 # Columns added after the first release: files written before them still read, with the column all null.
-_LATER_COLUMNS = ("alternatives",)
+_LATER_COLUMNS = ("alternatives", "token_logprobs")
 
 ROW_GROUP_SIZE = 512  # rows per Parquet row group in merged files: bounded memory when reading and merging
 _COMPRESSION = "zstd"
@@ -80,6 +84,7 @@ class CaptionRow:
     image_height: int | None = None
     error: str | None = None
     alternatives: list[tuple[str, float, bool]] | None = None  # (caption, sum_logprob, finished): 2nd … Nth
+    token_logprobs: list[float] | None = None  # one per token: log P(word | words before it)
 
 
 def to_table(rows: Sequence[CaptionRow], metadata: dict[str, str] | None = None) -> pa.Table:
@@ -112,6 +117,7 @@ def to_table(rows: Sequence[CaptionRow], metadata: dict[str, str] | None = None)
         "alternatives": pa.array([None if r.alternatives is None else
                                   [{"caption": c, "sum_logprob": lp, "finished": f} for c, lp, f in r.alternatives]
                                   for r in rows], SCHEMA.field("alternatives").type),
+        "token_logprobs": pa.array([r.token_logprobs for r in rows], SCHEMA.field("token_logprobs").type),
     }
     return pa.Table.from_pydict(columns, schema=SCHEMA.with_metadata(_encode(metadata)))
 

@@ -24,7 +24,7 @@ from satcli.checkpoint import save_checkpoint
 from satcli.cli import app
 from satcli.defaults import default_model, remember_model
 from satcli.errors import SatcliError
-from satcli.results import SCHEMA, merge_results, read_attention, read_metadata
+from satcli.results import SCHEMA, CaptionRow, merge_results, read_attention, read_metadata, write_results
 from satcli.vocab import SPECIALS, Vocabulary
 from tests.helpers import tiny_config
 
@@ -148,7 +148,7 @@ def test_every_file_once_with_errors_as_rows(reference):
     assert (rows["rgb.jpg"]["image_width"], rows["rgb.jpg"]["image_height"]) == (96, 72)
 
 
-def test_schema_metadata_and_attention_helper(reference, checkpoint):
+def test_schema_metadata_and_attention_helper(reference, checkpoint, photos):
     table = pq.read_table(reference)
     assert table.schema.remove_metadata().equals(SCHEMA)
     metadata = read_metadata(reference)
@@ -159,6 +159,14 @@ def test_schema_metadata_and_attention_helper(reference, checkpoint):
     assert metadata["satcli.model"]["encoder"] == "efficientnet-lite0"
     assert metadata["satcli.model"]["preprocessing"]["image_size"] == 64
     assert metadata["satcli.version"]
+    assert metadata["satcli.images"]["root"] == str(photos)  # where report and overlays look for the images
+    for row in table.to_pylist():
+        if row["error"] is not None:
+            assert row["token_logprobs"] is None
+            continue
+        assert len(row["token_logprobs"]) == len(row["tokens"]) and all(lp <= 0 for lp in row["token_logprobs"])
+        end = row["sum_logprob"] - sum(row["token_logprobs"])  # the log-probability of <end>, 0 if never written
+        assert (end < 0) if row["finished"] else end == pytest.approx(0, abs=1e-4)
     index = table.column("path").to_pylist().index("rgb.jpg")
     row = table.to_pylist()[index]
     grids = read_attention(table, index)
@@ -197,6 +205,19 @@ def test_results_written_before_the_alternatives_column_still_merge(reference, t
     table = pq.read_table(merged)
     assert table.num_rows == pq.read_table(reference).num_rows
     assert table.column("alternatives").null_count == table.num_rows
+
+
+def test_token_logprobs_round_trip_and_older_files_read_them_null(tmp_path):
+    rows = [CaptionRow("a.jpg", "a dog", ["a", "dog"], -1.5, True, np.full((2, 2, 2), 0.25, np.float32), 8, 8,
+                       token_logprobs=[-0.25, -0.75]),
+            CaptionRow("b.jpg", error="empty: the file has 0 bytes")]
+    path = write_results(tmp_path / "new.parquet", rows)
+    assert pq.read_table(path).column("token_logprobs").to_pylist() == [[-0.25, -0.75], None]
+    old = tmp_path / "old.parquet"
+    pq.write_table(pq.read_table(path).drop_columns(["token_logprobs", "alternatives"]), old)
+    merged = merge_results([old], tmp_path / "merged.parquet")
+    assert merged["rows"] == 2
+    assert pq.read_table(tmp_path / "merged.parquet").column("token_logprobs").to_pylist() == [None, None]
 
 
 def test_results_do_not_depend_on_workers_and_rerun_does_nothing(reference, photos, checkpoint, tmp_path):
