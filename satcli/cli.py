@@ -357,7 +357,8 @@ def report(
         help="The HTML file. Default: the results file with .html. Thumbnails go to <name>_files/ beside it.")] = None,
     image_root: Annotated[Path | None, typer.Option(
         "--image-root", file_okay=False, show_default=False,
-        help="Folder the results' relative paths start from (caption's --root). Default: the current one.")] = None,
+        help="Folder the results' relative paths start from. Default: the one the file records (caption's --root, "
+             "evaluate's dataset images) if it still exists, else the current one.")] = None,
     overlays: OverlaysOption = None,
 ) -> None:
     """Write one HTML page to browse the captions: search, scores, errors, and each word's attention on hover.

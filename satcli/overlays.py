@@ -4,8 +4,9 @@ For each captioned image :func:`write_overlays` writes two files into the overla
 
 - ``<name>.png``: a contact sheet. The caption on top, then the image and one panel per word: that word's
   attention upsampled smoothly (bicubic) over the image in a perceptual colour map (matplotlib's ``inferno``,
-  whose lightness rises monotonically, so the brightest place is where the model looked hardest), the word and
-  the attention's peak weight under the panel.
+  whose lightness rises monotonically, so the brightest place is where the model looked hardest), the word with
+  its probability given the words before it (files written before the ``token_logprobs`` column: the word
+  alone) and the attention's peak weight under the panel.
 - ``<name>.gif``: an animation, one frame per word, in which the gaze moves over the image as the caption is
   written (the current word highlighted).
 
@@ -33,7 +34,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from satcli.console import make_progress
 from satcli.errors import SatcliError
-from satcli.results import read_attention, read_schema
+from satcli.results import read_attention, read_metadata, read_schema
 
 log = logging.getLogger(__name__)
 
@@ -146,13 +147,17 @@ def _fit(text: str, font, width: int) -> str:
 
 
 def render_sheet(image: Image.Image | None, tokens: Sequence[str], attention: np.ndarray, title: str = "",
-                 panel: int = PANEL, aspect: tuple[int, int] | None = None) -> Image.Image:
+                 panel: int = PANEL, aspect: tuple[int, int] | None = None,
+                 token_logprobs: Sequence[float | None] | None = None) -> Image.Image:
     """The contact sheet: ``title`` and the caption, the image, then one heat panel per token.
 
     ``attention`` is (n_tokens, grid_height, grid_width); ``image`` None draws a placeholder of ``aspect``.
+    ``token_logprobs`` (one per token, or None): each word's probability is written after it, as ``dog 0.83``.
     """
     if len(tokens) != attention.shape[0]:
         raise ValueError(f"{len(tokens)} tokens but {attention.shape[0]} attention grids")
+    if token_logprobs is not None and len(token_logprobs) != len(tokens):
+        raise ValueError(f"{len(tokens)} tokens but {len(token_logprobs)} log-probabilities")
     thumb = thumbnail(image, panel, aspect)
     gap, label_height = 8, 38
     word_font, small_font, title_font = _font(15), _font(12), _font(16)
@@ -175,16 +180,30 @@ def render_sheet(image: Image.Image | None, tokens: Sequence[str], attention: np
     for k in range(n_panels):
         x0 = gap + (k % columns) * cell_w
         y0 = header + (k // columns) * cell_h
+        probability = ""
         if k == 0:
             picture, word, note = thumb, "image", ""
         else:
             grid = attention[k - 1]
             picture, word, note = heat_panel(thumb, grid), tokens[k - 1], f"peak {float(grid.max()):.0%} of gaze"
+            probability = _probability(None if token_logprobs is None else token_logprobs[k - 1])
         sheet.paste(picture, (x0, y0))
-        draw.text((x0, y0 + thumb.height + 3), _fit(word, word_font, thumb.width), fill=_INK, font=word_font)
+        room = thumb.width - (_text_width(probability, word_font) if probability else 0)
+        word = _fit(word, word_font, max(room, 1))
+        draw.text((x0, y0 + thumb.height + 3), word, fill=_INK, font=word_font)
+        if probability:
+            draw.text((x0 + _text_width(word, word_font), y0 + thumb.height + 3), probability, fill=_HIGHLIGHT,
+                      font=word_font)
         if note:
             draw.text((x0, y0 + thumb.height + 21), note, fill=_MUTED, font=small_font)
     return sheet
+
+
+def _probability(logprob: float | None) -> str:
+    """`` 0.83``: a word's probability as written after it, or "" when unknown."""
+    if logprob is None or np.isnan(logprob):
+        return ""
+    return f" {float(np.exp(logprob)):.2f}"
 
 
 def render_frames(image: Image.Image | None, tokens: Sequence[str], attention: np.ndarray, size: int = FRAME,
@@ -262,6 +281,14 @@ def overlay_name(path: str) -> str:
     return f"{safe}-{hashlib.sha1(path.encode('utf-8', 'surrogateescape')).hexdigest()[:8]}"
 
 
+def recorded_image_root(results: str | Path) -> Path | None:
+    """The folder a results file's relative paths start from, as recorded when it was written (``satcli caption``'s
+    ``--root``, ``satcli evaluate``'s dataset images); None when not recorded or no longer there (then the
+    current directory is the best guess)."""
+    root = (read_metadata(results).get("satcli.images") or {}).get("root")
+    return Path(root) if isinstance(root, str) and os.path.isdir(root) else None
+
+
 def resolve_image(path: str, image_root: Path | None) -> Path:
     """Where the image of a result row lies: absolute paths as they are, relative ones under ``image_root``."""
     return Path(path) if os.path.isabs(path) or image_root is None else Path(image_root) / path
@@ -299,7 +326,8 @@ class OverlaySummary:
         return sorted(self.directory.glob("*.png"))
 
 
-_COLUMNS = ["path", "tokens", "attention", "grid_height", "grid_width", "image_width", "image_height", "error"]
+_COLUMNS = ["path", "tokens", "attention", "grid_height", "grid_width", "image_width", "image_height", "error",
+            "token_logprobs"]
 
 
 def count_rows(results: Path) -> int:
@@ -309,12 +337,19 @@ def count_rows(results: Path) -> int:
 
 
 def iter_results(results: Path, columns: Sequence[str], batch_size: int = 256) -> Iterator[dict]:
-    """The rows of a results file as dicts, a batch at a time (bounded memory). Raises SatcliError if unreadable."""
-    read_schema(results)
+    """The rows of a results file as dicts, a batch at a time (bounded memory). Raises SatcliError if unreadable.
+
+    A column the file predates (see ``results._LATER_COLUMNS``) reads as None.
+    """
+    names = read_schema(results).names
+    present = [c for c in columns if c in names]
+    absent = dict.fromkeys(c for c in columns if c not in names)
     try:
         file = pq.ParquetFile(results)
-        for batch in file.iter_batches(batch_size=batch_size, columns=list(columns)):
-            yield from batch.to_pylist()
+        for batch in file.iter_batches(batch_size=batch_size, columns=present):
+            for row in batch.to_pylist():
+                row.update(absent)
+                yield row
     except (OSError, pa.ArrowException) as error:
         raise SatcliError(f"cannot read results ({str(error).splitlines()[0][:200]})", results) from error
 
@@ -323,7 +358,8 @@ def write_overlays(results: str | Path, image_root: str | Path | None, out_dir: 
                    panel: int = PANEL, progress: bool = True) -> OverlaySummary:
     """Write ``<name>.png`` and ``<name>.gif`` into ``out_dir`` for every captioned row of ``results``.
 
-    Relative paths in the file are looked up under ``image_root`` (None: the current directory). Rows with an
+    Relative paths in the file are looked up under ``image_root`` (None: the folder the file records, see
+    :func:`recorded_image_root`, else the current directory). Rows with an
     error are skipped; an image that cannot be read any more is drawn as a grey placeholder (and counted).
     ``limit`` stops after that many pictures.
     """
@@ -331,7 +367,7 @@ def write_overlays(results: str | Path, image_root: str | Path | None, out_dir: 
     if out_dir.exists() and not out_dir.is_dir():
         raise SatcliError("the overlay folder is a file", out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    root = Path(image_root) if image_root is not None else None
+    root = Path(image_root) if image_root is not None else recorded_image_root(results)
     summary = OverlaySummary(out_dir)
     n_rows = count_rows(results)
     total = n_rows if limit is None else min(limit, n_rows)
@@ -351,7 +387,8 @@ def write_overlays(results: str | Path, image_root: str | Path | None, out_dir: 
             aspect = (row["image_width"], row["image_height"])
             attention = read_attention(row)
             name = overlay_name(row["path"])
-            sheet = render_sheet(image, row["tokens"], attention, title=row["path"], panel=panel, aspect=aspect)
+            sheet = render_sheet(image, row["tokens"], attention, title=row["path"], panel=panel, aspect=aspect,
+                                 token_logprobs=row["token_logprobs"])
             with _atomic(out_dir / f"{name}.png") as tmp:
                 # A 256-colour palette keeps a sheet of photos about 3× smaller than true colour.
                 sheet.quantize(256, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE).save(

@@ -4,8 +4,10 @@ The page is self-contained (inline script and style, no network): open it from d
 caption, words, scores, error and attention (each grid as bytes scaled to its peak, base64), and shows them 50 at
 a time with a search box and a sort order, so tens of thousands of rows stay responsive. Hovering or clicking a
 word draws that word's attention over the image on a canvas with the same colour map and blend as the PNG
-overlays. Image thumbnails (JPEG, at most ``thumb_size`` pixels a side) go into ``<report>_files/`` beside the
-page, referenced relatively: copy the two together.
+overlays, and says the word's probability given the words before it (for files that have ``token_logprobs``).
+Image thumbnails (JPEG, at most ``thumb_size`` pixels a side) go into ``<report>_files/`` beside the page,
+referenced relatively: copy the two together. Relative image paths start from ``--image-root``, else from the
+folder the results file records (caption's ``--root``, evaluate's dataset images), else the current directory.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from satcli.overlays import (
     iter_results,
     open_image,
     overlay_name,
+    recorded_image_root,
     resolve_image,
 )
 from satcli.results import read_attention, read_metadata
@@ -45,7 +48,7 @@ log = logging.getLogger(__name__)
 THUMB_SIZE = 224
 PAGE_SIZE = 50
 _COLUMNS = ["path", "caption", "tokens", "sum_logprob", "finished", "attention", "grid_height", "grid_width",
-            "image_width", "image_height", "error"]
+            "image_width", "image_height", "error", "token_logprobs"]
 _THREADS = 4  # thumbnails: decoding and resizing release the GIL
 
 
@@ -55,7 +58,7 @@ class ReportOptions:
 
     results: Path
     output: Path | None = None  # None: the results file with .html
-    image_root: Path | None = None  # relative result paths start here; None: the current directory
+    image_root: Path | None = None  # relative result paths start here; None: the file's recorded root, else cwd
     thumb_size: int = THUMB_SIZE
     progress: bool = True
 
@@ -109,9 +112,16 @@ def _asset(name: str) -> str:
     return resources.files("satcli").joinpath("report_assets", name).read_text(encoding="utf-8")
 
 
-def _rows(options: ReportOptions, thumbs: Path, summary: ReportSummary, total: int) -> Iterator[list[Any]]:
+def word_probabilities(token_logprobs: list[float | None] | None) -> list[float | None] | None:
+    """Each word's probability for the page (4 decimals), None where unknown; None for files without the column."""
+    if token_logprobs is None:
+        return None
+    return [None if lp is None or math.isnan(lp) else round(math.exp(lp), 4) for lp in token_logprobs]
+
+
+def _rows(options: ReportOptions, root: Path, thumbs: Path, summary: ReportSummary,
+          total: int) -> Iterator[list[Any]]:
     """The page's rows, thumbnails written on a few threads as the rows stream past."""
-    root = options.image_root if options.image_root is not None else Path(".")
     bar = make_progress()
     bar.disable = not options.progress
     with bar, ThreadPoolExecutor(_THREADS) as pool:
@@ -129,7 +139,7 @@ def _rows(options: ReportOptions, thumbs: Path, summary: ReportSummary, total: i
                 sum_logprob = round(value, 4) if value is not None and math.isfinite(value) else None
                 yield [row["path"], row["caption"], row["tokens"], sum_logprob, row["finished"], row["error"],
                        row["grid_height"], row["grid_width"], attention, peaks, thumb, row["image_width"],
-                       row["image_height"]]
+                       row["image_height"], word_probabilities(row["token_logprobs"])]
                 bar.advance(task)
             batch.clear()
 
@@ -162,7 +172,8 @@ def run(options: ReportOptions) -> ReportSummary:
         raise SatcliError("is in the way of the report's thumbnail folder", thumbs)
     thumbs.mkdir(parents=True, exist_ok=True)
     summary = ReportSummary(output, thumbs)
-    rows = list(_rows(options, thumbs, summary, total))
+    root = options.image_root if options.image_root is not None else recorded_image_root(results) or Path(".")
+    rows = list(_rows(options, root, thumbs, summary, total))
     data = {
         "rows": rows,
         "about": _about(results, read_metadata(results), summary.n_rows, summary.n_errors),
@@ -185,5 +196,5 @@ def run(options: ReportOptions) -> ReportSummary:
     tmp.replace(output)
     if summary.n_missing_images:
         log.warning("%d images could not be read; relative paths are looked up under %s (see --image-root)",
-                    summary.n_missing_images, (options.image_root or Path(".")).absolute())
+                    summary.n_missing_images, root.absolute())
     return summary

@@ -1,5 +1,7 @@
 """Attention pictures: the heat lands where the attention is, one GIF frame per word, safe file names."""
 
+import math
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -67,6 +69,28 @@ def test_sheet_has_a_panel_per_word():
         render_sheet(None, tokens, grids[:2])
 
 
+def test_sheet_writes_each_words_probability_under_its_panel():
+    tokens = ["a", "red", "circle"]
+    grids = peaked_attention(3, 7, 7, [(0, 0), (3, 3), (6, 6)])
+    image = Image.new("RGB", (64, 64), "white")
+
+    def labels(sheet):  # the strip of text under the (single row of) panels
+        return np.asarray(sheet)[-46:-8].astype(int)
+
+    def n_red(pixels):  # the probability is written in the highlight colour, the word in black
+        return int(((pixels[..., 0] > 150) & (pixels[..., 1] < 120) & (pixels[..., 2] < 100)).sum())
+
+    plain = render_sheet(image, tokens, grids, panel=100)  # a file written before token_logprobs
+    sure = render_sheet(image, tokens, grids, panel=100, token_logprobs=[math.log(0.83)] * 3)
+    unsure = render_sheet(image, tokens, grids, panel=100, token_logprobs=[math.log(0.12)] * 3)
+    assert n_red(labels(plain)) == 0
+    assert n_red(labels(sure)) > 30
+    assert np.abs(labels(sure) - labels(unsure)).max() > 100  # 0.83 and 0.12 read differently
+    assert sure.size == plain.size
+    with pytest.raises(ValueError, match="3 tokens but 2 log-probabilities"):
+        render_sheet(image, tokens, grids, token_logprobs=[-0.1, -0.2])
+
+
 def test_animation_moves_the_gaze_word_by_word():
     cells = [(0, 0), (0, 6), (6, 3)]
     frames = render_frames(Image.new("RGB", (200, 200), (128, 128, 128)), ["a", "b", "c"],
@@ -120,6 +144,20 @@ def test_write_overlays_from_a_results_file(tmp_path):
 
     limited = write_overlays(results, root, tmp_path / "ov2", limit=1, progress=False)
     assert limited.n_written == 1 and len(list((tmp_path / "ov2").glob("*.png"))) == 1
+
+
+def test_overlays_find_images_under_the_root_the_file_records(tmp_path, monkeypatch):
+    root = tmp_path / "photos"
+    _image(root / "one.png")
+    rows = [CaptionRow("one.png", "a", ["a"], -1.0, True, peaked_attention(1, 7, 7, [(1, 1)]), 96, 64,
+                       token_logprobs=[-0.2])]
+    results = write_results_file(tmp_path / "r.parquet", rows, {"satcli.images": {"root": str(root)}})
+    monkeypatch.chdir(tmp_path)  # one.png is not in the current directory
+    assert write_overlays(results, None, tmp_path / "ov", progress=False).n_missing_images == 0
+    assert write_overlays(results, tmp_path, tmp_path / "ov2", progress=False).n_missing_images == 1  # given wins
+    root.rename(tmp_path / "moved")  # the recorded folder is gone: back to the current directory
+    monkeypatch.chdir(tmp_path / "moved")
+    assert write_overlays(results, None, tmp_path / "ov3", progress=False).n_missing_images == 0
 
 
 def test_write_overlays_refuses_a_file_that_is_no_results(tmp_path):

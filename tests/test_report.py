@@ -4,6 +4,7 @@
 """
 
 import io
+import math
 import os
 
 import numpy as np
@@ -71,7 +72,8 @@ def test_clicking_a_word_shows_its_attention(tmp_path, page):
     grids = peaked_attention(4, 7, 7, cells)
     rows = [
         CaptionRow("broken.jpg", error="not-an-image: cannot identify image file"),
-        CaptionRow("dark.png", "a red circle left", ["a", "red", "circle", "left"], -3.0, True, grids, 280, 200),
+        CaptionRow("dark.png", "a red circle left", ["a", "red", "circle", "left"], -3.0, True, grids, 280, 200,
+                   token_logprobs=[math.log(p) for p in (0.9, 0.83, 0.5, 0.25)]),
         CaptionRow("moved.png", "a <b>bold</b> claim", ["a", "<b>bold</b>", "claim"], -2.5, False,
                    grids[:3], 100, 100),
     ]
@@ -92,7 +94,8 @@ def test_clicking_a_word_shows_its_attention(tmp_path, page):
     for t in (1, 3):
         row.locator(".w").nth(t).click()
         assert canvas.get_attribute("data-word") == str(t)
-        assert row.locator(".look").inner_text().startswith(f"“{['a', 'red', 'circle', 'left'][t]}”")
+        look = row.locator(".look").inner_text()
+        assert look.startswith(f"“{['a', 'red', 'circle', 'left'][t]}”: probability {['0.83', '0.25'][t // 2]}, ")
         shots[t] = canvas.screenshot()
         peak, rgb = _luminance_peak(shots[t])
         assert canvas.evaluate("c => [c.width, c.height]") == [224, 160]  # 280×200 fitted into the 224 box
@@ -101,6 +104,11 @@ def test_clicking_a_word_shows_its_attention(tmp_path, page):
     first, second = (_luminance_peak(shots[t])[1] for t in (1, 3))
     assert np.abs(first - second).max() > 100  # two words, two different pictures
     assert np.abs(_luminance_peak(plain)[1] - first).max() > 100  # the heat was drawn over the plain image
+
+    assert row.locator(".w").nth(1).get_attribute("title") == "probability 0.83 given the words before"
+    older = page.locator(".row").nth(2)  # no token_logprobs: the word's place and gaze only
+    older.locator(".w").nth(1).click()
+    assert older.locator(".look").inner_text().startswith("“<b>bold</b>”: word 2 of 3, ")
 
     page.mouse.move(900, 700)  # leaving the caption keeps the clicked word
     assert canvas.get_attribute("data-word") == "3"
@@ -142,6 +150,20 @@ def test_twenty_thousand_rows_stay_interactive_and_searchable(tmp_path, page):
     row.locator(".w").nth(4).click()
     assert row.locator("canvas").get_attribute("data-word") == "4"
     assert page.errors == []
+
+
+def test_report_finds_images_under_the_root_the_file_records(tmp_path, monkeypatch):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(photos / "red.png")
+    rows = [CaptionRow("red.png", "red", ["red"], -1.0, True, peaked_attention(1, 4, 4, [(0, 0)]), 40, 30)]
+    results = write_results_file(tmp_path / "r.parquet", rows, {"satcli.images": {"root": str(photos)}})
+    monkeypatch.chdir(tmp_path)  # red.png is not in the current directory
+    assert run(ReportOptions(results, progress=False)).n_missing_images == 0
+    assert run(ReportOptions(results, image_root=tmp_path, progress=False)).n_missing_images == 1  # given wins
+    photos.rename(tmp_path / "moved")  # the recorded folder is gone: back to the current directory
+    monkeypatch.chdir(tmp_path / "moved")
+    assert run(ReportOptions(results, progress=False)).n_missing_images == 0
 
 
 def test_report_refuses_a_file_that_is_no_results(tmp_path):

@@ -3,9 +3,11 @@
 "use strict";
 (function () {
   const DATA = JSON.parse(document.getElementById("satcli-data").textContent);
-  const ROWS = DATA.rows; // [path, caption, tokens, sum_logprob, finished, error, grid_h, grid_w, attention, peaks, thumb, width, height]
+  // [path, caption, tokens, sum_logprob, finished, error, grid_h, grid_w, attention, peaks, thumb, width, height,
+  //  probs: each word's probability given the words before it, or null for files written without them]
+  const ROWS = DATA.rows;
   const PATH = 0, CAPTION = 1, TOKENS = 2, SUM = 3, FINISHED = 4, ERROR = 5, GH = 6, GW = 7, ATT = 8, PEAKS = 9,
-        THUMB = 10, WIDTH = 11, HEIGHT = 12;
+        THUMB = 10, WIDTH = 11, HEIGHT = 12, PROBS = 13;
   const PAGE_SIZE = DATA.page_size;
   const BOX = DATA.thumb_size;
   const FLOOR = DATA.blend[0], GAIN = DATA.blend[1]; // the same blend as the PNG overlays
@@ -21,6 +23,9 @@
 
   // The mean log-probability per written token (words and <end>): comparable across caption lengths.
   const perWord = (r) => (r[SUM] === null ? null : r[SUM] / (r[TOKENS].length + (r[FINISHED] ? 1 : 0) || 1));
+
+  // "probability 0.83, " for word t, or "" when the file does not say.
+  const probability = (r, t) => (r[PROBS] && r[PROBS][t] != null ? `probability ${r[PROBS][t].toFixed(2)}, ` : "");
 
   function attention(r, t) {
     // Grids are stored as bytes, each scaled so its largest weight is 255.
@@ -71,7 +76,8 @@
     if (t !== null && t !== undefined && r[ATT]) ctx.drawImage(overlay(r, t, canvas.width, canvas.height), 0, 0);
     canvas.dataset.word = t === null || t === undefined ? "" : String(t);
     card.look.textContent = t === null || t === undefined ? "" :
-      `“${r[TOKENS][t]}”: word ${t + 1} of ${r[TOKENS].length}, ${Math.round(100 * r[PEAKS][t])}% of the gaze on its brightest cell`;
+      `“${r[TOKENS][t]}”: ${probability(r, t)}word ${t + 1} of ${r[TOKENS].length}, ` +
+      `${Math.round(100 * r[PEAKS][t])}% of the gaze on its brightest cell`;
   }
 
   function size(r) {
@@ -100,6 +106,7 @@
       r[TOKENS].forEach((word, t) => {
         const span = el("span", "w", word);
         span.dataset.t = t;
+        if (probability(r, t)) span.title = `${probability(r, t).slice(0, -2)} given the words before`;
         if (selected.get(index) === t) span.classList.add("sel");
         span.addEventListener("mouseenter", () => draw(c, t));
         span.addEventListener("click", () => {
