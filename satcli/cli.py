@@ -316,8 +316,7 @@ def evaluate(
     device: DeviceOption = Device.auto,
     overlays: OverlaysOption = None,
 ) -> None:
-    """Caption a dataset split and score it: BLEU, COCO metrics, attention grounding; writes report.json and the
-    captions as results Parquet files."""
+    """Score a model on a dataset split: BLEU, COCO metrics, attention grounding; writes report.json and Parquet."""
     from satcli import evaluate as step
 
     result = step.run(step.EvaluateOptions(
