@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import glob
-import hashlib
 import json
 import logging
 import os
@@ -44,7 +43,7 @@ from torch.utils.data import DataLoader, Dataset
 from models.captioner import Captioner
 from models.decoding import DecodingOptions, DecodingResult, decode
 from satcli import __version__
-from satcli.checkpoint import Preprocessing, load_captioner, read_checkpoint
+from satcli.checkpoint import Preprocessing, checkpoint_sha256, load_captioner, read_checkpoint
 from satcli.console import make_progress
 from satcli.defaults import default_model
 from satcli.device import resolve_device
@@ -308,14 +307,6 @@ def caption_batch(model: Captioner, images: torch.Tensor, preprocessing: Preproc
         autocast = contextlib.nullcontext()
     with autocast:
         return decode(model, x, options)
-
-
-def checkpoint_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ satcli checkpoint, or is truncated, is refused with a one-line error naming it.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import tempfile
@@ -145,3 +146,12 @@ def load_captioner(path: str | Path, device: str | torch.device = "cpu") -> Load
     preprocessing = Preprocessing(int(pre["image_size"]), tuple(pre["mean"]), tuple(pre["std"]))
     return LoadedCheckpoint(model.to(device).eval(), vocab, preprocessing, dict(payload.get("train_options", {})),
                             dict(payload.get("metrics", {})), path)
+
+
+def checkpoint_sha256(path: Path) -> str:
+    """SHA-256 of a checkpoint file, read in 1 MiB blocks: recorded in results so a run can tell its model."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -15,7 +15,6 @@ satcli version) and the captions per beam size as results Parquet files (the sch
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -31,7 +30,7 @@ from rich.table import Table
 
 from models.decoding import DecodingOptions, DecodingResult, decode
 from satcli import __version__
-from satcli.checkpoint import load_captioner
+from satcli.checkpoint import checkpoint_sha256, load_captioner
 from satcli.console import make_progress
 from satcli.defaults import default_model
 from satcli.device import resolve_device
@@ -229,7 +228,7 @@ def _metadata(loaded: Any, model_path: Path, decoding: DecodingOptions, dataset:
               split: str) -> dict[str, Any]:
     return {
         "satcli.version": __version__,
-        "satcli.model": {"path": str(model_path.absolute()), "sha256": _sha256(model_path),
+        "satcli.model": {"path": str(model_path.absolute()), "sha256": checkpoint_sha256(model_path),
                          "encoder": loaded.model.config.encoder, "vocab_size": loaded.model.config.vocab_size,
                          "config": loaded.model.config.to_dict(), "train_options": loaded.train_options,
                          "metrics": loaded.metrics},
@@ -249,14 +248,6 @@ def _write_predictions(path: Path, table: Any, captions: list[list[str]], result
                                               alternatives or [None] * len(results), strict=True)]
     rows.sort(key=lambda row: row.path)  # satcli results files are sorted by path
     return write_results(path, rows, metadata)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _write_report(result: EvaluateResult, options: EvaluateOptions, dataset: StoredDataset, loaded: Any,
