@@ -249,6 +249,8 @@ def train(
     grad_clip: Annotated[float, typer.Option(min=0.0, help="Clip gradients to this norm.")] = 5.0,
     lr_decay: Annotated[float, typer.Option(
         min=0.0, max=1.0, help="Multiply learning rates by this when validation BLEU-4 stalls.")] = 0.8,
+    lr_patience: Annotated[int, typer.Option(
+        min=0, help="Epochs without validation improvement before the learning rates decay.")] = 3,
     patience: Annotated[int, typer.Option(
         min=1, help="Stop after this many epochs without validation improvement.")] = 10,
     scheduled_sampling: Annotated[float, typer.Option(
@@ -281,7 +283,7 @@ def train(
         attention=attention.value, image_size=image_size, grid_size=grid_size, embed_dim=embed_dim,
         attention_dim=attention_dim, decoder_dim=decoder_dim, dropout=dropout, doubly_stochastic=doubly_stochastic,
         epochs=epochs, batch_size=batch_size, decoder_lr=decoder_lr, encoder_lr=encoder_lr, grad_clip=grad_clip,
-        lr_decay=lr_decay, patience=patience, scheduled_sampling=scheduled_sampling,
+        lr_decay=lr_decay, lr_patience=lr_patience, patience=patience, scheduled_sampling=scheduled_sampling,
         fine_tune_encoder=fine_tune_encoder, fine_tune_after=fine_tune_after, fine_tune_blocks=fine_tune_blocks,
         val_beam_size=val_beam_size, scst=scst, init=init, scst_samples=scst_samples, device=device.value,
         amp=amp, compile=compile, seed=seed,
