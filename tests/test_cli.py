@@ -55,3 +55,17 @@ class _Raising(dict):
 
     def items(self):
         self._raise()
+
+
+def test_train_passes_its_options_through(monkeypatch, tmp_path):
+    import satcli.train
+
+    received = []
+    monkeypatch.setattr(satcli.train, "run", received.append)
+    result = runner.invoke(app, ["train", "--dataset", "shapes", "--data-root", str(tmp_path), "--attention", "hard",
+                                 "--lr-patience", "1", "--patience", "6", "--decoder-lr", "2e-3", "--epochs", "6"])
+    assert result.exit_code == 0, result.output
+    (options,) = received
+    assert (options.dataset, options.attention, options.lr_patience, options.patience) == ("shapes", "hard", 1, 6)
+    assert (options.decoder_lr, options.epochs, options.out) == (2e-3, 6, None)
+    assert options.data_root == tmp_path
