@@ -55,17 +55,16 @@ def box_coverage(boxes: Sequence[Box], grid_shape: tuple[int, int]) -> np.ndarra
     """(H, W): the share of each grid cell inside the union of ``boxes``."""
     rows, cols = grid_shape
     s = _SAMPLES_PER_CELL
-    ys = (np.arange(rows * s) + 0.5) / (rows * s)
-    xs = (np.arange(cols * s) + 0.5) / (cols * s)
-    inside = np.zeros((rows * s, cols * s), dtype=bool)
-    for x0, y0, x1, y1 in boxes:
-        inside |= ((ys >= y0) & (ys <= y1))[:, None] & ((xs >= x0) & (xs <= x1))[None, :]
-    return inside.reshape(rows, s, cols, s).mean(axis=(1, 3))
+    return _centres_in(boxes, rows * s, cols * s).reshape(rows, s, cols, s).mean(axis=(1, 3))
 
 
 def centres_inside(boxes: Sequence[Box], grid_shape: tuple[int, int]) -> np.ndarray:
     """(H, W) bool: the cells whose centre lies inside one of ``boxes``."""
-    rows, cols = grid_shape
+    return _centres_in(boxes, *grid_shape)
+
+
+def _centres_in(boxes: Sequence[Box], rows: int, cols: int) -> np.ndarray:
+    """(rows, cols) bool: which centres of a regular rows × cols lattice over the unit square lie in a box."""
     ys = (np.arange(rows) + 0.5) / rows
     xs = (np.arange(cols) + 0.5) / cols
     inside = np.zeros((rows, cols), dtype=bool)
