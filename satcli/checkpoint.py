@@ -8,9 +8,7 @@ satcli checkpoint, or is truncated, is refused with a one-line error naming it.
 from __future__ import annotations
 
 import hashlib
-import os
 import pickle
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +17,7 @@ import torch
 
 from models.captioner import Captioner, CaptionerConfig
 from satcli import __version__
+from satcli.atomic import remove_stale_temps, write_with
 from satcli.errors import SatcliError
 from satcli.vocab import Vocabulary
 
@@ -82,24 +81,14 @@ def checkpoint_dict(model: Captioner, vocab: Vocabulary, train_options: dict[str
 def save_checkpoint(path: str | Path, model: Captioner, vocab: Vocabulary,
                     train_options: dict[str, Any] | None = None, metrics: dict[str, Any] | None = None,
                     **extra: Any) -> Path:
-    """Write atomically: a temporary file in the same directory, flushed to disk, then renamed over ``path``.
-
-    A crash at any moment leaves either the old file or the new one, never a torn one.
+    """Write atomically (:mod:`satcli.atomic`): a temporary file in the same directory, flushed to disk, then
+    renamed over ``path``. A crash at any moment leaves either the old file or the new one, never a torn one; a
+    full disk or read-only folder leaves the old one and raises SatcliError naming ``path`` and the cause.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = checkpoint_dict(model, vocab, train_options, metrics, **extra)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    remove_stale_temps(path)  # left by a run killed while writing this checkpoint
+    return write_with(path, lambda tmp: torch.save(payload, tmp))
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -1,0 +1,155 @@
+"""Nothing lost, nothing written outside the output, one line for every fault (issue 17).
+
+Tests run as root, where read-only folders do not stop writes, so disk faults are injected: the write, open,
+rename or mkdir raises ``OSError(ENOSPC / EROFS / EACCES)``. Each check is what a user would see: the earlier
+output byte-identical, one line naming the path and the cause, exit code 1.
+"""
+
+import errno
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+import satcli.caption
+import satcli.results
+from models.captioner import Captioner
+from satcli.atomic import remove_stale_temps, temp_path, write_bytes
+from satcli.caption import CaptionOptions, run
+from satcli.checkpoint import save_checkpoint
+from satcli.cli import app
+from satcli.errors import SatcliError
+from satcli.vocab import SPECIALS, Vocabulary
+from tests.helpers import tiny_config
+
+runner = CliRunner()
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _isolated_state(tmp_path, monkeypatch):
+    monkeypatch.setenv("SATCLI_STATE_DIR", str(tmp_path / "state"))
+    for name in ("SATCLI_MODEL", "WORLD_SIZE", "RANK"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    model = Captioner(tiny_config(image_size=32))
+    vocab = Vocabulary([*SPECIALS, *(f"word{i}" for i in range(model.config.vocab_size - len(SPECIALS)))])
+    return save_checkpoint(tmp_path_factory.mktemp("model") / "tiny.pt", model, vocab)
+
+
+def _jpeg(rng, width=40, height=30) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def photos(tmp_path) -> Path:
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        (folder / f"img{i}.jpg").write_bytes(_jpeg(rng))
+    return folder
+
+
+def _options(photos: Path, checkpoint: Path, output: Path, **changes) -> CaptionOptions:
+    values = dict(inputs=(str(photos),), model=checkpoint, output=output, root=photos.parent, batch_size=2,
+                  max_length=4, workers=0, progress=False)
+    values.update(changes)
+    return CaptionOptions(**values)
+
+
+def _caption_cli(photos: Path, checkpoint: Path, output: Path, *extra: str):
+    return runner.invoke(app, ["caption", str(photos), "--model", str(checkpoint), "-o", str(output),
+                               "--batch-size", "2", "--max-length", "4", "--workers", "0", *extra])
+
+
+def _one_line_error(result, *words: str) -> None:
+    """Exit 1 and a single error line naming every one of ``words``; no traceback."""
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in result.output, result.output
+    for word in words:
+        assert word in errors[0], result.output
+
+
+# -- 1. merge into one of its own parts ------------------------------------------------------------------------
+
+
+def test_merge_refuses_an_output_that_is_one_of_the_parts(photos, checkpoint, tmp_path):
+    output = tmp_path / "c.parquet"
+    parts = [run(_options(photos, checkpoint, output, shard=(k, 2))).output for k in range(2)]
+    before = [p.read_bytes() for p in parts]
+    result = runner.invoke(app, ["merge", str(parts[0]), str(parts[1]), "-o", str(parts[0]), "--remove-parts"])
+    _one_line_error(result, "one of the parts")
+    assert [p.read_bytes() for p in parts] == before  # both parts still there, untouched
+    # through another spelling of the same file
+    alias = tmp_path / "alias.parquet"
+    alias.symlink_to(parts[1])
+    result = runner.invoke(app, ["merge", str(parts[0]), str(parts[1]), "-o", str(alias), "--remove-parts"])
+    _one_line_error(result, "one of the parts")
+    assert [p.read_bytes() for p in parts] == before
+
+
+# -- 2. a symlinked sidecar --------------------------------------------------------------------------------------
+
+
+def test_a_symlinked_sidecar_is_refused_and_its_target_left_untouched(photos, checkpoint, tmp_path):
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("years of work")
+    (precious / "chunk-000000.parquet").write_bytes(b"not ours either")
+    output = tmp_path / "out" / "c.parquet"
+    output.parent.mkdir()
+    sidecar = output.with_name("c.parquet.partial")
+    sidecar.symlink_to(precious, target_is_directory=True)
+    for extra in ((), ("--overwrite",)):
+        result = _caption_cli(photos, checkpoint, output, *extra)
+        _one_line_error(result, "c.parquet.partial", "symbolic link")
+        assert sorted(p.name for p in precious.iterdir()) == ["chunk-000000.parquet", "thesis.tex"]
+        assert (precious / "thesis.tex").read_text() == "years of work"
+        assert not output.exists()
+
+
+def test_overwrite_and_finish_delete_only_the_files_the_run_wrote(photos, checkpoint, tmp_path, monkeypatch):
+    output = tmp_path / "c.parquet"
+    sidecar = tmp_path / "c.parquet.partial"
+    sidecar.mkdir()
+    (sidecar / "notes.txt").write_text("mine")
+    (sidecar / "chunk-000007.parquet").write_bytes(b"a torn chunk")  # satcli's name: unreadable, recaptioned
+    run(_options(photos, checkpoint, output, overwrite=True))
+    assert pq.read_table(output).num_rows == 5
+    assert [p.name for p in sidecar.iterdir()] == ["notes.txt"]  # kept, with the folder around it
+
+
+# -- 3. a file name that is not UTF-8 ----------------------------------------------------------------------------
+
+
+def test_a_non_utf8_file_name_gets_an_error_row_and_the_rest_are_captioned(photos, checkpoint, tmp_path):
+    raw = os.fsencode(photos) + b"/caf\xe9.jpg"  # Latin-1 "café", as a ZIP or Samba share leaves it
+    with open(raw, "wb") as f:
+        f.write((photos / "img0.jpg").read_bytes())
+    output = tmp_path / "c.parquet"
+    summary = run(_options(photos, checkpoint, output))
+    rows = {row["path"]: row for row in pq.read_table(output).to_pylist()}
+    assert len(rows) == 6 and summary.n_captioned == 5
+    bad = rows["photos/caf\\xe9.jpg"]  # the bytes spelled out, so the user can find the file
+    assert bad["caption"] is None and bad["error"].startswith("bad-name:")
+    assert all(rows[f"photos/img{i}.jpg"]["error"] is None for i in range(5))
