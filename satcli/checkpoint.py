@@ -8,6 +8,7 @@ satcli checkpoint, or is truncated, is refused with a one-line error naming it.
 from __future__ import annotations
 
 import hashlib
+import math
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,7 +115,74 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     missing = {"config", "state_dict", "vocab", "preprocessing"} - payload.keys()
     if missing:
         raise SatcliError(f"checkpoint is missing {', '.join(sorted(missing))}", path)
+    problem = checkpoint_problem(payload)
+    if problem:
+        raise SatcliError(f"checkpoint holds {problem}", path)
     return payload
+
+
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 16, 2048  # pixels a side: the paper uses 224-256; 60,000 would be a 10 GB resize
+_MAX_WIDTH = 1 << 16  # embedding, attention and decoder sizes, vocabulary size: sanity bounds, far above use
+
+
+def checkpoint_problem(payload: dict[str, Any]) -> str | None:
+    """What is malformed in a checkpoint dict with the satcli marker (config, preprocessing, vocabulary, train
+    options), as words for a one-line error; None when every value is usable. Values are never trusted: a
+    checkpoint may come from anywhere."""
+    config, pre = payload["config"], payload["preprocessing"]
+    if not isinstance(config, dict):
+        return "a config that is not a mapping"
+    try:
+        built = CaptionerConfig.from_dict(config)
+    except Exception as error:  # noqa: BLE001 — any value the config's own checks reject
+        return f"a malformed config ({_first_line(error)})"
+    bounds = {"vocab_size": (1, _MAX_WIDTH), "embed_dim": (1, _MAX_WIDTH), "attention_dim": (1, _MAX_WIDTH),
+              "decoder_dim": (1, _MAX_WIDTH), "image_size": (MIN_IMAGE_SIZE, MAX_IMAGE_SIZE), "grid_size": (1, 256)}
+    for name, (low, high) in bounds.items():
+        value = getattr(built, name, None)
+        if not (value is None and name == "grid_size") and not _integer(value, low, high):
+            return f"a malformed config: {name} {_short(value)} is not a whole number from {low} to {high}"
+    if not isinstance(pre, dict):
+        return "preprocessing that is not a mapping"
+    size = pre.get("image_size")
+    if not _integer(size, MIN_IMAGE_SIZE, MAX_IMAGE_SIZE):
+        return (f"a malformed preprocessing: image_size {_short(size)} is not a whole number from {MIN_IMAGE_SIZE} "
+                f"to {MAX_IMAGE_SIZE}")
+    for name in ("mean", "std"):
+        values = pre.get(name)
+        if (not isinstance(values, list | tuple) or len(values) != 3
+                or not all(_number(v) for v in values) or (name == "std" and min(values) <= 0)):
+            return f"a malformed preprocessing: {name} {_short(values)} is not three finite numbers" + (
+                " above 0" if name == "std" else "")
+    vocab = payload["vocab"]
+    if not isinstance(vocab, list | tuple) or not all(isinstance(word, str) for word in vocab):
+        return "a vocabulary that is not a list of words"
+    for name in ("train_options", "metrics"):
+        if not isinstance(payload.get(name, {}), dict):
+            return f"{name} that are not a mapping"
+    return None
+
+
+def _integer(value: Any, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _short(value: Any) -> str:
+    """A value for an error message, at most 40 characters (a 5000-digit integer has no ``repr`` at all)."""
+    try:
+        text = repr(value)
+    except ValueError:
+        return "(a huge number)"
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:200] if text else type(error).__name__
 
 
 def load_captioner(path: str | Path, device: str | torch.device = "cpu") -> LoadedCheckpoint:

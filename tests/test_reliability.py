@@ -153,3 +153,95 @@ def test_a_non_utf8_file_name_gets_an_error_row_and_the_rest_are_captioned(photo
     bad = rows["photos/caf\\xe9.jpg"]  # the bytes spelled out, so the user can find the file
     assert bad["caption"] is None and bad["error"].startswith("bad-name:")
     assert all(rows[f"photos/img{i}.jpg"]["error"] is None for i in range(5))
+
+
+# -- 4. resume on a dataset with another vocabulary; 9. malformed training state -----------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A shapes store and a one-epoch run on it."""
+    from satcli.datasets import DatasetKind
+    from satcli.preprocess import PreprocessOptions
+    from satcli.preprocess import run as preprocess
+    from satcli.train import TrainOptions
+    from satcli.train import run as train
+
+    root = tmp_path_factory.mktemp("data")
+    preprocess(PreprocessOptions(dataset=DatasetKind.shapes, data_root=root, n_train=24, n_val=4, n_test=4,
+                                 image_size=32, min_word_freq=1))
+    out = tmp_path_factory.mktemp("run") / "run"
+    train(TrainOptions(dataset="shapes", data_root=root, out=out, epochs=1, image_size=32, embed_dim=8,
+                       attention_dim=8, decoder_dim=8, dropout=0.0, batch_size=8, val_max_length=4,
+                       pretrained=False))
+    return root, out
+
+
+def _resume(root: Path, out: Path):
+    return runner.invoke(app, ["train", "--dataset", "shapes", "--data-root", str(root), "--out", str(out),
+                               "--resume"])
+
+
+def _edited_copy(out: Path, tmp_path: Path, edit) -> Path:
+    """A copy of the run folder whose last.pt has been changed by ``edit(payload)``."""
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    payload = torch.load(out / "last.pt", weights_only=True)
+    edit(payload)
+    torch.save(payload, copy / "last.pt")
+    return copy
+
+
+def test_resume_refuses_a_dataset_with_other_words(trained, tmp_path):
+    root, out = trained
+
+    def swap_two_words(payload):  # as a store preprocessed again: same size, other word ids
+        vocab = payload["vocab"]
+        vocab[-1], vocab[-2] = vocab[-2], vocab[-1]
+
+    copy = _edited_copy(out, tmp_path, swap_two_words)
+    before = (copy / "last.pt").read_bytes()
+    _one_line_error(_resume(root, copy), "last.pt", "vocabulary", "'shapes'")
+    assert (copy / "last.pt").read_bytes() == before
+
+    other = tmp_path / "other"
+    other.mkdir()
+    payload = torch.load(out / "last.pt", weights_only=True)
+    payload["vocab"] = payload["vocab"][:-1]
+    payload["config"]["vocab_size"] -= 1
+    payload["state_dict"] = {}
+    torch.save(payload, other / "last.pt")
+    _one_line_error(_resume(root, other), "vocabulary")
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda p: p.pop("train_state"), "no training state"),
+    (lambda p: p["train_state"].pop("optimizer"), "no training state"),
+    (lambda p: p["train_state"]["options"].update(epochs="many"), "epochs"),
+    (lambda p: p["train_state"].update(options=[1, 2]), "train options"),
+])
+def test_resume_with_a_malformed_training_state_is_one_line(trained, tmp_path, edit, words):
+    root, out = trained
+    _one_line_error(_resume(root, _edited_copy(out, tmp_path, edit)), "last.pt", words)
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda p: p["preprocessing"].update(image_size=0), "image_size 0"),
+    (lambda p: p["preprocessing"].update(image_size=60000), "image_size 60000"),
+    (lambda p: p["preprocessing"].update(std=[0.0, 1.0, 1.0]), "std"),
+    (lambda p: p["preprocessing"].pop("mean"), "mean"),
+    (lambda p: p.update(preprocessing="224"), "preprocessing"),
+    (lambda p: p["config"].update(embed_dim=-3), "embed_dim"),
+    (lambda p: p["config"].update(encoder="resnet9000"), "malformed config"),
+    (lambda p: p.update(config=[1]), "config"),
+    (lambda p: p.update(train_options="fast"), "train_options"),
+    (lambda p: p.update(vocab=[1, 2, 3]), "vocabulary"),
+])
+def test_checkpoints_with_malformed_values_are_refused_in_one_line(checkpoint, photos, tmp_path, edit, words):
+    payload = torch.load(checkpoint, weights_only=True)
+    edit(payload)
+    bad = tmp_path / "bad.pt"
+    torch.save(payload, bad)
+    output = tmp_path / "c.parquet"
+    _one_line_error(_caption_cli(photos, bad, output), "bad.pt", words)
+    assert not output.exists()
