@@ -10,7 +10,8 @@ sidecar directory next to the output (``captions.parquet.partial/``). A rerun of
 images already in chunks — batches are cut at fixed positions of the sorted input list, so the resumed run
 sees exactly the batches an uninterrupted one would — and when every image is done the chunks are merged
 into the output (temporary file + rename) and the sidecar is removed. A kill at any moment loses at most the
-batches in flight. A finished output is extended the same way when new images appear under the inputs.
+``UNSAVED_BATCHES`` (2) batches: the one being written and the one on the device; with a slow disk the device
+waits rather than run ahead. A finished output is extended the same way when new images appear under the inputs.
 
 Sharding. Under ``torchrun`` (``RANK``/``WORLD_SIZE``) or with ``--shard K/N``, rank K captions every N-th
 image of the sorted list, starting at the K-th, into ``captions.part-K-of-N.parquet``; ``satcli merge``
@@ -65,7 +66,10 @@ from satcli.transforms import normalise
 log = logging.getLogger(__name__)
 
 DEFAULT_OUTPUT = Path("captions.parquet")
-_QUEUE_BATCHES = 4  # batches waiting for the writer thread before the device waits for the disk
+# Batches between the start of their captioning and the end of their write: the one being written and the one on
+# the device (or waiting for the writer). With a slow disk the device waits rather than run further ahead, so a
+# kill loses at most these.
+UNSAVED_BATCHES = 2
 
 
 @dataclass(frozen=True)
@@ -452,7 +456,7 @@ class RunState:
         if recorded.exists():
             try:
                 previous = json.loads(recorded.read_text(encoding="utf-8"))["fingerprint"]
-            except (OSError, ValueError, KeyError, TypeError):
+            except (OSError, ValueError, KeyError, TypeError, RecursionError):
                 previous = None
             if previous != fingerprint:
                 self.unlock()
@@ -542,10 +546,18 @@ class ChunkWriter:
         self.n_best = metadata["satcli.decoding"]["n_best"]  # > 1: runners-up go to the alternatives column
         self.error_kinds: dict[str, int] = {}
         self.n_written = 0
-        self._queue: queue.Queue[_Done | None] = queue.Queue(maxsize=_QUEUE_BATCHES)
+        self._queue: queue.Queue[_Done | None] = queue.Queue(maxsize=UNSAVED_BATCHES)
+        self._room = threading.Semaphore(UNSAVED_BATCHES)  # released when a batch is on disk
         self._failure: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, name="satcli-chunk-writer", daemon=True)
         self._thread.start()
+
+    def reserve(self) -> None:
+        """Wait until fewer than ``UNSAVED_BATCHES`` captioned batches are off the disk; call before captioning
+        the next batch. Raises if a write failed."""
+        while not self._room.acquire(timeout=0.5):
+            self._raise_failure()
+        self._raise_failure()
 
     def put(self, done: _Done) -> None:
         while True:
@@ -583,6 +595,8 @@ class ChunkWriter:
                 self.n_written += len(done.paths)
             except BaseException as error:  # noqa: BLE001 — handed to the main thread
                 self._failure = error
+            finally:
+                self._room.release()
 
     def _rows(self, done: _Done) -> list[CaptionRow]:
         rows = []
@@ -733,6 +747,7 @@ def _caption(sources: list[ImageSource], batches: list[list[int]], model_path: P
         writer = ChunkWriter(state, metadata, loaded.vocab.words)
         try:
             for batch in iterator:
+                writer.reserve()  # a slow disk holds the device back instead of letting results pile up unsaved
                 results: list[DecodingResult | None] = [None] * len(batch.indices)
                 if batch.images.shape[0]:
                     decoded = iter(caption_batch(model, batch.images, loaded.preprocessing, decoding))

@@ -185,7 +185,7 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         text = value.decode(errors="replace")
         try:
             result[name] = json.loads(text)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # not JSON, or JSON Python cannot hold: keep the text
             result[name] = text
     return result
 

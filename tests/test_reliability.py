@@ -245,3 +245,96 @@ def test_checkpoints_with_malformed_values_are_refused_in_one_line(checkpoint, p
     output = tmp_path / "c.parquet"
     _one_line_error(_caption_cli(photos, bad, output), "bad.pt", words)
     assert not output.exists()
+
+
+# -- 5. a FIFO where an image should be; 9. attention that does not fit its grid ----------------------------------
+
+
+def _results_with(tmp_path: Path, rows) -> Path:
+    from tests.helpers import write_results_file
+
+    return write_results_file(tmp_path / "r.parquet", rows, {"satcli.images": {"root": str(tmp_path)}})
+
+
+def test_report_and_overlays_finish_when_an_image_path_is_a_fifo(tmp_path):
+    from satcli.results import CaptionRow
+    from tests.helpers import peaked_attention
+
+    os.mkfifo(tmp_path / "pipe.jpg")  # nothing ever writes into it: opening it to read would wait forever
+    rows = [CaptionRow("pipe.jpg", "a pipe", ["a", "pipe"], -1.0, True, peaked_attention(2, 3, 3, [(0, 0), (1, 1)]),
+                       30, 30)]
+    results = _results_with(tmp_path, rows)
+    command = [sys.executable, "-m", "satcli", "report", str(results), "-o", str(tmp_path / "r.html"), "--overlays",
+               str(tmp_path / "ov")]
+    try:
+        done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
+    except subprocess.TimeoutExpired:
+        pytest.fail("satcli report hangs on a FIFO")
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "r.html").is_file() and len(list((tmp_path / "ov").glob("*.png"))) == 1
+    assert "1 images could not be read" in done.stderr  # drawn grey, like a moved image
+
+
+def test_attention_that_does_not_fit_its_grid_is_one_line(tmp_path):
+    from satcli.results import CaptionRow, to_table
+    from tests.helpers import peaked_attention
+
+    rows = [CaptionRow("a.jpg", "a b", ["a", "b"], -1.0, True, peaked_attention(2, 3, 3, [(0, 0), (1, 1)]), 9, 9)]
+    table = to_table(rows)
+    table = table.set_column(table.schema.get_field_index("grid_height"), "grid_height",
+                             pa_array([4], "int32"))  # 2 grids of 9 cells claimed to be 4 × 3
+    pq.write_table(table, tmp_path / "r.parquet")
+    for command in (["report", str(tmp_path / "r.parquet"), "-o", str(tmp_path / "r.html")],
+                    ["report", str(tmp_path / "r.parquet"), "-o", str(tmp_path / "r2.html"), "--overlays",
+                     str(tmp_path / "ov")]):
+        _one_line_error(runner.invoke(app, command), "r.parquet", "a.jpg", "does not fit")
+
+
+def pa_array(values, type_name):
+    import pyarrow as pa
+
+    return pa.array(values, getattr(pa, type_name)())
+
+
+# -- 6. an empty caption list; 9. JSON that Python cannot hold ----------------------------------------------------
+
+
+def _preprocess_jsonl(tmp_path: Path, text: str):
+    images = tmp_path / "imgs"
+    images.mkdir(exist_ok=True)
+    rng = np.random.default_rng(1)
+    for name in ("a.jpg", "b.jpg"):
+        (images / name).write_bytes(_jpeg(rng))
+    captions = tmp_path / "captions.jsonl"
+    captions.write_text(text, encoding="utf-8")
+    return runner.invoke(app, ["preprocess", "--dataset", "captions-csv", "--images", str(images), "--captions",
+                               str(captions), "--data-root", str(tmp_path / "data"), "--name", "mine"])
+
+
+def test_an_empty_caption_list_is_refused_at_preprocess(tmp_path):
+    text = '{"image": "a.jpg", "captions": ["a red square"]}\n{"image": "b.jpg", "captions": []}\n'
+    _one_line_error(_preprocess_jsonl(tmp_path, text), "captions.jsonl", "line 2", "captions list is empty")
+    assert not (tmp_path / "data" / "mine").exists()
+
+
+@pytest.mark.parametrize("text, words", [
+    ('{"image": "a.jpg", "caption": ' + "[" * 100_000 + "]" * 100_000 + "}\n", "nested too deeply"),
+    ('{"image": "a.jpg", "caption": "x", "n": ' + "9" * 5000 + "}\n", "not readable JSON"),
+    ('{"image": "a.jpg", "caption": "a \\ud800 square"}\n', "lone surrogate"),
+    ('{"image": "\\udc80.jpg", "caption": "a square"}\n', "lone surrogate"),
+])
+def test_json_python_cannot_hold_is_one_line_naming_the_file(tmp_path, text, words):
+    _one_line_error(_preprocess_jsonl(tmp_path, text), "captions.jsonl", "line 1", words)
+
+
+def test_a_karpathy_json_nested_too_deeply_is_one_line(tmp_path):
+    from satcli.datasets import read_karpathy
+
+    path = tmp_path / "dataset_x.json"
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(SatcliError, match="dataset_x.json: top level: not readable JSON"):
+        read_karpathy(path)
+    path.write_text('{"images": [], "n": ' + "1" * 5000 + "}")
+    with pytest.raises(SatcliError, match="dataset_x.json: top level: not readable JSON"):
+        read_karpathy(path)
