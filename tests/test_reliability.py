@@ -7,12 +7,10 @@ output byte-identical, one line naming the path and the cause, exit code 1.
 
 import errno
 import io
-import json
 import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -77,7 +75,8 @@ def _options(photos: Path, checkpoint: Path, output: Path, **changes) -> Caption
 
 def _caption_cli(photos: Path, checkpoint: Path, output: Path, *extra: str):
     return runner.invoke(app, ["caption", str(photos), "--model", str(checkpoint), "-o", str(output),
-                               "--batch-size", "2", "--max-length", "4", "--workers", "0", *extra])
+                               "--root", str(photos.parent), "--batch-size", "2", "--max-length", "4", "--workers",
+                               "0", *extra])
 
 
 def _one_line_error(result, *words: str) -> None:
@@ -338,3 +337,273 @@ def test_a_karpathy_json_nested_too_deeply_is_one_line(tmp_path):
     path.write_text('{"images": [], "n": ' + "1" * 5000 + "}")
     with pytest.raises(SatcliError, match="dataset_x.json: top level: not readable JSON"):
         read_karpathy(path)
+
+
+# -- 7. full disks and read-only folders: one line, earlier output untouched -------------------------------------
+
+
+def _fault(code: int) -> OSError:
+    return OSError(code, os.strerror(code))
+
+
+class _FullDisk:
+    """A ParquetWriter whose writes fail as on a full disk, for files named ``target``."""
+
+    def __init__(self, monkeypatch, target: str, code: int = errno.ENOSPC):
+        original = satcli.results.pq.ParquetWriter
+        outer = self
+
+        class Writer(original):
+            def write_table(self, table, *args, **kwargs):
+                if outer.target in str(self.where):
+                    raise _fault(outer.code)
+                return super().write_table(table, *args, **kwargs)
+
+            def __init__(self, where, *args, **kwargs):
+                self.where = where
+                super().__init__(where, *args, **kwargs)
+
+        self.target, self.code = target, code
+        monkeypatch.setattr(satcli.results.pq, "ParquetWriter", Writer)
+
+
+def _add_photo(photos: Path) -> None:
+    (photos / "new.jpg").write_bytes((photos / "img0.jpg").read_bytes())
+
+
+def _leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp"))
+
+
+@pytest.mark.parametrize("code, cause", [(errno.ENOSPC, "ENOSPC"), (errno.EROFS, "EROFS")])
+def test_caption_final_merge_on_a_full_or_read_only_disk(photos, checkpoint, tmp_path, monkeypatch, code, cause):
+    output = tmp_path / "c.parquet"
+    run(_options(photos, checkpoint, output))
+    before = output.read_bytes()
+    _add_photo(photos)
+    _FullDisk(monkeypatch, ".c.parquet.satcli-", code)  # the chunks write; the final merge does not
+    _one_line_error(_caption_cli(photos, checkpoint, output), "c.parquet", cause)
+    assert output.read_bytes() == before and _leftovers(tmp_path) == []
+    monkeypatch.undo()
+    monkeypatch.setenv("SATCLI_STATE_DIR", str(tmp_path / "state"))
+    summary = run(_options(photos, checkpoint, output))  # with space again, the rerun only merges
+    assert summary.n_processed == 0 and pq.read_table(output).num_rows == 6
+
+
+def test_caption_sidecar_that_cannot_be_created(photos, checkpoint, tmp_path, monkeypatch):
+    output = tmp_path / "c.parquet"
+    run(_options(photos, checkpoint, output))
+    before = output.read_bytes()
+    _add_photo(photos)
+    original = Path.mkdir
+
+    def read_only(self, *args, **kwargs):
+        if self.name.endswith(".partial"):
+            raise _fault(errno.EROFS)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    _one_line_error(_caption_cli(photos, checkpoint, output), "c.parquet.partial", "EROFS")
+    assert output.read_bytes() == before
+
+
+def test_caption_chunk_write_on_a_full_disk(photos, checkpoint, tmp_path, monkeypatch):
+    _FullDisk(monkeypatch, ".chunk-")
+    _one_line_error(_caption_cli(photos, checkpoint, tmp_path / "c.parquet"), "c.parquet.partial", "ENOSPC")
+    assert not (tmp_path / "c.parquet").exists()
+
+
+def test_merge_on_a_full_disk_and_parts_on_a_read_only_one(photos, checkpoint, tmp_path, monkeypatch):
+    output = tmp_path / "c.parquet"
+    parts = [run(_options(photos, checkpoint, output, shard=(k, 2))).output for k in range(2)]
+    output.write_bytes(b"an older merge")
+    before = [p.read_bytes() for p in parts]
+    with monkeypatch.context() as patch:
+        _FullDisk(patch, ".c.parquet.satcli-")
+        result = runner.invoke(app, ["merge", "-o", str(output), "--remove-parts"])
+    _one_line_error(result, "c.parquet", "ENOSPC")
+    assert output.read_bytes() == b"an older merge" and [p.read_bytes() for p in parts] == before
+    assert _leftovers(tmp_path) == []
+
+    original = Path.unlink
+
+    def read_only(self, *args, **kwargs):
+        if ".part-" in self.name:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "unlink", read_only)
+    result = runner.invoke(app, ["merge", "-o", str(output), "--remove-parts"])
+    _one_line_error(result, "c.part-0-of-2.parquet", "EROFS")
+    assert pq.read_table(output).num_rows == 5 and all(p.is_file() for p in parts)
+
+
+def test_report_and_overlays_on_a_full_disk(tmp_path, monkeypatch):
+    from satcli.results import CaptionRow
+    from tests.helpers import peaked_attention
+
+    Image.new("RGB", (30, 30), (200, 30, 30)).save(tmp_path / "red.png")
+    rows = [CaptionRow("red.png", "red", ["red"], -1.0, True, peaked_attention(1, 3, 3, [(0, 0)]), 30, 30)]
+    results = _results_with(tmp_path, rows)
+    page = tmp_path / "r.html"
+    assert runner.invoke(app, ["report", str(results), "-o", str(page)]).exit_code == 0
+    before = page.read_bytes()
+    original = Path.write_bytes
+
+    def full(self, data):
+        if ".satcli-" in self.name:
+            raise _fault(errno.ENOSPC)
+        return original(self, data)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Path, "write_bytes", full)
+        _one_line_error(runner.invoke(app, ["report", str(results), "-o", str(page)]), "r.html", "ENOSPC")
+    assert page.read_bytes() == before and _leftovers(tmp_path) == []
+
+    original_save = Image.Image.save
+
+    def full_for(image_format):
+        def save(self, fp, *args, **kwargs):
+            if kwargs.get("format") == image_format:
+                raise _fault(errno.ENOSPC)
+            return original_save(self, fp, *args, **kwargs)
+        return save
+
+    with monkeypatch.context() as patch:  # the report's thumbnails
+        patch.setattr(Image.Image, "save", full_for("JPEG"))
+        _one_line_error(runner.invoke(app, ["report", str(results), "-o", str(page)]), "r_files", "ENOSPC")
+    with monkeypatch.context() as patch:  # the attention pictures
+        patch.setattr(Image.Image, "save", full_for("PNG"))
+        result = runner.invoke(app, ["report", str(results), "-o", str(page), "--overlays", str(tmp_path / "ov")])
+        _one_line_error(result, str(tmp_path / "ov"), ".png", "ENOSPC")
+    assert page.read_bytes() == before and _leftovers(tmp_path / "ov") == []
+
+    original_mkdir = Path.mkdir
+
+    def read_only(self, *args, **kwargs):
+        if self.name == "ov":
+            raise _fault(errno.EROFS)
+        return original_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    result = runner.invoke(app, ["report", str(results), "-o", str(tmp_path / "t.html"), "--overlays",
+                                 str(tmp_path / "ov")])
+    _one_line_error(result, "ov", "EROFS")
+
+
+def test_a_checkpoint_write_on_a_full_disk_keeps_the_old_one(checkpoint, tmp_path, monkeypatch):
+    target = tmp_path / "last.pt"
+    target.write_bytes(checkpoint.read_bytes())
+    loaded = torch.load(checkpoint, weights_only=True)
+    model = Captioner(tiny_config(image_size=32))
+    original = torch.save
+
+    def full(obj, f, *args, **kwargs):
+        original(obj, f, *args, **kwargs)  # most of it lands, then the disk is full
+        raise _fault(errno.ENOSPC)
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(SatcliError) as caught:
+        save_checkpoint(target, model, Vocabulary(loaded["vocab"]))
+    assert str(caught.value).startswith(f"{target}: cannot write (") and "ENOSPC" in str(caught.value)
+    assert "\n" not in str(caught.value)
+    assert target.read_bytes() == checkpoint.read_bytes() and _leftovers(tmp_path) == []
+
+
+def test_other_os_errors_are_not_hidden(tmp_path, monkeypatch):
+    """Only disk faults become one line: a bug keeps its traceback."""
+    import satcli.merge
+
+    def broken(options):
+        raise OSError(errno.EBADF, "Bad file descriptor")
+
+    monkeypatch.setattr(satcli.merge, "run", broken)
+    result = runner.invoke(app, ["merge", "-o", str(tmp_path / "x.parquet")])
+    assert isinstance(result.exception, OSError) and result.exception.errno == errno.EBADF
+
+
+# -- 8. temporary files a kill left behind ------------------------------------------------------------------------
+
+
+def _killed_while_writing(target: Path) -> Path:
+    """Run a process that starts an atomic write of ``target`` and is SIGKILLed in the middle of it; return the
+    temporary file it left."""
+    script = ("import os, signal, sys\n"
+              "from satcli.atomic import write_with\n"
+              "def half(tmp):\n"
+              "    tmp.write_bytes(b'half a file')\n"
+              "    os.kill(os.getpid(), signal.SIGKILL)\n"
+              "write_with(sys.argv[1], half)\n")
+    done = subprocess.run([sys.executable, "-c", script, str(target)], env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == -signal.SIGKILL
+    (left,) = [p for p in target.parent.iterdir() if p.name.endswith(".tmp")]
+    assert left.name.startswith(f".{target.name}.satcli-")
+    return left
+
+
+def test_stale_temporary_files_of_a_killed_merge_or_checkpoint_are_removed(photos, checkpoint, tmp_path):
+    output = tmp_path / "c.parquet"
+    left = _killed_while_writing(output)
+    mine = temp_path(output)  # a write of this very process, still going: not stale
+    mine.write_bytes(b"")
+    foreign = tmp_path / ".c.parquet.something.tmp"  # not satcli's pattern: not ours to delete
+    foreign.write_bytes(b"")
+    run(_options(photos, checkpoint, output))
+    assert not left.exists() and mine.exists() and foreign.exists()
+    assert pq.read_table(output).num_rows == 5
+
+    last = tmp_path / "run" / "last.pt"
+    last.parent.mkdir()
+    left = _killed_while_writing(last)
+    loaded = torch.load(checkpoint, weights_only=True)
+    save_checkpoint(last, Captioner(tiny_config(image_size=32)), Vocabulary(loaded["vocab"]))
+    assert not left.exists() and _leftovers(last.parent) == []
+
+
+def test_the_atomic_helper_writes_bytes_and_cleans_only_dead_writers(tmp_path):
+    target = tmp_path / "f.bin"
+    write_bytes(target, b"one")
+    write_bytes(target, b"two")
+    assert target.read_bytes() == b"two" and _leftovers(tmp_path) == []
+    left = _killed_while_writing(target)
+    assert remove_stale_temps(target) == [left] and target.read_bytes() == b"two"
+    assert remove_stale_temps(tmp_path / "other") == []
+
+
+# -- 10. a slow disk holds the device back ------------------------------------------------------------------------
+
+
+def test_a_slow_disk_never_leaves_more_than_two_batches_unsaved():
+    import threading
+
+    from satcli.caption import UNSAVED_BATCHES, ChunkWriter, _Done
+
+    release = threading.Event()
+    written = []
+
+    class SlowDisk:
+        directory = Path("sidecar")
+
+        def write_chunk(self, rows, metadata):
+            release.wait()
+            written.append([row.path for row in rows])
+
+    metadata = {"satcli.decoding": {"n_best": 1}}
+    writer = ChunkWriter(SlowDisk(), metadata, words=[])
+    batches = [_Done([f"img{i}"], [1], [1], ["empty: x"], [None]) for i in range(4)]
+    captioned = []
+
+    def caption_all():  # the captioning loop of satcli.caption._caption
+        for batch in batches:
+            writer.reserve()
+            captioned.append(batch)
+            writer.put(batch)
+
+    loop = threading.Thread(target=caption_all, daemon=True)
+    loop.start()
+    loop.join(timeout=1.0)
+    assert loop.is_alive() and len(captioned) == UNSAVED_BATCHES == 2  # a kill now loses these two only
+    release.set()
+    loop.join(timeout=30)
+    writer.close()
+    assert written == [["img0"], ["img1"], ["img2"], ["img3"]]
