@@ -36,7 +36,10 @@ def disk_error(error: OSError, path: str | Path, doing: str = "cannot write") ->
     """A one-line SatcliError for a failed write: ``PATH: cannot write (No space left on device, ENOSPC)``."""
     code = errno.errorcode.get(error.errno or 0)
     text = str(error).strip()
-    reason = error.strerror or (text.splitlines()[0][:200] if text else type(error).__name__)
+    if error.errno:  # the system's words: pyarrow's own text wraps them in its details
+        reason = os.strerror(error.errno)
+    else:
+        reason = error.strerror or (text.splitlines()[0][:200] if text else type(error).__name__)
     return SatcliError(f"{doing} ({reason}{', ' + code if code else ''})", path)
 
 

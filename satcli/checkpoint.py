@@ -89,7 +89,37 @@ def save_checkpoint(path: str | Path, model: Captioner, vocab: Vocabulary,
     path = Path(path)
     payload = checkpoint_dict(model, vocab, train_options, metrics, **extra)
     remove_stale_temps(path)  # left by a run killed while writing this checkpoint
-    return write_with(path, lambda tmp: torch.save(payload, tmp))
+    return write_with(path, lambda tmp: _save(payload, tmp))
+
+
+class _Sink:
+    """A file for torch.save that remembers the OSError of a failed write: torch reports a full disk only as a
+    RuntimeError ("unexpected pos"), which would hide the cause."""
+
+    def __init__(self, file: Any):
+        self.file = file
+        self.error: OSError | None = None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as error:
+            self.error = error
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def _save(payload: dict[str, Any], path: Path) -> None:
+    with open(path, "wb") as file:
+        sink = _Sink(file)
+        try:
+            torch.save(payload, sink)  # type: ignore[arg-type]
+        except RuntimeError as error:
+            if sink.error is not None:
+                raise sink.error from error
+            raise
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:

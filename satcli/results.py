@@ -228,9 +228,11 @@ class ResultsWriter:
         self.n_rows = 0
         self._tmp = temp_path(self.path)  # named so that a later run can remove it if this one is killed
         self._writer: pq.ParquetWriter | None = None
+        self._sink: pa.NativeFile | None = None  # ours to close: after a failed write pyarrow may keep its own open
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._writer = pq.ParquetWriter(self._tmp, self.schema, compression=_COMPRESSION)
+            self._sink = pa.OSFile(str(self._tmp), "wb")
+            self._writer = pq.ParquetWriter(self._sink, self.schema, compression=_COMPRESSION)
         except OSError as error:
             self.abort()
             raise disk_error(error, self.path) from error
@@ -252,6 +254,8 @@ class ResultsWriter:
         assert self._writer is not None
         try:
             self._writer.close()
+            assert self._sink is not None
+            self._sink.close()
             fd = os.open(self._tmp, os.O_RDONLY)
             try:
                 os.fsync(fd)
@@ -259,19 +263,19 @@ class ResultsWriter:
                 os.close(fd)
             os.replace(self._tmp, self.path)
         except OSError as error:
-            self._tmp.unlink(missing_ok=True)
+            self.abort()
             raise disk_error(error, self.path) from error
         fsync_directory(self.path.parent)
         return self.path
 
     def abort(self) -> None:
-        try:
-            if self._writer is not None:
-                with contextlib.suppress(OSError):
-                    self._writer.close()
-        finally:
-            with contextlib.suppress(OSError):
-                self._tmp.unlink(missing_ok=True)
+        """Close and delete the temporary file (its space is free again only once no handle holds it)."""
+        for close in (self._writer, self._sink):
+            if close is not None:
+                with contextlib.suppress(OSError, pa.ArrowException):
+                    close.close()
+        with contextlib.suppress(OSError):
+            self._tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> ResultsWriter:
         return self

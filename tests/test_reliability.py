@@ -353,18 +353,25 @@ class _FullDisk:
         original = satcli.results.pq.ParquetWriter
         outer = self
 
+        original_temp_path = satcli.results.temp_path
+
         class Writer(original):
             def write_table(self, table, *args, **kwargs):
-                if outer.target in str(self.where):
+                if outer.target in str(self.temp):
                     raise _fault(outer.code)
                 return super().write_table(table, *args, **kwargs)
 
             def __init__(self, where, *args, **kwargs):
-                self.where = where
+                self.temp = outer.last_temp  # the file behind ``where``, a pyarrow stream
                 super().__init__(where, *args, **kwargs)
 
-        self.target, self.code = target, code
+        def recording_temp_path(target):
+            outer.last_temp = original_temp_path(target)
+            return outer.last_temp
+
+        self.target, self.code, self.last_temp = target, code, None
         monkeypatch.setattr(satcli.results.pq, "ParquetWriter", Writer)
+        monkeypatch.setattr(satcli.results, "temp_path", recording_temp_path)
 
 
 def _add_photo(photos: Path) -> None:
@@ -607,3 +614,47 @@ def test_a_slow_disk_never_leaves_more_than_two_batches_unsaved():
     loop.join(timeout=30)
     writer.close()
     assert written == [["img0"], ["img1"], ["img2"], ["img3"]]
+
+
+@pytest.fixture
+def full_tmpfs(tmp_path):
+    """A 1 MiB tmpfs (root only; skipped where mounting is not allowed), to be filled by the test."""
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        if subprocess.run(["umount", str(mount)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(mount)], check=False)  # a handle still open: detach it anyway
+
+
+def _fill(folder: Path) -> None:
+    with open(folder / "filler", "wb", buffering=0) as f, pytest.raises(OSError) as caught:
+        while True:
+            f.write(b"\0" * 4096)
+    assert caught.value.errno == errno.ENOSPC
+
+
+def test_a_real_full_disk_merge_and_checkpoint(photos, checkpoint, tmp_path, full_tmpfs):
+    output = tmp_path / "c.parquet"
+    parts = [run(_options(photos, checkpoint, output, shard=(k, 2))).output for k in range(2)]
+    target = full_tmpfs / "c.parquet"
+    target.write_bytes(b"an older merge")
+    last = full_tmpfs / "last.pt"
+    last.write_bytes(b"an older checkpoint")
+    _fill(full_tmpfs)
+    result = runner.invoke(app, ["merge", str(parts[0]), str(parts[1]), "-o", str(target)])
+    _one_line_error(result, str(target), "No space left on device", "ENOSPC")
+    loaded = torch.load(checkpoint, weights_only=True)
+    with pytest.raises(SatcliError, match="last.pt: cannot write .No space left on device, ENOSPC"):
+        save_checkpoint(last, Captioner(tiny_config(image_size=32)), Vocabulary(loaded["vocab"]))
+    assert target.read_bytes() == b"an older merge" and last.read_bytes() == b"an older checkpoint"
+    assert _leftovers(full_tmpfs) == []
+    held = [os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
+            if os.path.exists(f"/proc/self/fd/{fd}")]
+    assert not [h for h in held if h.startswith(str(full_tmpfs))]  # no file left open there
