@@ -353,7 +353,7 @@ class _FullDisk:
         original = satcli.results.pq.ParquetWriter
         outer = self
 
-        original_temp_path = satcli.results.temp_path
+        original_temp_path = getattr(satcli.results, "temp_path", None)
 
         class Writer(original):
             def write_table(self, table, *args, **kwargs):
@@ -362,7 +362,8 @@ class _FullDisk:
                 return super().write_table(table, *args, **kwargs)
 
             def __init__(self, where, *args, **kwargs):
-                self.temp = outer.last_temp  # the file behind ``where``, a pyarrow stream
+                # the file behind ``where``: a path, or a pyarrow stream opened on the latest temporary name
+                self.temp = where if isinstance(where, str | os.PathLike) else outer.last_temp
                 super().__init__(where, *args, **kwargs)
 
         def recording_temp_path(target):
@@ -371,7 +372,7 @@ class _FullDisk:
 
         self.target, self.code, self.last_temp = target, code, None
         monkeypatch.setattr(satcli.results.pq, "ParquetWriter", Writer)
-        monkeypatch.setattr(satcli.results, "temp_path", recording_temp_path)
+        monkeypatch.setattr(satcli.results, "temp_path", recording_temp_path, raising=False)
 
 
 def _add_photo(photos: Path) -> None:
@@ -388,7 +389,7 @@ def test_caption_final_merge_on_a_full_or_read_only_disk(photos, checkpoint, tmp
     run(_options(photos, checkpoint, output))
     before = output.read_bytes()
     _add_photo(photos)
-    _FullDisk(monkeypatch, ".c.parquet.satcli-", code)  # the chunks write; the final merge does not
+    _FullDisk(monkeypatch, "/.c.parquet.", code)  # the chunks write; the final merge does not
     _one_line_error(_caption_cli(photos, checkpoint, output), "c.parquet", cause)
     assert output.read_bytes() == before and _leftovers(tmp_path) == []
     monkeypatch.undo()
@@ -426,7 +427,7 @@ def test_merge_on_a_full_disk_and_parts_on_a_read_only_one(photos, checkpoint, t
     output.write_bytes(b"an older merge")
     before = [p.read_bytes() for p in parts]
     with monkeypatch.context() as patch:
-        _FullDisk(patch, ".c.parquet.satcli-")
+        _FullDisk(patch, "/.c.parquet.")
         result = runner.invoke(app, ["merge", "-o", str(output), "--remove-parts"])
     _one_line_error(result, "c.parquet", "ENOSPC")
     assert output.read_bytes() == b"an older merge" and [p.read_bytes() for p in parts] == before
