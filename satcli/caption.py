@@ -10,7 +10,8 @@ sidecar directory next to the output (``captions.parquet.partial/``). A rerun of
 images already in chunks — batches are cut at fixed positions of the sorted input list, so the resumed run
 sees exactly the batches an uninterrupted one would — and when every image is done the chunks are merged
 into the output (temporary file + rename) and the sidecar is removed. A kill at any moment loses at most the
-batches in flight. A finished output is extended the same way when new images appear under the inputs.
+``UNSAVED_BATCHES`` (2) batches: the one being written and the one on the device; with a slow disk the device
+waits rather than run ahead. A finished output is extended the same way when new images appear under the inputs.
 
 Sharding. Under ``torchrun`` (``RANK``/``WORLD_SIZE``) or with ``--shard K/N``, rank K captions every N-th
 image of the sorted list, starting at the K-th, into ``captions.part-K-of-N.parquet``; ``satcli merge``
@@ -26,7 +27,7 @@ import json
 import logging
 import os
 import queue
-import shutil
+import re
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -43,6 +44,7 @@ from torch.utils.data import DataLoader, Dataset
 from models.captioner import Captioner
 from models.decoding import DecodingOptions, DecodingResult, decode
 from satcli import __version__
+from satcli.atomic import disk_error, write_text
 from satcli.checkpoint import Preprocessing, checkpoint_sha256, load_captioner, read_checkpoint
 from satcli.console import make_progress
 from satcli.defaults import default_model
@@ -64,7 +66,10 @@ from satcli.transforms import normalise
 log = logging.getLogger(__name__)
 
 DEFAULT_OUTPUT = Path("captions.parquet")
-_QUEUE_BATCHES = 4  # batches waiting for the writer thread before the device waits for the disk
+# Batches between the start of their captioning and the end of their write: the one being written and the one on
+# the device (or waiting for the writer). With a slow disk the device waits rather than run further ahead, so a
+# kill loses at most these.
+UNSAVED_BATCHES = 2
 
 
 @dataclass(frozen=True)
@@ -166,7 +171,7 @@ def find_images(inputs: Sequence[str], root: str | Path | None = None) -> list[I
     def add(file: str) -> None:
         absolute = os.path.abspath(file)
         relative = os.path.relpath(absolute, base)
-        shown = absolute if relative == ".." or relative.startswith(".." + os.sep) else relative
+        shown = printable_path(absolute if relative == ".." or relative.startswith(".." + os.sep) else relative)
         found.setdefault(shown, ImageSource(shown, absolute))
 
     for pattern in inputs:
@@ -188,6 +193,29 @@ def find_images(inputs: Sequence[str], root: str | Path | None = None) -> list[I
         else:
             raise SatcliError("no such file or directory", pattern)
     return sorted(found.values())
+
+
+def printable_path(path: str) -> str:
+    """``path`` as valid UTF-8: bytes of a name that is not (Python holds them as lone surrogates) become ``\\xNN``.
+
+    Such a file cannot be named in the results' UTF-8 ``path`` column, so it gets a ``bad-name`` error row
+    under this spelling instead of a caption (docs/formats.md).
+    """
+    if utf8_name(path):
+        return path
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def utf8_name(path: str) -> bool:
+    """Whether ``path`` is valid UTF-8 (False for names read from disk with undecodable bytes)."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+BAD_NAME = "bad-name: the file name is not valid UTF-8 (its bytes are shown as \\xNN); rename the file to caption it"
 
 
 def _walk(top: str) -> Iterator[str]:
@@ -322,7 +350,8 @@ class ImageFiles(Dataset):
     """
 
     def __init__(self, files: Sequence[str], image_size: int, max_pixels: int | None):
-        self.files = pa.array(files, pa.string())
+        # A name that is not UTF-8 cannot go into Arrow (nor into the results): it becomes a bad-name row.
+        self.files = pa.array([file if utf8_name(file) else None for file in files], pa.string())
         self.image_size = image_size
         self.max_pixels = max_pixels
 
@@ -331,6 +360,8 @@ class ImageFiles(Dataset):
 
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, int | None, int | None, str | None]:
         file = self.files[index].as_py()
+        if file is None:
+            return index, None, None, None, BAD_NAME
         try:
             loaded = load_image(file, self.max_pixels, min_size=self.image_size)
             return index, resize_to_tensor(loaded.image, self.image_size), loaded.width, loaded.height, None
@@ -388,9 +419,20 @@ class RunState:
         return sorted(self.directory.glob("chunk-*.parquet"))
 
     def lock(self) -> None:
-        """Take the sidecar's lock; another live process writing the same output is refused."""
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self._lock_file = open(self.directory / "lock", "w")  # noqa: SIM115 — held for the whole run
+        """Take the sidecar's lock; another live process writing the same output is refused.
+
+        The sidecar must be a real folder: a symlink (or a file) of that name is refused, so nothing is ever
+        written, or deleted, through it outside the output's own folder.
+        """
+        if self.directory.is_symlink() or (self.directory.exists() and not self.directory.is_dir()):
+            raise SatcliError("is in the way of the folder satcli keeps an unfinished run in (it is a symbolic "
+                              "link or a file, not a folder satcli made); move it away or write elsewhere with -o",
+                              self.directory)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self._lock_file = open(self.directory / "lock", "w")  # noqa: SIM115 — held for the whole run
+        except OSError as error:
+            raise disk_error(error, self.directory, "cannot create the folder for the unfinished run") from error
         try:
             # A POSIX record lock, not flock: DataLoader workers forked later must not inherit it, or a worker
             # outliving a killed run would block the rerun that resumes it. The kernel drops it when we die.
@@ -410,23 +452,19 @@ class RunState:
         self.lock()
         recorded = self.directory / "run.json"
         if overwrite:
-            for old in self.directory.iterdir():
-                if old.is_dir():
-                    shutil.rmtree(old)
-                elif old.name != "lock":
-                    old.unlink()
+            self._remove_own_files(keep_lock=True)
         if recorded.exists():
             try:
                 previous = json.loads(recorded.read_text(encoding="utf-8"))["fingerprint"]
-            except (OSError, ValueError, KeyError, TypeError):
+            except (OSError, ValueError, KeyError, TypeError, RecursionError):
                 previous = None
             if previous != fingerprint:
                 self.unlock()
                 raise SatcliError(f"an unfinished run for this output used {_difference(previous, fingerprint)}; "
                                   "run with --overwrite to start again, or with the same model and options to "
                                   "finish it", self.output)
-        for stale in self.directory.glob(".*.tmp"):  # temporary files of a chunk being written when killed
-            stale.unlink(missing_ok=True)
+        for stale in [*self.directory.glob(".chunk-*.tmp"), *self.directory.glob(".run.json.*.tmp")]:
+            stale.unlink(missing_ok=True)  # temporary files of a chunk being written when killed (we hold the lock)
         if not recorded.exists():
             write_json_atomic(recorded, {"fingerprint": fingerprint, "satcli_version": __version__})
         done: set[str] = set()
@@ -448,17 +486,29 @@ class RunState:
         return write_results(path, to_table(rows), metadata)
 
     def remove(self) -> None:
+        """Delete the sidecar: the files the run wrote, then the folder if nothing else is in it."""
         self.unlock()
-        shutil.rmtree(self.directory, ignore_errors=True)
+        self._remove_own_files(keep_lock=False)
+        try:
+            self.directory.rmdir()
+        except OSError:
+            log.warning("%s holds files satcli did not write; it is left in place", self.directory)
+
+    def _remove_own_files(self, keep_lock: bool) -> None:
+        """Only what a run writes here: ``lock``, ``run.json``, chunks and their temporary files."""
+        for old in self.directory.iterdir():
+            own = (old.name in ("lock", "run.json") or _CHUNK.match(old.name)
+                   or (old.name.startswith((".chunk-", ".run.json.")) and old.name.endswith(".tmp")))
+            if own and not (keep_lock and old.name == "lock") and not old.is_dir():
+                with contextlib.suppress(FileNotFoundError):
+                    old.unlink()
+
+
+_CHUNK = re.compile(r"^chunk-\d+\.parquet$")
 
 
 def write_json_atomic(path: Path, value: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(value, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_text(path, json.dumps(value, indent=2, sort_keys=True))
 
 
 def _difference(previous: dict[str, Any] | None, current: dict[str, Any]) -> str:
@@ -496,10 +546,18 @@ class ChunkWriter:
         self.n_best = metadata["satcli.decoding"]["n_best"]  # > 1: runners-up go to the alternatives column
         self.error_kinds: dict[str, int] = {}
         self.n_written = 0
-        self._queue: queue.Queue[_Done | None] = queue.Queue(maxsize=_QUEUE_BATCHES)
+        self._queue: queue.Queue[_Done | None] = queue.Queue(maxsize=UNSAVED_BATCHES)
+        self._room = threading.Semaphore(UNSAVED_BATCHES)  # released when a batch is on disk
         self._failure: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, name="satcli-chunk-writer", daemon=True)
         self._thread.start()
+
+    def reserve(self) -> None:
+        """Wait until fewer than ``UNSAVED_BATCHES`` captioned batches are off the disk; call before captioning
+        the next batch. Raises if a write failed."""
+        while not self._room.acquire(timeout=0.5):
+            self._raise_failure()
+        self._raise_failure()
 
     def put(self, done: _Done) -> None:
         while True:
@@ -537,6 +595,8 @@ class ChunkWriter:
                 self.n_written += len(done.paths)
             except BaseException as error:  # noqa: BLE001 — handed to the main thread
                 self._failure = error
+            finally:
+                self._room.release()
 
     def _rows(self, done: _Done) -> list[CaptionRow]:
         rows = []
@@ -687,6 +747,7 @@ def _caption(sources: list[ImageSource], batches: list[list[int]], model_path: P
         writer = ChunkWriter(state, metadata, loaded.vocab.words)
         try:
             for batch in iterator:
+                writer.reserve()  # a slow disk holds the device back instead of letting results pile up unsaved
                 results: list[DecodingResult | None] = [None] * len(batch.indices)
                 if batch.images.shape[0]:
                     decoded = iter(caption_batch(model, batch.images, loaded.preprocessing, decoding))

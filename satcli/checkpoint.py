@@ -8,9 +8,8 @@ satcli checkpoint, or is truncated, is refused with a one-line error naming it.
 from __future__ import annotations
 
 import hashlib
-import os
+import math
 import pickle
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ import torch
 
 from models.captioner import Captioner, CaptionerConfig
 from satcli import __version__
+from satcli.atomic import remove_stale_temps, write_with
 from satcli.errors import SatcliError
 from satcli.vocab import Vocabulary
 
@@ -82,24 +82,44 @@ def checkpoint_dict(model: Captioner, vocab: Vocabulary, train_options: dict[str
 def save_checkpoint(path: str | Path, model: Captioner, vocab: Vocabulary,
                     train_options: dict[str, Any] | None = None, metrics: dict[str, Any] | None = None,
                     **extra: Any) -> Path:
-    """Write atomically: a temporary file in the same directory, flushed to disk, then renamed over ``path``.
-
-    A crash at any moment leaves either the old file or the new one, never a torn one.
+    """Write atomically (:mod:`satcli.atomic`): a temporary file in the same directory, flushed to disk, then
+    renamed over ``path``. A crash at any moment leaves either the old file or the new one, never a torn one; a
+    full disk or read-only folder leaves the old one and raises SatcliError naming ``path`` and the cause.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = checkpoint_dict(model, vocab, train_options, metrics, **extra)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    remove_stale_temps(path)  # left by a run killed while writing this checkpoint
+    return write_with(path, lambda tmp: _save(payload, tmp))
+
+
+class _Sink:
+    """A file for torch.save that remembers the OSError of a failed write: torch reports a full disk only as a
+    RuntimeError ("unexpected pos"), which would hide the cause."""
+
+    def __init__(self, file: Any):
+        self.file = file
+        self.error: OSError | None = None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as error:
+            self.error = error
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def _save(payload: dict[str, Any], path: Path) -> None:
+    with open(path, "wb") as file:
+        sink = _Sink(file)
+        try:
+            torch.save(payload, sink)  # type: ignore[arg-type]
+        except RuntimeError as error:
+            if sink.error is not None:
+                raise sink.error from error
+            raise
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -125,7 +145,74 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     missing = {"config", "state_dict", "vocab", "preprocessing"} - payload.keys()
     if missing:
         raise SatcliError(f"checkpoint is missing {', '.join(sorted(missing))}", path)
+    problem = checkpoint_problem(payload)
+    if problem:
+        raise SatcliError(f"checkpoint holds {problem}", path)
     return payload
+
+
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 16, 2048  # pixels a side: the paper uses 224-256; 60,000 would be a 10 GB resize
+_MAX_WIDTH = 1 << 16  # embedding, attention and decoder sizes, vocabulary size: sanity bounds, far above use
+
+
+def checkpoint_problem(payload: dict[str, Any]) -> str | None:
+    """What is malformed in a checkpoint dict with the satcli marker (config, preprocessing, vocabulary, train
+    options), as words for a one-line error; None when every value is usable. Values are never trusted: a
+    checkpoint may come from anywhere."""
+    config, pre = payload["config"], payload["preprocessing"]
+    if not isinstance(config, dict):
+        return "a config that is not a mapping"
+    try:
+        built = CaptionerConfig.from_dict(config)
+    except Exception as error:  # noqa: BLE001 — any value the config's own checks reject
+        return f"a malformed config ({_first_line(error)})"
+    bounds = {"vocab_size": (1, _MAX_WIDTH), "embed_dim": (1, _MAX_WIDTH), "attention_dim": (1, _MAX_WIDTH),
+              "decoder_dim": (1, _MAX_WIDTH), "image_size": (MIN_IMAGE_SIZE, MAX_IMAGE_SIZE), "grid_size": (1, 256)}
+    for name, (low, high) in bounds.items():
+        value = getattr(built, name, None)
+        if not (value is None and name == "grid_size") and not _integer(value, low, high):
+            return f"a malformed config: {name} {_short(value)} is not a whole number from {low} to {high}"
+    if not isinstance(pre, dict):
+        return "preprocessing that is not a mapping"
+    size = pre.get("image_size")
+    if not _integer(size, MIN_IMAGE_SIZE, MAX_IMAGE_SIZE):
+        return (f"a malformed preprocessing: image_size {_short(size)} is not a whole number from {MIN_IMAGE_SIZE} "
+                f"to {MAX_IMAGE_SIZE}")
+    for name in ("mean", "std"):
+        values = pre.get(name)
+        if (not isinstance(values, list | tuple) or len(values) != 3
+                or not all(_number(v) for v in values) or (name == "std" and min(values) <= 0)):
+            return f"a malformed preprocessing: {name} {_short(values)} is not three finite numbers" + (
+                " above 0" if name == "std" else "")
+    vocab = payload["vocab"]
+    if not isinstance(vocab, list | tuple) or not all(isinstance(word, str) for word in vocab):
+        return "a vocabulary that is not a list of words"
+    for name in ("train_options", "metrics"):
+        if not isinstance(payload.get(name, {}), dict):
+            return f"{name} that are not a mapping"
+    return None
+
+
+def _integer(value: Any, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _short(value: Any) -> str:
+    """A value for an error message, at most 40 characters (a 5000-digit integer has no ``repr`` at all)."""
+    try:
+        text = repr(value)
+    except ValueError:
+        return "(a huge number)"
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:200] if text else type(error).__name__
 
 
 def load_captioner(path: str | Path, device: str | torch.device = "cpu") -> LoadedCheckpoint:

@@ -6,10 +6,11 @@ User mistakes arrive here as :class:`~satcli.errors.SatcliError` and leave as on
 
 from __future__ import annotations
 
+import errno
 import logging
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import click
 import typer
@@ -39,10 +40,24 @@ class _Group(typer.core.TyperGroup):
         try:
             return super().invoke(ctx)
         except SatcliError as error:
-            if (ctx.obj or {}).get("verbose"):
-                err_console.print_exception()
-            err_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
-            raise typer.Exit(1) from None
+            self._fail(ctx, str(error))
+        except OSError as error:
+            # A full disk or a read-only folder is the user's to fix, wherever the write happened.
+            if error.errno not in _DISK_ERRNOS:
+                raise
+            code = errno.errorcode.get(error.errno or 0, "")
+            where = f"{error.filename}: " if error.filename else ""
+            self._fail(ctx, f"{where}{error.strerror or error} ({code})")
+
+    @staticmethod
+    def _fail(ctx: click.Context, message: str) -> NoReturn:
+        if (ctx.obj or {}).get("verbose"):
+            err_console.print_exception()
+        err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+
+
+_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
 
 
 app = typer.Typer(

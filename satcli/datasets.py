@@ -129,10 +129,20 @@ def _error(file: Path, where: str, message: str) -> SatcliError:
     return SatcliError(f"{where}: {message}", path=file)
 
 
+def _text(value: str, file: Path, where: str, what: str) -> str:
+    """``value``, refused when it holds a lone surrogate (JSON's ``"\\ud800"``): no text, it cannot be stored."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _error(file, where, f"the {what} holds a lone surrogate escape (\\udXXX), which is not text") from None
+    return value
+
+
 def safe_image_path(raw: object, file: Path, where: str) -> str:
     """A caption file's image path as a clean relative POSIX path; refuses anything that leaves the images dir."""
     if not isinstance(raw, str) or not raw.strip():
         raise _error(file, where, "missing image file name")
+    _text(raw, file, where, "image path")
     text = raw.strip()
     parts = [p for p in re.split(r"[\\/]", text) if p not in ("", ".")]
     if text.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", text) or ".." in parts or "\0" in text or not parts:
@@ -144,7 +154,7 @@ def safe_image_path(raw: object, file: Path, where: str) -> str:
 def _caption(raw: object, file: Path, where: str) -> str:
     if not isinstance(raw, str):
         raise _error(file, where, "caption is missing or not a string")
-    caption = raw.strip()
+    caption = _text(raw, file, where, "caption").strip()
     if not tokenize(caption):
         raise _error(file, where, "empty caption")
     return caption
@@ -160,10 +170,23 @@ def _read_text(path: Path) -> str:
 
 
 def _load_json(path: Path) -> Any:
+    return _parse_json(_read_text(path), path, None)
+
+
+def _parse_json(text: str, path: Path, line: int | None) -> Any:
+    """JSON text → value; malformed JSON, nesting too deep for Python and numbers too long for it are one-line
+    errors naming the file (and line)."""
     try:
-        return json.loads(_read_text(path))
+        return json.loads(text)
     except json.JSONDecodeError as error:
-        raise _error(path, f"line {error.lineno} column {error.colno}", f"not valid JSON ({error.msg})") from None
+        where = f"line {error.lineno if line is None else line}" + (f" column {error.colno}" if line is None else "")
+        raise _error(path, where, f"not valid JSON ({error.msg})") from None
+    except RecursionError:
+        raise _error(path, "top level" if line is None else f"line {line}", "not readable JSON (nested too "
+                     "deeply)") from None
+    except ValueError as error:  # e.g. an integer of more than 4300 digits
+        reason = str(error).splitlines()[0][:120] if str(error) else type(error).__name__
+        raise _error(path, "top level" if line is None else f"line {line}", f"not readable JSON ({reason})") from None
 
 
 def _key(entry: Any, name: str, kind: type | tuple[type, ...], file: Path, where: str) -> Any:
@@ -269,12 +292,15 @@ def _sentence(sentence: Any, file: Path, where: str) -> str:
 
 def _object(entry: Any, file: Path, where: str) -> ObjectBox:
     box = _key(entry, "box", list, file, where)
-    if len(box) != 4 or not all(isinstance(v, int | float) for v in box) or box[0] > box[2] or box[1] > box[3]:
+    if (len(box) != 4 or not all(isinstance(v, int | float) and abs(v) < 1e9 for v in box)
+            or box[0] > box[2] or box[1] > box[3]):
         raise _error(file, where, f"box must be [x0, y0, x1, y1] with x0 <= x1 and y0 <= y1, got {box}")
     label = entry.get("label") or " ".join(str(entry[k]) for k in ("size", "colour", "shape") if k in entry)
     words = entry.get("words") or []
     if not isinstance(label, str) or not isinstance(words, list) or not all(isinstance(w, str) for w in words):
         raise _error(file, where, "'label' must be a string and 'words' a list of strings")
+    for text in (label, *words):
+        _text(text, file, where, "object label or words")
     return ObjectBox(tuple(float(v) for v in box), label, list(words))  # type: ignore[arg-type]
 
 
@@ -361,13 +387,12 @@ def read_pairs(path: Path, format: CaptionFormat) -> tuple[dict[str, list[str]],
         for n, line in enumerate(_read_text(path).splitlines(), start=1):
             if not line.strip():
                 continue
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise _error(path, f"line {n}", f"not valid JSON ({error.msg})") from None
+            entry = _parse_json(line, path, n)
             where = f"line {n}"
             if isinstance(entry, dict) and "captions" in entry:
                 raw_captions = _key(entry, "captions", list, path, where)
+                if not raw_captions:
+                    raise _error(path, where, "the captions list is empty; give each image at least one caption")
                 captions = [_caption(c, path, f"{where} caption {k + 1}") for k, c in enumerate(raw_captions)]
             else:
                 captions = [_caption(_key(entry, "caption", str, path, where), path, where)]

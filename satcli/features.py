@@ -51,7 +51,7 @@ def cached_features(dataset: StoredDataset, split: str, model: Captioner, device
         try:
             if json.loads(info_path.read_text()) == expected:
                 return np.load(array_path, mmap_mode="r")
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             pass
         log.info("feature cache %s is stale; recomputing", folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -36,6 +36,14 @@ def find_parts(output: Path) -> list[Path]:
     return sorted(p for p in output.parent.glob(f"{stem}.part-*-of-*{output.suffix}") if _PART.match(p.name))
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file (through symlinks, hard links or ``..``)."""
+    try:
+        return a.resolve() == b.resolve() or (b.exists() and a.samefile(b))
+    except OSError:
+        return False
+
+
 def run(options: MergeOptions) -> CaptionSummary:
     """Check the parts are complete and from the same model and options, then merge them into the output."""
     parts = list(options.parts) or find_parts(options.output)
@@ -66,6 +74,10 @@ def run(options: MergeOptions) -> CaptionSummary:
                           f"{missing[0]}/{count})", options.output)
 
     ordered = [numbered[i] for i in range(count)]
+    for part in ordered:  # merging into a part would replace it, and --remove-parts would then delete the result
+        if _same_file(part, options.output):
+            raise SatcliError("the output is one of the parts being merged; name another file with -o",
+                              options.output)
     fingerprints = {}
     for part in ordered:
         metadata = read_metadata(part)

@@ -21,7 +21,7 @@ import hashlib
 import logging
 import os
 import re
-import tempfile
+import stat
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -32,6 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
+from satcli.atomic import atomic_path, disk_error
 from satcli.console import make_progress
 from satcli.errors import SatcliError
 from satcli.results import read_attention, read_metadata, read_schema
@@ -249,24 +250,7 @@ def save_animation(frames: Sequence[Image.Image], path: Path, frame_ms: int = FR
                          disposal=1, optimize=False)
 
 
-class _atomic:
-    """Write to a temporary name beside ``path`` and rename it over ``path`` when the block succeeds."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def __enter__(self) -> Path:
-        fd, name = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-        os.close(fd)
-        self.tmp = Path(name)
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            os.chmod(self.tmp, 0o644)  # mkstemp makes it private; pictures are for sharing
-            os.replace(self.tmp, self.path)
-        else:
-            self.tmp.unlink(missing_ok=True)
+_atomic = atomic_path  # write beside the target, rename over it when the block succeeds
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -303,8 +287,13 @@ def dataset_images(data_root: Path, name: str) -> Path | None:
 
 
 def open_image(file: Path) -> Image.Image | None:
-    """The picture, EXIF orientation applied, or None when it cannot be read (it may have moved)."""
+    """The picture, EXIF orientation applied, or None when it cannot be read (it may have moved).
+
+    Only regular files are opened: a FIFO or device under an image's name would block or never end.
+    """
     try:
+        if not stat.S_ISREG(os.stat(file).st_mode):
+            return None
         with Image.open(file) as image:
             image.draft("RGB", (2 * PANEL, 2 * PANEL))  # JPEG: decode at a reduced scale, much faster
             return ImageOps.exif_transpose(image).convert("RGB")
@@ -354,6 +343,16 @@ def iter_results(results: Path, columns: Sequence[str], batch_size: int = 256) -
         raise SatcliError(f"cannot read results ({str(error).splitlines()[0][:200]})", results) from error
 
 
+def attention_of(row: dict, results: Path) -> np.ndarray:
+    """:func:`~satcli.results.read_attention` of a row, or a one-line SatcliError naming the file when the row's
+    grids do not fit its ``grid_height × grid_width`` (a file satcli did not write)."""
+    try:
+        return read_attention(row)
+    except (ValueError, TypeError) as error:
+        raise SatcliError(f"the attention of {row['path']} does not fit its {row['grid_height']} × "
+                          f"{row['grid_width']} grid; satcli did not write this file", results) from error
+
+
 def write_overlays(results: str | Path, image_root: str | Path | None, out_dir: str | Path, limit: int | None = None,
                    panel: int = PANEL, progress: bool = True) -> OverlaySummary:
     """Write ``<name>.png`` and ``<name>.gif`` into ``out_dir`` for every captioned row of ``results``.
@@ -366,7 +365,10 @@ def write_overlays(results: str | Path, image_root: str | Path | None, out_dir: 
     results, out_dir = Path(results), Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise SatcliError("the overlay folder is a file", out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise disk_error(error, out_dir, "cannot create the folder") from error
     root = Path(image_root) if image_root is not None else recorded_image_root(results)
     summary = OverlaySummary(out_dir)
     n_rows = count_rows(results)
@@ -385,7 +387,7 @@ def write_overlays(results: str | Path, image_root: str | Path | None, out_dir: 
             if image is None:
                 summary.n_missing_images += 1
             aspect = (row["image_width"], row["image_height"])
-            attention = read_attention(row)
+            attention = attention_of(row, results)
             name = overlay_name(row["path"])
             sheet = render_sheet(image, row["tokens"], attention, title=row["path"], panel=panel, aspect=aspect,
                                  token_logprobs=row["token_logprobs"])

@@ -28,11 +28,13 @@ from typing import Any
 import numpy as np
 
 from satcli import __version__
+from satcli.atomic import disk_error, write_text
 from satcli.console import make_progress
 from satcli.errors import SatcliError
 from satcli.overlays import (
     BLEND_FLOOR,
     BLEND_GAIN,
+    attention_of,
     colormap_lut,
     count_rows,
     iter_results,
@@ -41,7 +43,7 @@ from satcli.overlays import (
     recorded_image_root,
     resolve_image,
 )
-from satcli.results import read_attention, read_metadata
+from satcli.results import read_metadata
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +93,10 @@ def _thumbnail(source: Path, target: Path, size: int) -> bool:
     if image is None:
         return False
     image.thumbnail((size, size), resample=3)  # bicubic
-    image.save(target, format="JPEG", quality=82, optimize=True)
+    try:
+        image.save(target, format="JPEG", quality=82, optimize=True)
+    except OSError as error:
+        raise disk_error(error, target) from error
     return True
 
 
@@ -134,7 +139,8 @@ def _rows(options: ReportOptions, root: Path, thumbs: Path, summary: ReportSumma
                 thumb = f"{folder}/{overlay_name(row['path'])}.jpg" if made is not None and made.result() else None
                 if thumb is None and row["error"] is None:
                     summary.n_missing_images += 1
-                attention, peaks = encode_attention(read_attention(row)) if row["error"] is None else ("", [])
+                attention, peaks = (encode_attention(attention_of(row, options.results)) if row["error"] is None
+                                    else ("", []))
                 value = row["sum_logprob"]
                 sum_logprob = round(value, 4) if value is not None and math.isfinite(value) else None
                 yield [row["path"], row["caption"], row["tokens"], sum_logprob, row["finished"], row["error"],
@@ -170,7 +176,10 @@ def run(options: ReportOptions) -> ReportSummary:
     thumbs = output.with_name(output.stem + "_files")
     if thumbs.exists() and not thumbs.is_dir():
         raise SatcliError("is in the way of the report's thumbnail folder", thumbs)
-    thumbs.mkdir(parents=True, exist_ok=True)
+    try:
+        thumbs.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise disk_error(error, thumbs, "cannot create the folder") from error
     summary = ReportSummary(output, thumbs)
     root = options.image_root if options.image_root is not None else recorded_image_root(results) or Path(".")
     rows = list(_rows(options, root, thumbs, summary, total))
@@ -190,10 +199,7 @@ def run(options: ReportOptions) -> ReportSummary:
             .replace("{{TITLE}}", html.escape(f"satcli report: {results.name}"))
             .replace("{{VERSION}}", __version__)
             .replace("{{DATA}}", text))  # last: the data may hold any of the other markers
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(output)
+    write_text(output, page)
     if summary.n_missing_images:
         log.warning("%d images could not be read; relative paths are looked up under %s (see --image-root)",
                     summary.n_missing_images, root.absolute())

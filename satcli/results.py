@@ -29,10 +29,10 @@ The file's key-value metadata holds ``satcli.version``, ``satcli.schema_version`
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +43,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from satcli.atomic import disk_error, fsync_directory, remove_stale_temps, temp_path
 from satcli.errors import SatcliError
 
 SCHEMA_VERSION = 1
@@ -184,7 +185,7 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         text = value.decode(errors="replace")
         try:
             result[name] = json.loads(text)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # not JSON, or JSON Python cannot hold: keep the text
             result[name] = text
     return result
 
@@ -222,37 +223,58 @@ class ResultsWriter:
     def __init__(self, path: str | Path, metadata: dict[str, Any] | None = None,
                  row_group_size: int = ROW_GROUP_SIZE):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self.schema = SCHEMA.with_metadata(_encode(metadata))
         self.row_group_size = row_group_size
         self.n_rows = 0
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-        os.close(fd)
-        self._tmp = Path(tmp)
-        self._writer = pq.ParquetWriter(self._tmp, self.schema, compression=_COMPRESSION)
+        self._tmp = temp_path(self.path)  # named so that a later run can remove it if this one is killed
+        self._writer: pq.ParquetWriter | None = None
+        self._sink: pa.NativeFile | None = None  # ours to close: after a failed write pyarrow may keep its own open
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._sink = pa.OSFile(str(self._tmp), "wb")
+            self._writer = pq.ParquetWriter(self._sink, self.schema, compression=_COMPRESSION)
+        except OSError as error:
+            self.abort()
+            raise disk_error(error, self.path) from error
 
     def write(self, table: pa.Table) -> None:
         """Append rows (a table with the satcli columns; other metadata is replaced by this file's)."""
+        assert self._writer is not None
         table = conform(table)
-        self._writer.write_table(table.replace_schema_metadata(self.schema.metadata),
-                                 row_group_size=self.row_group_size)
+        try:
+            self._writer.write_table(table.replace_schema_metadata(self.schema.metadata),
+                                     row_group_size=self.row_group_size)
+        except OSError as error:
+            raise disk_error(error, self.path) from error
         self.n_rows += table.num_rows
 
     def close(self) -> Path:
-        self._writer.close()
-        fd = os.open(self._tmp, os.O_RDONLY)
+        """Finish the file and rename it over ``path``. A failure (disk full, read-only) removes the temporary
+        file, leaves ``path`` as it was and raises SatcliError naming ``path`` and the cause."""
+        assert self._writer is not None
         try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(self._tmp, self.path)
+            self._writer.close()
+            assert self._sink is not None
+            self._sink.close()
+            fd = os.open(self._tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(self._tmp, self.path)
+        except OSError as error:
+            self.abort()
+            raise disk_error(error, self.path) from error
         fsync_directory(self.path.parent)
         return self.path
 
     def abort(self) -> None:
-        try:
-            self._writer.close()
-        finally:
+        """Close and delete the temporary file (its space is free again only once no handle holds it)."""
+        for close in (self._writer, self._sink):
+            if close is not None:
+                with contextlib.suppress(OSError, pa.ArrowException):
+                    close.close()
+        with contextlib.suppress(OSError):
             self._tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> ResultsWriter:
@@ -272,20 +294,6 @@ def write_results(path: str | Path, table_or_rows: pa.Table | Sequence[CaptionRo
     with ResultsWriter(path, metadata) as writer:
         writer.write(table)
     return writer.path
-
-
-def fsync_directory(directory: Path) -> None:
-    """Make a rename in ``directory`` durable (a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def conform(table: pa.Table) -> pa.Table:
@@ -364,6 +372,7 @@ def merge_results(sources: Sequence[str | Path], destination: str | Path, metada
     last_source = -1
     run: list[int] = []  # [source, first row, length] of the run of consecutive rows being gathered
 
+    remove_stale_temps(destination)  # a merge into it that was killed left its temporary file
     with ResultsWriter(destination, metadata) as writer:
         def flush_run() -> None:
             nonlocal n_pending

@@ -104,13 +104,13 @@ def run_scst(options: TrainOptions, ranks: Ranks) -> TrainResult:
     from satcli.train import (
         BEST,
         LAST,
-        TrainOptions,
         TrainResult,
         _prepare_out,
         _remember,
         _rng_state,
         _set_rng_state,
         _write_metrics,
+        resume_options,
     )
 
     if ranks.world > 1:
@@ -118,7 +118,7 @@ def run_scst(options: TrainOptions, ranks: Ranks) -> TrainResult:
     out = Path(options.out or Path("runs") / f"{options.dataset}-scst")
     resume_from = _prepare_out(options, out)
     if resume_from is not None:
-        stored = TrainOptions.from_dict(resume_from.get("train_state", {}).get("options", {}))
+        stored = resume_options(resume_from, out / LAST)
         options = replace(stored, resume=True, device=options.device, data_root=options.data_root, out=out)
         start = resume_from
     else:

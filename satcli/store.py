@@ -296,8 +296,9 @@ def _read_json(path: Path, kind: type) -> Any:
         value = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise SatcliError("missing; the store is incomplete, run `satcli preprocess` again", path=path) from None
-    except (OSError, ValueError) as error:
-        raise SatcliError(f"unreadable ({error})", path=path) from None
+    except (OSError, ValueError, RecursionError) as error:  # RecursionError: nested too deeply
+        reason = str(error).splitlines()[0][:200] if str(error) else "nested too deeply"
+        raise SatcliError(f"unreadable ({reason})", path=path) from None
     if not isinstance(value, kind):
         raise SatcliError(f"expected a JSON {kind.__name__}", path=path)
     return value

@@ -417,6 +417,45 @@ def _prepare_out(options: TrainOptions, out: Path) -> dict[str, Any] | None:
     return None
 
 
+_TRAIN_STATE = ("optimizer", "scheduler", "rng", "epoch", "best_bleu4", "epochs_since_improvement", "history",
+                "options")
+_TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,),
+                                       "Path": (str,)}
+
+
+def resume_options(checkpoint: dict[str, Any], path: Path) -> TrainOptions:
+    """The options a run was started with, from the training state of its ``last.pt``; a one-line error when
+    that state is missing (a ``best.pt`` copied over it) or its options are malformed."""
+    state = checkpoint.get("train_state")
+    if not isinstance(state, dict) or any(key not in state for key in _TRAIN_STATE):
+        raise SatcliError("holds no training state to resume from (is it a copy of best.pt?); start a new run "
+                          "without --resume", path)
+    values = state["options"]
+    if not isinstance(values, dict):
+        raise SatcliError("holds malformed train options (not a mapping)", path)
+    for option in fields(TrainOptions):
+        if option.name not in values:
+            continue
+        value, kinds = values[option.name], str(option.type).split(" | ")
+        allowed = tuple(t for kind in kinds for t in _TYPES.get(kind, ()))
+        if (value is None and "None" in kinds) or (isinstance(value, allowed)
+                                                    and (bool not in allowed) == (not isinstance(value, bool))):
+            continue
+        raise SatcliError(f"holds malformed train options: {option.name} should be {option.type}", path)
+    if not isinstance(values.get("dataset"), str):
+        raise SatcliError("holds malformed train options: no dataset name", path)
+    return TrainOptions.from_dict(values)
+
+
+def check_resume_vocabulary(checkpoint: dict[str, Any], vocab: Vocabulary, dataset: str, path: Path) -> None:
+    """Refuse to resume on a dataset whose vocabulary differs from the checkpoint's: the word ids would mean
+    other words (a store preprocessed again, with other options or captions)."""
+    if list(checkpoint["vocab"]) != vocab.to_list():
+        raise SatcliError(f"its vocabulary ({len(checkpoint['vocab'])} words) is not the one of dataset {dataset!r} "
+                          f"({len(vocab)} words): the dataset was preprocessed again; resume with the dataset it "
+                          "was trained on, or start a new run", path)
+
+
 def run(options: TrainOptions) -> TrainResult:
     """Train as ``options`` say; return where the checkpoints are and how well the best one did."""
     ranks = Ranks.from_env()
@@ -439,7 +478,9 @@ def _resumes_scst(options: TrainOptions) -> bool:
     last = Path(options.out or Path("runs") / options.dataset) / LAST
     if not options.resume or not last.is_file():
         return False
-    return bool(read_checkpoint(last).get("train_state", {}).get("options", {}).get("scst"))
+    state = read_checkpoint(last).get("train_state")
+    stored = state.get("options") if isinstance(state, dict) else None
+    return isinstance(stored, dict) and stored.get("scst") is True
 
 
 def _run(options: TrainOptions, ranks: Ranks) -> TrainResult:
@@ -449,7 +490,7 @@ def _run(options: TrainOptions, ranks: Ranks) -> TrainResult:
     if ranks.world > 1 and not ranks.main and options.resume:
         resume_from = read_checkpoint(out / LAST)
     if resume_from is not None:
-        stored = TrainOptions.from_dict(resume_from.get("train_state", {}).get("options", {}))
+        stored = resume_options(resume_from, out / LAST)
         options = replace(stored, resume=True, device=options.device, data_root=options.data_root, out=out)
     if options.encoder not in ENCODERS:
         raise SatcliError(f"unknown encoder {options.encoder!r}; choose one of {', '.join(ENCODERS)}")
@@ -459,6 +500,8 @@ def _run(options: TrainOptions, ranks: Ranks) -> TrainResult:
 
     dataset = StoredDataset.open(options.data_root, options.dataset)
     vocab = dataset.vocab
+    if resume_from is not None:
+        check_resume_vocabulary(resume_from, vocab, options.dataset, out / LAST)
     val_split = "val" if "val" in dataset.splits else "test"
     try:
         model = Captioner(options.model_config(len(vocab)),

@@ -1,0 +1,146 @@
+"""Atomic file writes: a temporary file in the target's folder, flushed to disk, then renamed over the target.
+
+A kill or power loss at any moment leaves the old file or the new one, never a torn one. A kill can leave the
+temporary file behind; its name, ``.NAME.satcli-PID-RANDOM.tmp``, says which target and which process it
+belongs to, so :func:`remove_stale_temps` can delete those of dead processes (and nothing else) on the next run.
+
+A write that fails for lack of space or permission (ENOSPC, EROFS, EACCES, ...) removes its temporary file,
+leaves the target as it was, and raises :class:`~satcli.errors.SatcliError` naming the target and the cause.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import re
+import secrets
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from satcli.errors import SatcliError
+
+log = logging.getLogger(__name__)
+
+_TEMP = re.compile(r"^\.(?P<name>.+)\.satcli-(?P<pid>\d+)-[0-9a-f]{8}\.tmp$")
+
+
+def temp_path(target: str | Path) -> Path:
+    """A fresh temporary name next to ``target``: ``.NAME.satcli-PID-RANDOM.tmp`` (hidden, same file system)."""
+    target = Path(target)
+    return target.with_name(f".{target.name}.satcli-{os.getpid()}-{secrets.token_hex(4)}.tmp")
+
+
+def disk_error(error: OSError, path: str | Path, doing: str = "cannot write") -> SatcliError:
+    """A one-line SatcliError for a failed write: ``PATH: cannot write (No space left on device, ENOSPC)``."""
+    code = errno.errorcode.get(error.errno or 0)
+    text = str(error).strip()
+    if error.errno:  # the system's words: pyarrow's own text wraps them in its details
+        reason = os.strerror(error.errno)
+    else:
+        reason = error.strerror or (text.splitlines()[0][:200] if text else type(error).__name__)
+    return SatcliError(f"{doing} ({reason}{', ' + code if code else ''})", path)
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | Path) -> Iterator[Path]:
+    """Yield a temporary path to write ``target``'s new content to; on success it is synced and renamed over
+    ``target``. On any exception the temporary file is removed and ``target`` is left untouched; an OSError
+    becomes a SatcliError naming ``target`` and the cause."""
+    target = Path(target)
+    tmp = temp_path(target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        yield tmp
+        _fsync_file(tmp)
+        os.replace(tmp, target)
+        fsync_directory(target.parent)
+    except BaseException as error:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            raise disk_error(error, target) from error
+        raise
+
+
+def write_with(target: str | Path, write: Callable[[Path], object]) -> Path:
+    """Atomically write ``target`` by calling ``write(temporary_path)`` (e.g. ``lambda p: torch.save(x, p)``)."""
+    with atomic_path(target) as tmp:
+        write(tmp)
+    return Path(target)
+
+
+def write_bytes(target: str | Path, data: bytes) -> Path:
+    """Atomically replace ``target``'s content with ``data``."""
+    return write_with(target, lambda tmp: tmp.write_bytes(data))
+
+
+def write_text(target: str | Path, text: str) -> Path:
+    """Atomically replace ``target``'s content with ``text`` (UTF-8)."""
+    return write_bytes(target, text.encode("utf-8"))
+
+
+def remove_stale_temps(target: str | Path) -> list[Path]:
+    """Delete the temporary files that writes of ``target`` left behind when their process was killed.
+
+    Only names of this module's pattern for this very target are considered, and only those whose writing
+    process no longer runs; a live writer's temporary file is left alone. Returns the files removed.
+    """
+    target = Path(target)
+    removed = []
+    try:
+        candidates = list(target.parent.glob(f".{glob_escape(target.name)}.satcli-*.tmp"))
+    except OSError:
+        return removed
+    for candidate in candidates:
+        match = _TEMP.match(candidate.name)
+        if match is None or match["name"] != target.name or _alive(int(match["pid"])):
+            continue
+        try:
+            candidate.unlink()
+        except OSError as error:
+            log.warning("cannot remove the stale temporary file %s: %s", candidate, error.strerror)
+            continue
+        log.info("removed %s, left by an interrupted write", candidate)
+        removed.append(candidate)
+    return removed
+
+
+def glob_escape(name: str) -> str:
+    """``name`` with glob's special characters escaped."""
+    return re.sub(r"([*?\[])", r"[\1]", name)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists, under another user
+        return True
+    return True
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_directory(directory: Path) -> None:
+    """Make a rename in ``directory`` durable (a no-op where directories cannot be opened or synced)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
