@@ -433,6 +433,8 @@ def report(
         "--image-root", file_okay=False, show_default=False,
         help="Folder the results' relative paths start from. Default: the one the file records (caption's --root, "
              "evaluate's dataset images) if it still exists, else the current one.")] = None,
+    thumb_size: Annotated[int, typer.Option(
+        "--thumb-size", help="Pixels a side of the images' thumbnails, at most (at least 16).")] = 224,
     overlays: OverlaysOption = None,
     quiet: QuietOption = False,
 ) -> None:
@@ -442,7 +444,8 @@ def report(
     """
     from satcli import report as step
 
-    summary = step.run(step.ReportOptions(results=results, output=output, image_root=image_root))
+    summary = step.run(step.ReportOptions(results=results, output=output, image_root=image_root,
+                                          thumb_size=thumb_size))
     human.print(f"report: {summary.output} ({summary.n_rows:,} images, {summary.n_errors:,} errors)")
     if summary.n_missing_images:
         human.print(f"[yellow]{summary.n_missing_images:,} images not found[/]: pass --image-root")
