@@ -214,7 +214,7 @@ def caption(
 ) -> None:
     """Caption photos into a Parquet file with one row per image: caption, words and attention maps.
 
-    On stdout: the caption of one image, `path → caption` lines for up to 20, nothing more for more.
+    On stdout: the caption of one image, or `path → caption` lines for up to 20 (more: only the summary).
 
     With --json: a JSON line per image (path, caption, words, word_probs, sum_logprob, finished, error).
 
