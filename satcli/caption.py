@@ -21,7 +21,6 @@ joins the parts.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import glob
 import json
 import logging
@@ -436,7 +435,7 @@ class RunState:
         try:
             # A POSIX record lock, not flock: DataLoader workers forked later must not inherit it, or a worker
             # outliving a killed run would block the rerun that resumes it. The kernel drops it when we die.
-            fcntl.lockf(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            lock_exclusive(self._lock_file)
         except OSError:
             self._lock_file.close()
             self._lock_file = None
@@ -505,6 +504,19 @@ class RunState:
 
 
 _CHUNK = re.compile(r"^chunk-\d+\.parquet$")
+
+
+def lock_exclusive(file: Any) -> None:
+    """Lock an open file for this process, or raise OSError when another holds it. POSIX: ``lockf`` (imported
+    here, not at the top, so satcli imports on Windows); Windows: ``msvcrt``'s byte-range lock."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        import msvcrt
+
+        msvcrt.locking(file.fileno(), msvcrt.LK_NBLCK, 1)
+        return
+    fcntl.lockf(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 def write_json_atomic(path: Path, value: Any) -> None:

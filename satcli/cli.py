@@ -7,7 +7,9 @@ User mistakes arrive here as :class:`~satcli.errors.SatcliError` and leave as on
 from __future__ import annotations
 
 import errno
+import json
 import logging
+import os
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, NoReturn
@@ -16,15 +18,20 @@ import click
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.table import Table
 
 from satcli import __version__
+from satcli.console import console as human
+from satcli.console import out_console, set_quiet
 from satcli.datasets import DatasetKind
 from satcli.errors import SatcliError
 
-console = Console()
-err_console = Console(stderr=True)
+console = out_console  # results a script reads (captions, --json, tables a command exists to print)
+err_console = Console(stderr=True)  # errors: never silenced by --quiet
 log = logging.getLogger("satcli")
+EXIT_FAILED_IMAGES = 3  # caption --strict when some images could not be captioned
+FEW_IMAGES = 20  # caption prints `path → caption` lines up to this many images, the summary alone above it
 
 # Options shared by several commands, declared once.
 DataRootOption = Annotated[
@@ -65,7 +72,8 @@ app = typer.Typer(
     name="satcli",
     help="Batch image captioning with Show, Attend and Tell: train, evaluate, caption, and see where it looked.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
     pretty_exceptions_show_locals=False,
 )
 
@@ -76,17 +84,34 @@ def _show_version(value: bool) -> None:
         raise typer.Exit()
 
 
+def _quiet(value: bool) -> None:
+    if value:
+        set_quiet(True)
+        logging.getLogger().setLevel(logging.WARNING)
+
+
+# -q is accepted before the command (`satcli -q caption ...`) and after it (`satcli caption ... -q`).
+QuietOption = Annotated[bool, typer.Option(
+    "--quiet", "-q", callback=_quiet, expose_value=False,
+    help="Only results, warnings and errors: no progress, tables or notes.")]
+JsonOption = Annotated[bool, typer.Option(
+    "--json", help="Machine-readable results on stdout (human text stays on stderr).")]
+
+
 @app.callback()
 def _main(
     ctx: typer.Context,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging and full tracebacks.")] = False,
+    quiet: Annotated[bool, typer.Option(
+        "--quiet", "-q", help="Only results, warnings and errors: no progress, tables or notes.")] = False,
     version: Annotated[
         bool, typer.Option("--version", callback=_show_version, is_eager=True, help="Print the version and exit.")
     ] = False,
 ) -> None:
     ctx.obj = {"verbose": verbose}
+    set_quiet(quiet)
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
+        level=logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO,
         format="%(message)s",
         handlers=[RichHandler(console=err_console, show_path=verbose, show_time=False)],
         force=True,
@@ -126,6 +151,7 @@ def preprocess(
     n_train: Annotated[int, typer.Option(min=0, help="shapes: training images to draw.")] = 4000,
     n_val: Annotated[int, typer.Option(min=0, help="shapes: validation images to draw.")] = 300,
     n_test: Annotated[int, typer.Option(min=0, help="shapes: test images to draw.")] = 300,
+    quiet: QuietOption = False,
 ) -> None:
     """Read a captioned image dataset (or draw the shapes one) into a store under the data root for training."""
     from satcli import preprocess as step
@@ -135,14 +161,6 @@ def preprocess(
         min_word_freq=min_word_freq, max_caption_length=max_caption_length, image_size=image_size, seed=seed,
         n_train=n_train, n_val=n_val, n_test=n_test,
     ))
-
-
-class Device(str, Enum):
-    """Where the model runs."""
-
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
 
 
 class Attention(str, Enum):
@@ -167,7 +185,8 @@ NoRepeatNgramOption = Annotated[int, typer.Option(
     "--no-repeat-ngram", min=0, help="Never write the same N words twice in one caption (0: off).")]
 MinLengthOption = Annotated[int, typer.Option("--min-length", min=0, help="Fewest words before a caption may end.")]
 BatchSizeOption = Annotated[int, typer.Option("--batch-size", min=1, help="Images per batch on the device.")]
-DeviceOption = Annotated[Device, typer.Option("--device", help="auto: a CUDA GPU when there is one, else the CPU.")]
+DeviceOption = Annotated[str, typer.Option(
+    "--device", metavar="auto|cpu|cuda|cuda:N|mps", help="auto: a CUDA GPU when there is one, else the CPU.")]
 WorkersOption = Annotated[int | None, typer.Option(
     "--workers", min=0, show_default=False,
     help="Processes decoding images (0: in the main one). Default: min(4, CPUs).")]
@@ -193,7 +212,7 @@ def caption(
     min_length: MinLengthOption = 0,
     batch_size: BatchSizeOption = 32,
     workers: WorkersOption = None,
-    device: DeviceOption = Device.auto,
+    device: DeviceOption = "auto",
     shard: Annotated[str | None, typer.Option(
         "--shard", metavar="K/N", show_default=False,
         help="Caption only shard K (from 0) of N into <output>.part-K-of-N; under torchrun: RANK/WORLD_SIZE.")] = None,
@@ -203,8 +222,18 @@ def caption(
     max_pixels: Annotated[int, typer.Option(
         "--max-pixels", min=1, help="Refuse bigger images (decompression bombs) as errors.")] = 89_478_485,
     overlays: OverlaysOption = None,
+    as_json: JsonOption = False,
+    strict: Annotated[bool, typer.Option(
+        "--strict", help=f"Exit with code {EXIT_FAILED_IMAGES} when some images could not be captioned.")] = False,
+    quiet: QuietOption = False,
 ) -> None:
     """Caption photos into a Parquet file with one row per image: caption, words and attention maps.
+
+    On stdout: the caption of one image, or `path → caption` lines for up to 20 (more: only the summary).
+
+    With --json: a JSON line per image (path, caption, words, word_probs, sum_logprob, finished, error).
+
+    The summary and progress go to stderr.
 
     Rerun the same command after an interruption to continue where it stopped.
 
@@ -216,10 +245,34 @@ def caption(
         inputs=tuple(inputs), model=model, output=output, overwrite=overwrite, batch_size=batch_size,
         beam_size=beam_size, max_length=max_length, length_penalty=length_penalty, n_best=n_best,
         no_repeat_ngram_size=no_repeat_ngram, min_length=min_length, workers=workers,
-        device=device.value, shard=None if shard is None else step.parse_shard(shard), root=root,
+        device=device, shard=None if shard is None else step.parse_shard(shard), root=root,
         max_pixels=max_pixels, overlays=overlays,
     ))
-    console.print(summary.table())
+    _print_captions(summary.output, summary.n_images, as_json)
+    human.print(summary.table())
+    if strict and summary.n_errors:
+        err_console.print(f"[bold red]error:[/] {summary.n_errors:,} of {summary.n_images:,} images could not be "
+                          f"captioned (see the error column of {summary.output})", highlight=False, soft_wrap=True)
+        raise typer.Exit(EXIT_FAILED_IMAGES)
+
+
+def _print_captions(results: Path, n_images: int, as_json: bool) -> None:
+    """stdout: a JSON line per image (--json), the caption alone (one image), `path → caption` lines (a few);
+    failed images are named on stderr."""
+    from satcli.printing import result_records
+
+    if n_images == 0 or (not as_json and n_images > FEW_IMAGES):
+        return
+    for record in result_records(results):
+        if as_json:
+            typer.echo(json.dumps(record, ensure_ascii=False))
+        elif record["error"] is not None:
+            human.print(f"{escape(record['path'])}: [yellow]{escape(record['error'])}[/]", highlight=False,
+                        soft_wrap=True)
+        elif n_images == 1:
+            typer.echo(record["caption"])
+        else:
+            typer.echo(f"{record['path']} → {record['caption']}")
 
 
 @app.command()
@@ -228,12 +281,13 @@ def merge(
         help="Part files (default: every <output>.part-K-of-N file beside the output).", show_default=False)] = None,
     output: ResultsOption = Path("captions.parquet"),
     remove_parts: Annotated[bool, typer.Option("--remove-parts", help="Delete the parts once merged.")] = False,
+    quiet: QuietOption = False,
 ) -> None:
     """Merge the parts written by sharded caption runs (--shard K/N, torchrun) into one results file."""
     from satcli import merge as step
 
     summary = step.run(step.MergeOptions(parts=tuple(parts or ()), output=output, remove_parts=remove_parts))
-    console.print(summary.table())
+    human.print(summary.table())
 
 @app.command()
 def train(
@@ -282,27 +336,39 @@ def train(
         "--init", exists=True, dir_okay=False, show_default=False, help="With --scst: the checkpoint to start from.")
     ] = None,
     scst_samples: Annotated[int, typer.Option(min=1, help="With --scst: captions sampled per image.")] = 5,
-    device: DeviceOption = Device.auto,
+    device: DeviceOption = "auto",
     amp: Annotated[bool, typer.Option(help="Mixed precision on CUDA (bf16 where supported).")] = True,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the decoder step.")] = False,
     seed: Annotated[int, typer.Option(help="Seed of initialisation, batch order and dropout.")] = 0,
+    tensorboard: Annotated[bool, typer.Option(
+        "--tensorboard", help="Also write TensorBoard event files to <out>/tensorboard (needs: pip install "
+        "tensorboard).")] = False,
+    as_json: JsonOption = False,
+    quiet: QuietOption = False,
 ) -> None:
-    """Train a captioner on a preprocessed dataset; writes last.pt, best.pt and metrics.jsonl.
+    """Train a captioner on a preprocessed dataset; writes last.pt, best.pt, metrics.jsonl and steps.jsonl.
+
+    metrics.jsonl has a line per epoch; steps.jsonl the loss and learning rate of every step.
 
     With torchrun (`torchrun --nproc_per_node N -m satcli train ...`) it trains on N processes with DDP.
+    With --json, the run's result (checkpoints, epochs, best validation BLEU-4, per-epoch history) goes to stdout.
     """
     from satcli import train as step
 
-    step.run(step.TrainOptions(
+    result = step.run(step.TrainOptions(
         dataset=dataset, data_root=data_root, out=out, resume=resume, overwrite=overwrite, encoder=encoder,
         attention=attention.value, image_size=image_size, grid_size=grid_size, embed_dim=embed_dim,
         attention_dim=attention_dim, decoder_dim=decoder_dim, dropout=dropout, doubly_stochastic=doubly_stochastic,
         epochs=epochs, batch_size=batch_size, decoder_lr=decoder_lr, encoder_lr=encoder_lr, grad_clip=grad_clip,
         lr_decay=lr_decay, lr_patience=lr_patience, patience=patience, scheduled_sampling=scheduled_sampling,
         fine_tune_encoder=fine_tune_encoder, fine_tune_after=fine_tune_after, fine_tune_blocks=fine_tune_blocks,
-        val_beam_size=val_beam_size, scst=scst, init=init, scst_samples=scst_samples, device=device.value,
-        amp=amp, compile=compile, seed=seed,
+        val_beam_size=val_beam_size, scst=scst, init=init, scst_samples=scst_samples, device=device,
+        amp=amp, compile=compile, seed=seed, tensorboard=tensorboard,
     ))
+    if as_json and int(os.environ.get("RANK", "0") or 0) == 0:
+        typer.echo(json.dumps({"out": str(result.out), "best": str(result.best), "last": str(result.last),
+                               "epochs": result.epochs, "best_val_bleu4": result.best_bleu4,
+                               "history": result.history}, ensure_ascii=False))
 
 
 @app.command()
@@ -330,10 +396,15 @@ def evaluate(
     no_repeat_ngram: NoRepeatNgramOption = 0,
     min_length: MinLengthOption = 0,
     batch_size: BatchSizeOption = 64,
-    device: DeviceOption = Device.auto,
+    device: DeviceOption = "auto",
     overlays: OverlaysOption = None,
+    as_json: JsonOption = False,
+    quiet: QuietOption = False,
 ) -> None:
-    """Score a model on a dataset split: BLEU, COCO metrics, attention grounding; writes report.json and Parquet."""
+    """Score a model on a dataset split: BLEU, COCO metrics, attention grounding; writes report.json and Parquet.
+
+    With --json, report.json's content goes to stdout as one line (scores on the 0–1 scale).
+    """
     from satcli import evaluate as step
 
     result = step.run(step.EvaluateOptions(
@@ -341,14 +412,16 @@ def evaluate(
         beam_sizes=step.parse_beam_sizes(beam_sizes) if beam_sizes else (beam_size,), bleu=bleu, coco=coco,
         grounding=grounding, java=java, out=out, max_length=max_length, length_penalty=length_penalty,
         n_best=n_best, no_repeat_ngram_size=no_repeat_ngram, min_length=min_length,
-        batch_size=batch_size, device=device.value,
+        batch_size=batch_size, device=device,
     ))
-    console.print(result.table(f"{dataset}/{split}, {result.n_images} images (scores 0–100)"))
+    if as_json:
+        typer.echo(json.dumps(json.loads(result.report.read_text(encoding="utf-8")), ensure_ascii=False))
+    human.print(result.table(f"{dataset}/{split}, {result.n_images} images (scores 0–100)"))
     for name, why in result.skipped.items():
-        console.print(f"[yellow]{name.upper()} skipped:[/] {why}", highlight=False)
-    console.print(f"report:      {result.report}")
+        human.print(f"[yellow]{name.upper()} skipped:[/] {why}", highlight=False)
+    human.print(f"report:      {result.report}")
     for beam in result.beams:
-        console.print(f"predictions: {beam.predictions}")
+        human.print(f"predictions: {beam.predictions}")
     if overlays is not None:
         from satcli.overlays import dataset_images, write_overlays
 
@@ -359,9 +432,9 @@ def evaluate(
 
 
 def _drawn(summary) -> None:
-    console.print(f"attention pictures: {summary.n_written:,} in {summary.directory}")
+    human.print(f"attention pictures: {summary.n_written:,} in {summary.directory}")
     if summary.n_missing_images:
-        console.print(f"[yellow]{summary.n_missing_images:,} images not found[/] (drawn grey)", highlight=False)
+        human.print(f"[yellow]{summary.n_missing_images:,} images not found[/] (drawn grey)", highlight=False)
 
 
 @app.command()
@@ -375,7 +448,10 @@ def report(
         "--image-root", file_okay=False, show_default=False,
         help="Folder the results' relative paths start from. Default: the one the file records (caption's --root, "
              "evaluate's dataset images) if it still exists, else the current one.")] = None,
+    thumb_size: Annotated[int, typer.Option(
+        "--thumb-size", help="Pixels a side of the images' thumbnails, at most (at least 16).")] = 224,
     overlays: OverlaysOption = None,
+    quiet: QuietOption = False,
 ) -> None:
     """Write one HTML page to browse the captions: search, scores, errors, and each word's attention on hover.
 
@@ -383,10 +459,11 @@ def report(
     """
     from satcli import report as step
 
-    summary = step.run(step.ReportOptions(results=results, output=output, image_root=image_root))
-    console.print(f"report: {summary.output} ({summary.n_rows:,} images, {summary.n_errors:,} errors)")
+    summary = step.run(step.ReportOptions(results=results, output=output, image_root=image_root,
+                                          thumb_size=thumb_size))
+    human.print(f"report: {summary.output} ({summary.n_rows:,} images, {summary.n_errors:,} errors)")
     if summary.n_missing_images:
-        console.print(f"[yellow]{summary.n_missing_images:,} images not found[/]: pass --image-root")
+        human.print(f"[yellow]{summary.n_missing_images:,} images not found[/]: pass --image-root")
     if overlays is not None:
         from satcli.overlays import write_overlays
 
@@ -398,13 +475,14 @@ def demo(
     data_root: DataRootOption = Path("data"),
     out: Annotated[Path, typer.Option("--out", file_okay=False, help="Run folder.")] = Path("runs/shapes-demo"),
     epochs: Annotated[int, typer.Option(min=1, help="Training epochs.")] = 6,
-    device: DeviceOption = Device.auto,
+    device: DeviceOption = "auto",
+    quiet: QuietOption = False,
 ) -> None:
     """The whole job on the built-in shapes dataset: draw → preprocess → train → evaluate → caption, on CPU in
     minutes."""
     from satcli import demo as step
 
-    step.run(step.DemoOptions(data_root=data_root, out=out, epochs=epochs, device=device.value))
+    step.run(step.DemoOptions(data_root=data_root, out=out, epochs=epochs, device=device))
 
 
 def main() -> None:

@@ -1,13 +1,43 @@
-"""The terminal: consoles and the one progress display every long step uses (bar, count, rate, ETA)."""
+"""The terminal: consoles and the one progress display every long step uses (bar, count, rate, ETA).
+
+Human text (tables, progress, notes) goes to stderr, so stdout carries only results (captions, ``--json``) and
+``satcli ... | jq`` works. When stderr is not a terminal (nohup, SLURM, CI logs) the bar becomes a line every
+:data:`LINE_INTERVAL` seconds with the same count, rate and ETA.
+"""
 
 from __future__ import annotations
 
+import os
+import time
+
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+)
 from rich.text import Text
 
-console = Console()
-err_console = Console(stderr=True)
+console = Console(stderr=True)  # human text: tables, per-epoch lines, notes
+err_console = console
+out_console = Console()  # results only: what a script reads from stdout
+
+# Seconds between progress lines when stderr is not a terminal ($SATCLI_PROGRESS_INTERVAL to change).
+LINE_INTERVAL = 30.0
+
+
+def set_quiet(quiet: bool) -> None:
+    """``-q``: no progress, no tables or notes on stderr (warnings and errors still show; stdout unchanged)."""
+    console.quiet = quiet
+
+
+def is_quiet() -> bool:
+    return console.quiet
 
 
 class RateColumn(ProgressColumn):
@@ -18,6 +48,85 @@ class RateColumn(ProgressColumn):
         return Text("" if task.speed is None else f"{task.speed:,.1f} {unit}/s", style="progress.data.speed")
 
 
+class LineProgress(Progress):
+    """A rich Progress that, when its console is not a terminal, prints plain lines instead of a live bar:
+    ``captioning: 1,200/5,000 images (24%), 41.3 images/s, ETA 1:32`` at most every ``interval`` seconds and
+    once when a task completes."""
+
+    def __init__(self, *columns: ProgressColumn, interval: float | None = None, **kwargs):
+        super().__init__(*columns, **kwargs)
+        self.lines = not self.console.is_terminal
+        if interval is None:
+            interval = float(os.environ.get("SATCLI_PROGRESS_INTERVAL", LINE_INTERVAL))
+        self.interval = interval
+        self._started: dict[TaskID, tuple[float, float]] = {}  # task → (time, completed) when added
+        self._printed: dict[TaskID, float] = {}
+
+    def start(self) -> None:
+        if not self.lines:
+            super().start()
+
+    def stop(self) -> None:
+        if not self.lines:
+            super().stop()
+
+    def add_task(self, description: str, *args, **kwargs) -> TaskID:
+        task = super().add_task(description, *args, **kwargs)
+        now = time.monotonic()
+        self._started[task] = (now, self._tasks[task].completed)
+        self._printed[task] = now
+        return task
+
+    def advance(self, task_id: TaskID, advance: float = 1) -> None:
+        super().advance(task_id, advance)
+        self._line(task_id)
+
+    def update(self, task_id: TaskID, **kwargs) -> None:
+        super().update(task_id, **kwargs)
+        self._line(task_id)
+
+    def _line(self, task_id: TaskID) -> None:
+        if not self.lines or self.disable or self.console.quiet:
+            return
+        task = self._tasks[task_id]
+        now = time.monotonic()
+        finished = task.total is not None and task.completed >= task.total
+        if not finished and now - self._printed[task_id] < self.interval:
+            return
+        self._printed[task_id] = now
+        self.console.print(progress_line(task, *self._started[task_id], now), highlight=False, markup=False,
+                           soft_wrap=True)
+
+
+def progress_line(task: Task, started: float, completed_at_start: float, now: float) -> str:
+    """``description: done/total unit (pct%), rate unit/s, ETA h:mm:ss`` (rate over this run's own work)."""
+    unit = task.fields.get("unit", "it")
+    done = task.completed
+    seconds = max(now - started, 1e-9)
+    rate = (done - completed_at_start) / seconds
+    parts = [f"{task.description}: {done:,.0f}"]
+    if task.total is not None:
+        parts[0] += f"/{task.total:,.0f} {unit}"
+        if task.total:
+            parts[0] += f" ({100 * done / task.total:.0f}%)"
+    else:
+        parts[0] += f" {unit}"
+    parts.append(f"{rate:,.1f} {unit}/s")
+    if task.total is not None and done < task.total and rate > 0:
+        parts.append(f"ETA {_clock((task.total - done) / rate)}")
+    elif task.total is not None and done >= task.total:
+        parts.append(f"done in {_clock(seconds)}")
+    return ", ".join(parts)
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
+
+
 def make_progress(*extra: ProgressColumn) -> Progress:
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(),
-                    TimeRemainingColumn(), *extra, console=err_console, transient=True)
+    progress = LineProgress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(),
+                            TimeRemainingColumn(), *extra, console=console, transient=True)
+    progress.disable = console.quiet
+    return progress

@@ -332,12 +332,35 @@ def read_flickr_captions_txt(path: Path) -> dict[str, list[str]]:
     header_line, header, rows = _csv_header_and_rows(path)
     if [c.strip().lower() for c in header] != ["image", "caption"]:
         raise _error(path, f"line {header_line}", f"expected the header image,caption, got {','.join(header)}")
+    unquoted = 0
     for line, row in rows:
-        if len(row) != 2:
-            raise _error(path, f"line {line}", f"expected 2 columns (image,caption), got {len(row)}")
+        row, joined = _image_caption_row(row, path, line)
+        unquoted += joined
         image = safe_image_path(row[0], path, f"line {line}")
         by_path.setdefault(image, []).append(_caption(row[1], path, f"line {line}"))
+    _note_unquoted(path, unquoted)
     return by_path
+
+
+def _image_caption_row(row: list[str], path: Path, line: int) -> tuple[list[str], bool]:
+    """An ``image,caption`` row, liberal where that is unambiguous: a caption written with unquoted commas
+    (``f"{image},{caption}"`` in a notebook) splits into more cells; when the first cell is an image file name,
+    everything after the first comma is the caption. Returns the row and whether it was joined."""
+    if len(row) == 2:
+        return row, False
+    if len(row) > 2 and _looks_like_image(row[0]):
+        return [row[0], ",".join(row[1:])], True
+    raise _error(path, f"line {line}", f"expected 2 columns (image,caption), got {len(row)}")
+
+
+def _looks_like_image(name: str) -> bool:
+    return bool(re.search(r"\.(jpe?g|png|webp|gif|bmp|tiff?)$", name.strip(), re.IGNORECASE))
+
+
+def _note_unquoted(path: Path, n_rows: int) -> None:
+    if n_rows:
+        log.warning("%s: %d rows have more than 2 columns (captions with unquoted commas); read each as the image "
+                    "name, then everything after the first comma as the caption", path, n_rows)
 
 
 def read_flickr_token(path: Path) -> dict[str, list[str]]:
@@ -377,12 +400,18 @@ def read_pairs(path: Path, format: CaptionFormat) -> tuple[dict[str, list[str]],
         if "image" not in columns or "caption" not in columns:
             raise _error(path, f"line {header_line}", f"the header must name 'image' and 'caption' columns, "
                                                       f"got {','.join(header)}")
+        two_columns = [name.strip().lower() for name in header] == ["image", "caption"]
+        unquoted = 0
         for line, row in rows:
-            if len(row) != len(header):
+            if two_columns:
+                row, joined = _image_caption_row(row, path, line)
+                unquoted += joined
+            elif len(row) != len(header):
                 raise _error(path, f"line {line}", f"expected {len(header)} columns, got {len(row)}")
             split = row[columns["split"]].strip() if "split" in columns else None
             add(row[columns["image"]], [_caption(row[columns["caption"]], path, f"line {line}")], split,
                 f"line {line}")
+        _note_unquoted(path, unquoted)
     else:
         for n, line in enumerate(_read_text(path).splitlines(), start=1):
             if not line.strip():

@@ -106,8 +106,15 @@ def run(options: DemoOptions) -> DemoResult:
     console.print(f"model:    {result.best}\nscores:   {report_json}\ncaptions: {results}\n"
                   f"pictures: {drawn.directory} ({drawn.n_written} images: a PNG and a GIF each)\n"
                   f"report:   {page}\ntime:     {seconds / 60:.1f} minutes")
-    console.print(f"next:     satcli caption YOUR_PHOTOS --model {result.best}")
+    console.print(closing_hint(result.best, source / "images"), highlight=False)
     return DemoResult(result.best, results, report_json, scores, seconds, drawn.directory, page)
+
+
+def closing_hint(model: Path, shapes_images: Path) -> str:
+    """What to try next: more shapes pictures. Not the user's photos: this model has seen only coloured shapes."""
+    return (f"next:     satcli caption {shapes_images} --model {model} -o shapes.parquet\n"
+            "          (this model knows only coloured shapes and will describe any photo as shapes; for real photos, "
+            "train on captioned photos such as Flickr8k: see the README's worked example)")
 
 
 def _shapes_store(options: DemoOptions) -> StoredDataset:

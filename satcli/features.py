@@ -72,6 +72,11 @@ def cached_features(dataset: StoredDataset, split: str, model: Captioner, device
     return np.load(array_path, mmap_mode="r")
 
 
+def cache_bytes(n_images: int, grid: tuple[int, int], dim: int) -> int:
+    """Bytes of the feature array of ``n_images`` (float16, (n_images, cells, dim)), without the .npy header."""
+    return n_images * grid[0] * grid[1] * dim * 2
+
+
 @torch.inference_mode()
 def encode_split(dataset: StoredDataset, split: str, model: Captioner, device: torch.device, batch_size: int = 64,
                  progress: Progress | None = None, description: str = "encoding"):

@@ -10,7 +10,8 @@ For each captioned image :func:`write_overlays` writes two files into the overla
 - ``<name>.gif``: an animation, one frame per word, in which the gaze moves over the image as the caption is
   written (the current word highlighted).
 
-Pictures are thumbnail-sized (panels of ``panel`` pixels, 176 by default) so that thousands of images stay cheap.
+Pictures are thumbnail-sized (panels of ``panel`` pixels, :data:`PANEL` = 160 by default) so that thousands
+of images stay cheap.
 ``<name>`` is the image's result path made safe as a file name, plus a short hash of the full path so that two
 images never share a name and no path can point outside the folder.
 """

@@ -40,6 +40,7 @@ from satcli.device import resolve_device
 from satcli.errors import SatcliError
 from satcli.features import cached_features, encode_split
 from satcli.metrics import bleu
+from satcli.steplog import STEPS, StepLog, require_tensorboard
 from satcli.store import StoredDataset
 from satcli.text import tokenize
 from satcli.transforms import normalise
@@ -93,6 +94,7 @@ class TrainOptions:
     device: str = "auto"
     amp: bool = True  # mixed precision on CUDA (bf16 where supported)
     compile: bool = False
+    tensorboard: bool = False  # also write TensorBoard event files to <out>/tensorboard (needs tensorboard)
     seed: int = 0
     pretrained: bool = True
 
@@ -366,14 +368,17 @@ def validate(model: Captioner, dataset: StoredDataset, split: str, vocab: Vocabu
     """BLEU-1..4 of captions *decoded* from ``split`` (cached features when given, else images)."""
     references = [[tokenize(c) for c in captions] for captions in dataset.captions(split)]
     hypotheses: list[list[str]] = []
-    if features is not None:
-        chunks: Iterator[torch.Tensor] = (torch.from_numpy(np.asarray(features[i : i + batch_size], np.float32))
-                                          for i in range(0, len(features), batch_size))
-    else:
-        chunks = encode_split(dataset, split, model, device, batch_size)
-    for chunk in chunks:
-        for result in decode(model, chunk.to(device), beam_size=beam_size, max_length=max_length):
-            hypotheses.append(vocab.decode(result.tokens))
+    with make_progress() as progress:
+        task = progress.add_task(f"validating on {split}", total=len(references), unit="images")
+        if features is not None:
+            chunks: Iterator[torch.Tensor] = (torch.from_numpy(np.asarray(features[i : i + batch_size], np.float32))
+                                              for i in range(0, len(features), batch_size))
+        else:
+            chunks = encode_split(dataset, split, model, device, batch_size, progress, f"encoding {split}")
+        for chunk in chunks:
+            for result in decode(model, chunk.to(device), beam_size=beam_size, max_length=max_length):
+                hypotheses.append(vocab.decode(result.tokens))
+            progress.advance(task, len(chunk))
     return bleu(references, hypotheses)
 
 
@@ -412,7 +417,7 @@ def _prepare_out(options: TrainOptions, out: Path) -> dict[str, Any] | None:
         raise SatcliError("already holds a training run; pass --resume to continue it, --overwrite to start "
                           "again, or --out for a new run", out)
     if options.overwrite:
-        for name in (LAST, BEST, METRICS):
+        for name in (LAST, BEST, METRICS, STEPS):
             (out / name).unlink(missing_ok=True)
     return None
 
@@ -495,6 +500,8 @@ def _run(options: TrainOptions, ranks: Ranks) -> TrainResult:
     if options.encoder not in ENCODERS:
         raise SatcliError(f"unknown encoder {options.encoder!r}; choose one of {', '.join(ENCODERS)}")
     device = resolve_device(options.device)
+    if options.tensorboard:
+        require_tensorboard()  # before the long feature caching, not after
     torch.manual_seed(options.seed + ranks.rank)
     random.seed(options.seed)
 
@@ -561,6 +568,7 @@ def _run(options: TrainOptions, ranks: Ranks) -> TrainResult:
     progress = None
     last_path, best_path = out / LAST, out / BEST
     epoch = start_epoch - 1
+    steps = StepLog(out, keep_epochs=start_epoch, tensorboard=options.tensorboard) if ranks.main else None
     try:
         for epoch in range(start_epoch, options.epochs):
             if since_best >= options.patience:
@@ -593,6 +601,9 @@ def _run(options: TrainOptions, ranks: Ranks) -> TrainResult:
                 n_samples += global_n
                 n_tokens += global_tokens
                 loss_sum += loss
+                if steps:
+                    steps.step(epoch + 1, epoch * len(plan) + n_steps, loss * ranks.world,
+                               {g.get("name", str(i)): g["lr"] for i, g in enumerate(optimizer.param_groups)})
                 if progress:
                     progress.advance(task)
                     if n_steps % 20 == 0:  # reading the loss waits for the device: only now and then
@@ -627,12 +638,15 @@ def _run(options: TrainOptions, ranks: Ranks) -> TrainResult:
                          "best_bleu4": best_bleu, "epochs_since_improvement": since_best, "history": history}
                 save_checkpoint(last_path, model, vocab, options.to_dict(), metrics, train_state=state)
                 _write_metrics(out, history)
+                steps.epoch(epoch + 1, (epoch + 1) * len(plan), {k: v for k, v in line.items() if k.startswith("val_")})
                 console.print(f"epoch {epoch + 1}: loss {line['loss']:.3f}  val BLEU-4 {100 * scores['bleu4']:.1f}"
                               f"{'  (best)' if improved else ''}  {line['samples_per_s']:.0f} captions/s")
             _barrier(ranks)
     finally:
         if progress:
             progress.stop()
+        if steps:
+            steps.close()
 
     if ranks.main:
         _summary(out, history, best_bleu)

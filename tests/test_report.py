@@ -1,6 +1,7 @@
 """The HTML report, as a person uses it: headless Chromium (Debian's ``chromium``) driven by Playwright.
 
-``make test`` installs chromium when /usr/bin/chromium is missing; without it these tests are skipped.
+``make test`` installs chromium when /usr/bin/chromium is missing and it runs as root with apt-get; without a
+chromium these tests are skipped. ``SATCLI_CHROMIUM`` (``make test CHROMIUM=...``) points to another one.
 """
 
 import io
@@ -17,7 +18,7 @@ from satcli.report import ReportOptions, run
 from satcli.results import CaptionRow
 from tests.helpers import peaked_attention, write_results_file
 
-CHROMIUM = "/usr/bin/chromium"
+CHROMIUM = os.environ.get("SATCLI_CHROMIUM") or "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 
@@ -26,7 +27,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
 def browser():
     sync_api = pytest.importorskip("playwright.sync_api")
     if not os.access(CHROMIUM, os.X_OK):
-        pytest.skip(f"no {CHROMIUM} (make test installs Debian's chromium)")
+        pytest.skip(f"no {CHROMIUM}: install chromium, or run make test as root, or make test CHROMIUM=/path")
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         yield browser
