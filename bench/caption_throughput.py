@@ -233,7 +233,8 @@ def throughput(args: argparse.Namespace) -> tuple[list[Row], float]:
             model = prepare_model(loaded.model, loaded.model.device)
             pre = loaded.preprocessing
             dataset = ImageFiles([str(f) for f in subset], pre.image_size, None)
-            images = torch.stack([dataset[i][1] for i in range(len(subset))])  # the same pixels (a) computes
+            # The same pixels (a) computes, already on the model's device: (b) is the model alone.
+            images = torch.stack([dataset[i][1] for i in range(len(subset))]).to(model.device)
             for beam in args.beams:
                 row = Row(encoder, beam, len(subset), {way: [] for way in WAYS})
                 for repeat in range(args.repeats):
@@ -289,7 +290,10 @@ def throughput_table(rows: list[Row], other_load: float, args: argparse.Namespac
             extra.append(f"| {r.encoder} | {r.beam} | {r.rate('satcli'):.2f} | {r.rate('variant'):.2f} | "
                          f"{statistics.median(t[0] for t in turns):.2f} | {statistics.median(t[1] for t in turns):.2f}"
                          f" | {r.cpu_ms('variant'):.0f} |")
-    workers = default_workers() if args.workers is None else args.workers
+    device = torch.device(_auto() if args.device == "auto" else args.device)
+    workers = default_workers(device) if args.workers is None else args.workers
+    decoders = ("JPEGs decoded in workers" if device.type == "cpu" else
+                "JPEGs read by the workers and decoded by nvJPEG on the GPU, other files decoded in workers")
     return "\n".join([
         f"Command: `{command()}`",
         "",
@@ -301,12 +305,13 @@ def throughput_table(rows: list[Row], other_load: float, args: argparse.Namespac
         "rarely emits `<end>`, so every caption is that long), decoder 512/512/512 with 2,500 words, random "
         "init. EfficientNet-Lite0 has its ImageNet weights; ResNet-101 is random-init (timing only). "
         "(a) is timed from the call of `satcli.caption.run` to its return (files found, checkpoint loaded, "
-        "JPEGs decoded in workers, results written and merged); (b) is the same encoder and batched beam "
-        "search on uint8 tensors already in memory; (c) loads, preprocesses, encodes and searches one image "
+        f"{decoders}, results written and merged); (b) is the same encoder and batched beam "
+        f"search on uint8 tensors already in {'memory' if device.type == 'cpu' else 'GPU memory'}; "
+        "(c) loads, preprocesses, encodes and searches one image "
         "at a time (batch of 1) with the same loader and model. The three run in turn, "
         f"{args.repeats} times; the table gives medians of images/s and of the ratios within a turn (their "
-        "range in brackets: this machine's 2 cores are shared with other work, so wall times vary from turn to "
-        "turn). CPU ms per image counts this process and its DataLoader workers. While the benchmark ran, "
+        f"range in brackets: this machine's {os.cpu_count()} cores are shared with other work, so wall times vary "
+        "from turn to turn). CPU ms per image counts this process and its DataLoader workers. While the benchmark ran, "
         f"other processes used {100 * other_load:.0f}% of the machine's CPU time (from /proc/stat).",
         "",
         *lines,
