@@ -155,7 +155,7 @@ BatchSizeOption = Annotated[int, typer.Option("--batch-size", min=1, help="Image
 DeviceOption = Annotated[Device, typer.Option("--device", help="auto: a CUDA GPU when there is one, else the CPU.")]
 WorkersOption = Annotated[int | None, typer.Option(
     "--workers", min=0, show_default=False,
-    help="Processes decoding images (0: in the main one). Default: min(4, CPUs).")]
+    help="Processes decoding images (0: in the main one). Default: min(4, CPUs); on a GPU up to 8, one CPU left free.")]
 ResultsOption = Annotated[Path, typer.Option("--output", "-o", dir_okay=False, help="Results Parquet file.")]
 OverlaysOption = Annotated[Path | None, typer.Option(
     "--overlays", file_okay=False, show_default=False,
