@@ -53,15 +53,19 @@ SKIP_LINE = "gpu_check: no CUDA GPU on this machine (torch.cuda.is_available() i
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _python(*args: str, env: dict[str, str] | None = None, timeout: float | None = None) -> tuple[int, str]:
+def _python(*args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
     """Run ``python ARGS`` from the repository root; (exit status, stdout and stderr)."""
     full_env = {**os.environ, **(env or {})}
     full_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
     full_env["PYTHONUNBUFFERED"] = "1"
-    done = subprocess.run([sys.executable, *args], cwd=REPO, env=full_env, capture_output=True, text=True,
-                          timeout=timeout)
-    sys.stderr.write(done.stdout + done.stderr)  # into the log
-    return done.returncode, done.stdout
+    child = subprocess.Popen([sys.executable, *args], cwd=REPO, env=full_env, stdout=subprocess.PIPE,
+                             stderr=sys.stderr, text=True)
+    lines = []
+    for line in child.stdout:  # into the log as it comes, so a step killed for time shows how far it got
+        sys.stderr.write(line)
+        sys.stderr.flush()
+        lines.append(line)
+    return child.wait(), "".join(lines)
 
 
 def step_env(args: argparse.Namespace) -> str:
