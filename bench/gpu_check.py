@@ -116,7 +116,8 @@ def step_tests(args: argparse.Namespace) -> str:
 
 def _bench(module: str, options: list[str]) -> str:
     status, output = _python("-m", module, *options)
-    body = output.split("\n", 2)[-1] if output.startswith("$ ") else output  # drop the bench's own header
+    start = output.find("Command: `")  # the bench's table; what it printed before (progress) is in the log
+    body = output[start:] if start >= 0 else output
     if status != 0:
         FAILURES.append(module)
         return f"failed (exit {status}); see gpu_check.log\n\n{body.strip()}"
