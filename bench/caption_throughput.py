@@ -25,6 +25,7 @@ resident memory of the process and of its DataLoader workers every half second: 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import random
@@ -33,7 +34,7 @@ import statistics
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,16 +107,43 @@ def make_checkpoint(directory: Path, encoder: str) -> Path:
 
 
 def time_satcli(folder: Path, checkpoint: Path, output: Path, beam: int,
-                args: argparse.Namespace) -> tuple[float, float]:
-    """(a) Wall and CPU seconds for ``satcli caption FOLDER`` end to end, in-process."""
+                args: argparse.Namespace, variant: str | None = None) -> tuple[float, float]:
+    """(a) Wall and CPU seconds for ``satcli caption FOLDER`` end to end, in-process. ``variant``: ``threads=N``
+    runs it with N torch threads, ``NAME=VALUE`` with that environment variable set."""
     options = CaptionOptions(inputs=(str(folder),), model=checkpoint, output=output, overwrite=True,
                              batch_size=args.batch_size, beam_size=beam, max_length=args.max_length,
                              workers=args.workers, device=args.device)
-    start, cpu = time.perf_counter(), cpu_seconds()
-    summary = run(options)
-    seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu
+    with _variant(variant):
+        start, cpu = time.perf_counter(), cpu_seconds()
+        summary = run(options)
+        seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu
     assert summary.n_captioned == summary.n_images, "every bench image must be captioned"
     return seconds, cpu
+
+
+@contextlib.contextmanager
+def _variant(variant: str | None) -> Iterator[None]:
+    if variant is None:
+        yield
+        return
+    name, value = variant.split("=", 1)
+    if name == "threads":
+        previous = torch.get_num_threads()
+        torch.set_num_threads(int(value))
+        try:
+            yield
+        finally:
+            torch.set_num_threads(previous)
+        return
+    previous_value = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if previous_value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = previous_value
 
 
 def time_floor(model: Captioner, preprocessing, images: torch.Tensor, beam: int,
@@ -205,7 +233,8 @@ def throughput(args: argparse.Namespace) -> tuple[list[Row], float]:
             model = prepare_model(loaded.model, loaded.model.device)
             pre = loaded.preprocessing
             dataset = ImageFiles([str(f) for f in subset], pre.image_size, None)
-            images = torch.stack([dataset[i][1] for i in range(len(subset))])  # the same pixels (a) computes
+            # The same pixels (a) computes, already on the model's device: (b) is the model alone.
+            images = torch.stack([dataset[i][1] for i in range(len(subset))]).to(model.device)
             for beam in args.beams:
                 row = Row(encoder, beam, len(subset), {way: [] for way in WAYS})
                 for repeat in range(args.repeats):
@@ -214,6 +243,11 @@ def throughput(args: argparse.Namespace) -> tuple[list[Row], float]:
                                                            args))
                     row.times["floor"].append(time_floor(model, pre, images, beam, args))
                     row.times["one_by_one"].append(time_one_by_one(model, pre, subset, beam, args))
+                    if args.variant is not None:
+                        row.times.setdefault("variant", []).append(
+                            time_satcli(subset_folder, checkpoint, work / "out.parquet", beam, args, args.variant))
+                        log.info("  with %s during (a): %.2f images/s", args.variant,
+                                 len(subset) / row.times["variant"][-1][0])
                     log.info("%s beam %d, repeat %d: %s images/s (satcli, floor, one by one)", encoder, beam,
                              repeat + 1, ", ".join(f"{len(subset) / row.times[w][-1][0]:.2f}" for w in WAYS))
                 rows.append(row)
@@ -243,7 +277,23 @@ def throughput_table(rows: list[Row], other_load: float, args: argparse.Namespac
         lines.append(f"| {label} | {r.n_images} | {r.beam} | {r.rate('satcli'):.2f} | {r.rate('floor'):.2f} | "
                      f"{r.rate('one_by_one'):.2f} | {spread(r.ratio('floor'))} | {spread(r.ratio('one_by_one'))} | "
                      + " / ".join(f"{r.cpu_ms(w):.0f}" for w in WAYS) + " |")
-    workers = default_workers() if args.workers is None else args.workers
+    extra = []
+    if args.variant is not None:
+        extra = ["", f"(a′): (a) again in the same turn with `{args.variant}` ("
+                 + ("torch's threads during the run; " if args.variant.startswith("threads=") else "")
+                 + f"torch's default here is {torch.get_num_threads()} threads).", "",
+                 "| encoder | beam | (a) images/s | (a′) images/s | (a′)/(a) | (a′)/(b) | CPU ms per image (a′) |",
+                 "|---|---:|---:|---:|---:|---:|---:|"]
+        for r in rows:
+            pairs = zip(r.times["satcli"], r.times["variant"], r.times["floor"], strict=True)
+            turns = [(a / a2, b / a2) for (a, _), (a2, _), (b, _) in pairs]
+            extra.append(f"| {r.encoder} | {r.beam} | {r.rate('satcli'):.2f} | {r.rate('variant'):.2f} | "
+                         f"{statistics.median(t[0] for t in turns):.2f} | {statistics.median(t[1] for t in turns):.2f}"
+                         f" | {r.cpu_ms('variant'):.0f} |")
+    device = torch.device(_auto() if args.device == "auto" else args.device)
+    workers = default_workers(device) if args.workers is None else args.workers
+    decoders = ("JPEGs decoded in workers" if device.type == "cpu" else
+                "JPEGs read by the workers and decoded by nvJPEG on the GPU, other files decoded in workers")
     return "\n".join([
         f"Command: `{command()}`",
         "",
@@ -255,15 +305,17 @@ def throughput_table(rows: list[Row], other_load: float, args: argparse.Namespac
         "rarely emits `<end>`, so every caption is that long), decoder 512/512/512 with 2,500 words, random "
         "init. EfficientNet-Lite0 has its ImageNet weights; ResNet-101 is random-init (timing only). "
         "(a) is timed from the call of `satcli.caption.run` to its return (files found, checkpoint loaded, "
-        "JPEGs decoded in workers, results written and merged); (b) is the same encoder and batched beam "
-        "search on uint8 tensors already in memory; (c) loads, preprocesses, encodes and searches one image "
+        f"{decoders}, results written and merged); (b) is the same encoder and batched beam "
+        f"search on uint8 tensors already in {'memory' if device.type == 'cpu' else 'GPU memory'}; "
+        "(c) loads, preprocesses, encodes and searches one image "
         "at a time (batch of 1) with the same loader and model. The three run in turn, "
         f"{args.repeats} times; the table gives medians of images/s and of the ratios within a turn (their "
-        "range in brackets: this machine's 2 cores are shared with other work, so wall times vary from turn to "
-        "turn). CPU ms per image counts this process and its DataLoader workers. While the benchmark ran, "
+        f"range in brackets: this machine's {os.cpu_count()} cores are shared with other work, so wall times vary "
+        "from turn to turn). CPU ms per image counts this process and its DataLoader workers. While the benchmark ran, "
         f"other processes used {100 * other_load:.0f}% of the machine's CPU time (from /proc/stat).",
         "",
         *lines,
+        *extra,
     ])
 
 
@@ -395,6 +447,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=None, help="default: satcli's, min(4, CPUs)")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--variant", default=None, help="also time (a) with threads=N (torch's threads) or "
+                        "NAME=VALUE (an environment variable), as (a′) in a second table")
     parser.add_argument("--memory", action="store_true", help="the long memory run instead of the throughput table")
     parser.add_argument("--memory-images", type=int, default=20_000)
     parser.add_argument("--memory-beam", type=int, default=1)

@@ -49,6 +49,7 @@ from satcli.console import make_progress
 from satcli.defaults import default_model
 from satcli.device import resolve_device
 from satcli.errors import SatcliError
+from satcli.feed import JpegBytes, default_workers, images_on_device, jpeg_decode_device, read_jpeg
 from satcli.images import (
     DEFAULT_MAX_PIXELS,
     HARD_MAX_PIXELS,
@@ -274,15 +275,6 @@ def part_path(output: Path, index: int, count: int) -> Path:
     return output.with_name(f"{stem}.part-{index}-of-{count}{suffix}")
 
 
-def default_workers() -> int:
-    """min(4, the CPUs this process may use)."""
-    try:
-        n_cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        n_cpus = os.cpu_count() or 1
-    return min(4, n_cpus)
-
-
 def decoding_options(options: CaptionOptions) -> DecodingOptions:
     try:
         return DecodingOptions(beam_size=options.beam_size, max_length=options.max_length,
@@ -344,20 +336,34 @@ def caption_batch(model: Captioner, images: torch.Tensor, preprocessing: Preproc
 class ImageFiles(Dataset):
     """Image files → ``(index, uint8 (3, S, S) or None, width, height, error)``.
 
+    With ``jpeg_bytes``, plain JPEGs come back undecoded (:class:`satcli.feed.JpegBytes`) for the GPU decoder.
     File names live in one Arrow array, not a Python list: forked workers then share its pages instead of
     copying them one reference count at a time (which makes DataLoader memory grow with the number of files).
     """
 
-    def __init__(self, files: Sequence[str], image_size: int, max_pixels: int | None):
+    def __init__(self, files: Sequence[str], image_size: int, max_pixels: int | None, jpeg_bytes: bool = False):
         # A name that is not UTF-8 cannot go into Arrow (nor into the results): it becomes a bad-name row.
         self.files = pa.array([file if utf8_name(file) else None for file in files], pa.string())
         self.image_size = image_size
         self.max_pixels = max_pixels
+        self.jpeg_bytes = jpeg_bytes
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, int | None, int | None, str | None]:
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | JpegBytes | None, int | None, int | None,
+                                               str | None]:
+        if self.jpeg_bytes and self.files[index].is_valid:
+            try:
+                raw = read_jpeg(self.files[index].as_py(), self.max_pixels)
+            except ImageError as error:
+                return index, None, error.width, error.height, str(error)
+            if raw is not None:
+                return index, raw, raw.width, raw.height, None
+        return self.load(index)
+
+    def load(self, index: int) -> tuple[int, torch.Tensor | None, int | None, int | None, str | None]:
+        """Decode on the CPU, whatever the file."""
         file = self.files[index].as_py()
         if file is None:
             return index, None, None, None, BAD_NAME
@@ -386,6 +392,7 @@ class _Batch:
     widths: list[int | None]
     heights: list[int | None]
     errors: list[str | None]
+    jpegs: dict[int, torch.Tensor] = field(default_factory=dict)  # position → JPEG bytes, for the GPU decoder
 
     def pin_memory(self) -> _Batch:  # called by the DataLoader's pinning thread on CUDA
         self.images = self.images.pin_memory()
@@ -393,10 +400,11 @@ class _Batch:
 
 
 def _collate(items: list[tuple]) -> _Batch:
-    images = [image for _, image, _, _, _ in items if image is not None]
+    images = [image for _, image, _, _, _ in items if isinstance(image, torch.Tensor)]
+    jpegs = {position: item[1].data for position, item in enumerate(items) if isinstance(item[1], JpegBytes)}
     stacked = torch.stack(images) if images else torch.empty(0, dtype=torch.uint8)
     return _Batch([i for i, *_ in items], stacked, [image is not None for _, image, *_ in items],
-                  [w for *_, w, _, _ in items], [h for *_, h, _ in items], [e for *_, e in items])
+                  [w for *_, w, _, _ in items], [h for *_, h, _ in items], [e for *_, e in items], jpegs)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -681,7 +689,7 @@ def _run(options: CaptionOptions) -> CaptionSummary:
         if summary.n_resumed:
             log.info("Resuming: %d of %d images are already captioned", summary.n_resumed, len(sources))
         todo = _batches(sources, done_before, options.batch_size)
-        workers = default_workers() if options.workers is None else options.workers
+        workers = default_workers(device) if options.workers is None else options.workers
         log.info("Captioning %d images with %s on %s (%d workers, batches of %d, beam %d)",
                  sum(len(b) for b in todo), model_path, device, workers, options.batch_size, decoding.beam_size)
         summary.n_processed = _caption(sources, todo, model_path, fingerprint["image_size"], decoding, options,
@@ -744,7 +752,8 @@ def _caption(sources: list[ImageSource], batches: list[list[int]], model_path: P
     """Run the pipeline over ``batches``; returns how many images were processed."""
     if not batches:
         return 0
-    dataset = ImageFiles([s.file for s in sources], image_size, options.max_pixels)
+    decode_device = jpeg_decode_device(device)
+    dataset = ImageFiles([s.file for s in sources], image_size, options.max_pixels, decode_device is not None)
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=_collate,
                         pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None,
                         worker_init_fn=_lower_priority if device.type == "cpu" else None)
@@ -761,8 +770,11 @@ def _caption(sources: list[ImageSource], batches: list[list[int]], model_path: P
             for batch in iterator:
                 writer.reserve()  # a slow disk holds the device back instead of letting results pile up unsaved
                 results: list[DecodingResult | None] = [None] * len(batch.indices)
-                if batch.images.shape[0]:
-                    decoded = iter(caption_batch(model, batch.images, loaded.preprocessing, decoding))
+                images = batch.images
+                if batch.jpegs:
+                    images = images_on_device(batch, image_size, decode_device or device, dataset.load)
+                if images.shape[0]:
+                    decoded = iter(caption_batch(model, images, loaded.preprocessing, decoding))
                     results = [next(decoded) if ok else None for ok in batch.loaded]
                 writer.put(_Done([sources[i].path for i in batch.indices], batch.widths, batch.heights,
                                  batch.errors, results))

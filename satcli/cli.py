@@ -189,7 +189,7 @@ DeviceOption = Annotated[str, typer.Option(
     "--device", metavar="auto|cpu|cuda|cuda:N|mps", help="auto: a CUDA GPU when there is one, else the CPU.")]
 WorkersOption = Annotated[int | None, typer.Option(
     "--workers", min=0, show_default=False,
-    help="Processes decoding images (0: in the main one). Default: min(4, CPUs).")]
+    help="Processes decoding images (0: in the main one). Default: min(4, CPUs); on a GPU up to 8, one CPU left free.")]
 ResultsOption = Annotated[Path, typer.Option("--output", "-o", dir_okay=False, help="Results Parquet file.")]
 OverlaysOption = Annotated[Path | None, typer.Option(
     "--overlays", file_okay=False, show_default=False,

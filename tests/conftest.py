@@ -8,6 +8,11 @@ os.environ.setdefault("NO_COLOR", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# SATCLI_TEST_DEVICE=cuda: every tensor and module a test makes without naming a device lands there — the CUDA
+# pass of the model and decoding tests in bench/gpu_check.py.
+if os.environ.get("SATCLI_TEST_DEVICE"):
+    torch.set_default_device(os.environ["SATCLI_TEST_DEVICE"])
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
