@@ -241,7 +241,8 @@ def train(
     decoder_dim: Annotated[int, typer.Option(min=1, help="LSTM size.")] = 512,
     dropout: Annotated[float, typer.Option(min=0.0, max=0.99, help="Dropout before the output layers.")] = 0.5,
     doubly_stochastic: Annotated[float, typer.Option(
-        min=0.0, help="λ of the attention regulariser λ·Σᵢ(1 − Σₜ αₜᵢ)².")] = 1.0,
+        min=0.0, help="λ of the attention regulariser λ·meanᵢ(1 − Σₜ αₜᵢ)², added to the per-token NLL "
+        "(cross-entropy training; SCST optimises CIDEr-D alone).")] = 1.0,
     epochs: Annotated[int, typer.Option(min=1, help="Epochs (one pass over every training caption).")] = 30,
     batch_size: Annotated[int, typer.Option(min=1, help="Captions per step, over all processes.")] = 64,
     decoder_lr: Annotated[float, typer.Option(min=0.0, help="Decoder learning rate.")] = 4e-4,

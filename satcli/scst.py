@@ -9,7 +9,9 @@ and one is decoded greedily; each sample's reward is its CIDEr-D against the ima
 
 so a sample better than what the model would say anyway is made more likely, a worse one less. Checkpoints
 are the ordinary format (``best.pt`` by validation CIDEr-D, ``last.pt`` with the optimiser and RNG state for
-``--resume``), so evaluate and caption use them unchanged. The encoder stays frozen (cached features).
+``--resume``), so evaluate and caption use them unchanged. The encoder stays frozen (cached features). As in
+Rennie et al., the reward is the whole objective: the attention regulariser (``--doubly-stochastic``) belongs
+to cross-entropy training and is not added here.
 """
 
 from __future__ import annotations

@@ -31,7 +31,13 @@ import torch.distributed as dist
 from rich.progress import TextColumn
 from rich.table import Table
 
-from models.captioner import Captioner, CaptionerConfig, caption_loss, hard_attention_loss
+from models.captioner import (
+    Captioner,
+    CaptionerConfig,
+    caption_loss,
+    doubly_stochastic_penalties,
+    hard_attention_loss,
+)
 from models.decoding import decode
 from models.encoders import DEFAULT_ENCODER, ENCODERS, PretrainedWeightsUnavailable
 from satcli.checkpoint import Preprocessing, read_checkpoint, save_checkpoint
@@ -340,7 +346,7 @@ class Stepper:
             output = self.train_model(features, tokens, lengths, options.scheduled_sampling)
             logprobs, alphas = output.logprobs, output.alphas
             _, nll = caption_loss(logprobs, alphas, tokens, lengths, 0.0)
-            penalty = ((1.0 - alphas.float().sum(dim=1)) ** 2).sum()
+            penalty = doubly_stochastic_penalties(alphas).sum()  # the mean over cells, summed over captions
             # normalised by the global batch, so the DDP average over ranks equals the one-process loss
             loss = (nll * int(lengths.sum()) / global_tokens
                     + options.doubly_stochastic * penalty / global_n) * self.ranks.world
