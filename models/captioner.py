@@ -139,6 +139,11 @@ class AttentionDecoder(nn.Module):
         super().__init__()
         c = config
         self.embedding = nn.Embedding(c.vocab_size, c.embed_dim, padding_idx=c.pad_id)
+        # nn.Embedding starts at N(0, 1), which saturates the deep output's tanh(E y + ...) from the first step;
+        # the reference code starts small (the PyTorch tutorial: U(-0.1, 0.1); arctic-captions: N(0, 0.01²)).
+        with torch.no_grad():
+            self.embedding.weight.uniform_(-0.1, 0.1)
+            self.embedding.weight[c.pad_id].zero_()
         self.attention = SoftAttention(feature_dim, c.decoder_dim, c.attention_dim)
         self.init_h = nn.Linear(feature_dim, c.decoder_dim)  # h_0 = tanh(f_init,h(mean a))
         self.init_c = nn.Linear(feature_dim, c.decoder_dim)  # c_0 = tanh(f_init,c(mean a))

@@ -251,7 +251,7 @@ def train(
     lr_decay: Annotated[float, typer.Option(
         min=0.0, max=1.0, help="Multiply learning rates by this when validation BLEU-4 stalls.")] = 0.8,
     lr_patience: Annotated[int, typer.Option(
-        min=0, help="Epochs without validation improvement before the learning rates decay.")] = 3,
+        min=1, help="Epochs without validation improvement before the learning rates decay.")] = 3,
     patience: Annotated[int, typer.Option(
         min=1, help="Stop after this many epochs without validation improvement.")] = 10,
     scheduled_sampling: Annotated[float, typer.Option(

@@ -113,6 +113,7 @@ def run_scst(options: TrainOptions, ranks: Ranks) -> TrainResult:
         _rng_state,
         _set_rng_state,
         _write_metrics,
+        plateau_scheduler,
     )
 
     if ranks.world > 1:
@@ -149,8 +150,7 @@ def run_scst(options: TrainOptions, ranks: Ranks) -> TrainResult:
     val_split = "val" if "val" in dataset.splits else "test"
 
     optimizer = torch.optim.Adam(model.decoder.parameters(), lr=options.decoder_lr)
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=options.lr_decay,
-                                                           patience=options.lr_patience)
+    scheduler = plateau_scheduler(optimizer, options)
     start_epoch, best_cider, since_best, history = 0, -1.0, 0, []
     best_bleu = -1.0
     if resume_from is not None:

@@ -388,6 +388,17 @@ def validate(model: Captioner, dataset: StoredDataset, split: str, vocab: Vocabu
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def plateau_scheduler(optimizer: torch.optim.Optimizer,
+                      options: TrainOptions) -> torch.optim.lr_scheduler.ReduceLROnPlateau:
+    """Multiply the learning rates by ``lr_decay`` once ``lr_patience`` epochs in a row bring no validation
+    improvement. (ReduceLROnPlateau's ``patience`` is the number of bad epochs it *tolerates*: it decays on the
+    next one, hence ``lr_patience - 1``.)"""
+    if options.lr_patience < 1:
+        raise SatcliError(f"--lr-patience must be at least 1 (epochs without improvement), got {options.lr_patience}")
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=options.lr_decay,
+                                                      patience=options.lr_patience - 1)
+
+
 def _rng_state(device: torch.device) -> dict[str, Any]:
     state = {"torch": torch.get_rng_state()}
     if device.type == "cuda":
@@ -484,8 +495,7 @@ def _run(options: TrainOptions, ranks: Ranks) -> TrainResult:
         optimizer.add_param_group({"params": [p for p in model.encoder.parameters() if p.requires_grad],
                                    "lr": options.encoder_lr, "name": "encoder"})
         model.encoder.set_fine_tuning(0)  # frozen until fine_tune_after
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=options.lr_decay,
-                                                           patience=options.lr_patience)
+    scheduler = plateau_scheduler(optimizer, options)
     start_epoch, best_bleu, since_best, history = 0, -1.0, 0, []
     if resume_from is not None:
         state = resume_from["train_state"]

@@ -139,3 +139,11 @@ def test_pooled_grid_is_what_the_model_attends_over():
     assert model.grid_shape == (3, 3)
     features = model.encode(torch.randn(1, 3, 96, 96))
     assert features.shape == (1, 9, 1280)
+
+
+def test_word_embeddings_start_small_as_in_the_reference_code():
+    # N(0, 1) embeddings go straight into the deep output's tanh and saturate it; the tutorial uses U(-0.1, 0.1)
+    weight = tiny_captioner().decoder.embedding.weight
+    assert weight.abs().max().item() <= 0.1
+    assert weight.std().item() > 0.01  # small, not zero
+    assert (weight[0] == 0).all()  # the <pad> row

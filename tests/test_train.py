@@ -197,3 +197,25 @@ def test_the_demo_trains_with_the_default_lambda():
     from satcli.train import TrainOptions
 
     assert demo_train_options(DemoOptions()).doubly_stochastic == TrainOptions(dataset="x").doubly_stochastic == 1.0
+
+
+@pytest.mark.parametrize("lr_patience", [1, 3])
+def test_lr_patience_n_decays_after_exactly_n_epochs_without_improvement(lr_patience):
+    from satcli.train import plateau_scheduler
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = plateau_scheduler(optimizer, TrainOptions(dataset="x", lr_patience=lr_patience, lr_decay=0.5))
+    scheduler.step(0.5)  # the first epoch sets the best
+    for _ in range(lr_patience - 1):
+        scheduler.step(0.4)
+        assert optimizer.param_groups[0]["lr"] == 1.0
+    scheduler.step(0.4)  # the N-th epoch without improvement
+    assert optimizer.param_groups[0]["lr"] == 0.5
+
+
+def test_lr_patience_below_one_is_refused():
+    from satcli.train import plateau_scheduler
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    with pytest.raises(SatcliError, match="lr-patience"):
+        plateau_scheduler(optimizer, TrainOptions(dataset="x", lr_patience=0))
