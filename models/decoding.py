@@ -14,13 +14,15 @@ Scores: ``score = sum_logprob / n_tokens ** length_penalty`` where ``n_tokens`` 
 ``<end>`` token. ``length_penalty=0`` ranks by the plain sum of log-probabilities (favours short captions);
 ``length_penalty=1`` by the mean log-probability per token.
 
+Beam size 1 is exactly greedy search, length penalty or not: the image settles at its first ``<end>``.
+
 Constraints act on the log-probabilities before the ``topk``, so they shape the search rather than filter its
-results. ``min_length``: ``<end>`` is impossible until that many words are written. ``no_repeat_ngram_size``
-n: a word that would complete an n-gram the beam has already written is impossible; every live beam's words
-so far are kept as one (images, beams, steps) tensor, and the banned words of all beams come from one
-comparison of its trailing n-1 words with all its earlier windows and one ``scatter_add``. A hypothesis made
-impossible by the constraints (log-probability -inf) is never returned, so an image may get fewer than
-``n_best`` captions only when fewer possible ones exist.
+results. ``banned_ids``: words that are never written. ``min_length``: ``<end>`` is impossible until that many
+words are written. ``no_repeat_ngram_size`` n: a word that would complete an n-gram the beam has already written
+is impossible; every live beam's words so far are kept as one (images, beams, steps) tensor, and the banned
+words of all beams come from one comparison of its trailing n-1 words with all its earlier windows and one
+``scatter_add``. A hypothesis made impossible by the constraints (log-probability -inf) is never returned, so an
+image may get fewer than ``n_best`` captions only when fewer possible ones exist.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ class DecodingOptions:
     n_best: int = 1  # captions returned per image, best first (at most beam_size)
     no_repeat_ngram_size: int = 0  # n > 0: never write the same n words twice in one caption; 0: off
     min_length: int = 0  # fewest words before <end> may be written
+    banned_ids: tuple[int, ...] = ()  # word ids never written (satcli bans <unk> unless told otherwise)
 
     def __post_init__(self) -> None:
         if self.beam_size < 1:
@@ -60,6 +63,8 @@ class DecodingOptions:
         if not 0 <= self.min_length < self.max_length:
             raise ValueError(f"min_length must be between 0 and max_length - 1 ({self.max_length - 1}): a caption "
                              f"of min_length words needs room for <end>; got {self.min_length}")
+        if any(i < 0 for i in self.banned_ids):
+            raise ValueError(f"banned_ids must be word ids (>= 0), got {self.banned_ids}")
 
 
 @dataclass
@@ -185,6 +190,7 @@ def _beam_search(model: StepModel, features: Tensor, options: DecodingOptions) -
     sum_history: list[Tensor] = []  # per step (B, K): the beam's log-probability with that word
     n_gram = options.no_repeat_ngram_size
     written = torch.zeros(B, K, 0, dtype=torch.long, device=device)  # (B, K, t) live beams' words, if n_gram
+    banned = torch.tensor(options.banned_ids, dtype=torch.long, device=device) if options.banned_ids else None
 
     for t in range(T):
         logprobs, new_state, alpha = model.step(tokens, state, memory)  # (B, K, V), ..., (B, K, L)
@@ -194,6 +200,8 @@ def _beam_search(model: StepModel, features: Tensor, options: DecodingOptions) -
         logprobs[..., pad_id] = float("-inf")
         if t < options.min_length:
             logprobs[..., end_id] = float("-inf")
+        if banned is not None:
+            logprobs[..., banned] = float("-inf")
         if n_gram:
             logprobs = logprobs.masked_fill(_repeated_ngram_words(written, n_gram, V), float("-inf"))
         candidates = sum_logprobs.unsqueeze(-1) + logprobs  # (B, K, V)
@@ -225,8 +233,10 @@ def _beam_search(model: StepModel, features: Tensor, options: DecodingOptions) -
         alpha_history.append(alpha.gather(1, parent.unsqueeze(-1).expand(-1, -1, alpha.shape[-1])))
 
         # Settled: the pool is full and no live beam can reach its worst score, even at the longest length.
+        # Beam size 1 is greedy search: its first <end> settles it, whatever a length penalty would say later.
         best_possible = _length_score(sum_logprobs.max(dim=1).values, T, alpha_pen)
-        settled = settled | ((pool_score[:, -1] > float("-inf")) & (best_possible <= pool_score[:, -1]))
+        full = pool_score[:, -1] > float("-inf")
+        settled = settled | (full if K == 1 else full & (best_possible <= pool_score[:, -1]))
         if (t + 1) % _SETTLED_CHECK_EVERY == 0 and bool(settled.all()):
             break
 

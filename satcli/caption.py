@@ -62,6 +62,7 @@ from satcli.overlays import OverlaySummary, write_overlays
 from satcli.results import CaptionRow, merge_results, read_column, read_metadata, to_table, write_results
 from satcli.text import detokenize
 from satcli.transforms import normalise
+from satcli.vocab import banned_words
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,7 @@ class CaptionOptions:
     n_best: int = 1  # > 1: the runners-up go to the ``alternatives`` column
     no_repeat_ngram_size: int = 0
     min_length: int = 0
+    allow_unk: bool = False  # let captions contain <unk> (banned by default: users would see a literal "<unk>")
     workers: int | None = None  # image-decoding processes; None: min(4, CPUs)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     shard: tuple[int, int] | None = None  # (K, N); None: RANK/WORLD_SIZE under torchrun, else everything
@@ -279,7 +281,8 @@ def decoding_options(options: CaptionOptions) -> DecodingOptions:
     try:
         return DecodingOptions(beam_size=options.beam_size, max_length=options.max_length,
                                length_penalty=options.length_penalty, n_best=options.n_best,
-                               no_repeat_ngram_size=options.no_repeat_ngram_size, min_length=options.min_length)
+                               no_repeat_ngram_size=options.no_repeat_ngram_size, min_length=options.min_length,
+                               banned_ids=banned_words(options.allow_unk))
     except ValueError as error:
         raise SatcliError(str(error)) from None
 
@@ -804,6 +807,7 @@ def _fingerprint(checkpoint: dict[str, Any], model_sha256: str, decoding: Decodi
         "n_best": decoding.n_best,
         "no_repeat_ngram_size": decoding.no_repeat_ngram_size,
         "min_length": decoding.min_length,
+        "banned_ids": list(decoding.banned_ids),
         "image_size": int(pre["image_size"]),
         "mean": [float(v) for v in pre["mean"]],
         "std": [float(v) for v in pre["std"]],
@@ -829,7 +833,7 @@ def _metadata(checkpoint: dict[str, Any], model_path: Path, decoding: DecodingOp
         "satcli.decoding": {"beam_size": decoding.beam_size, "max_length": decoding.max_length,
                             "length_penalty": decoding.length_penalty, "n_best": decoding.n_best,
                             "no_repeat_ngram_size": decoding.no_repeat_ngram_size,
-                            "min_length": decoding.min_length},
+                            "min_length": decoding.min_length, "banned_ids": list(decoding.banned_ids)},
         # root: where the relative result paths start, so report and overlays find the images from anywhere.
         "satcli.images": {"max_pixels": options.max_pixels,
                           "root": os.path.abspath(options.root if options.root is not None else os.getcwd())},

@@ -184,6 +184,8 @@ NBestOption = Annotated[int, typer.Option(
 NoRepeatNgramOption = Annotated[int, typer.Option(
     "--no-repeat-ngram", min=0, help="Never write the same N words twice in one caption (0: off).")]
 MinLengthOption = Annotated[int, typer.Option("--min-length", min=0, help="Fewest words before a caption may end.")]
+AllowUnkOption = Annotated[bool, typer.Option(
+    "--allow-unk", help="Let captions contain <unk> (the out-of-vocabulary token; never written by default).")]
 BatchSizeOption = Annotated[int, typer.Option("--batch-size", min=1, help="Images per batch on the device.")]
 DeviceOption = Annotated[str, typer.Option(
     "--device", metavar="auto|cpu|cuda|cuda:N|mps", help="auto: a CUDA GPU when there is one, else the CPU.")]
@@ -210,6 +212,7 @@ def caption(
     n_best: NBestOption = 1,
     no_repeat_ngram: NoRepeatNgramOption = 0,
     min_length: MinLengthOption = 0,
+    allow_unk: AllowUnkOption = False,
     batch_size: BatchSizeOption = 32,
     workers: WorkersOption = None,
     device: DeviceOption = "auto",
@@ -244,7 +247,7 @@ def caption(
     summary = step.run(step.CaptionOptions(
         inputs=tuple(inputs), model=model, output=output, overwrite=overwrite, batch_size=batch_size,
         beam_size=beam_size, max_length=max_length, length_penalty=length_penalty, n_best=n_best,
-        no_repeat_ngram_size=no_repeat_ngram, min_length=min_length, workers=workers,
+        no_repeat_ngram_size=no_repeat_ngram, min_length=min_length, allow_unk=allow_unk, workers=workers,
         device=device, shard=None if shard is None else step.parse_shard(shard), root=root,
         max_pixels=max_pixels, overlays=overlays,
     ))
@@ -291,6 +294,7 @@ def merge(
 
 @app.command()
 def train(
+    ctx: typer.Context,
     dataset: Annotated[str, typer.Option("--dataset", help="A preprocessed dataset under the data root.")],
     data_root: DataRootOption = Path("data"),
     out: Annotated[Path | None, typer.Option(
@@ -310,7 +314,8 @@ def train(
     decoder_dim: Annotated[int, typer.Option(min=1, help="LSTM size.")] = 512,
     dropout: Annotated[float, typer.Option(min=0.0, max=0.99, help="Dropout before the output layers.")] = 0.5,
     doubly_stochastic: Annotated[float, typer.Option(
-        min=0.0, help="λ of the attention regulariser λ·Σᵢ(1 − Σₜ αₜᵢ)².")] = 1.0,
+        min=0.0, help="λ of the attention regulariser λ·meanᵢ(1 − Σₜ αₜᵢ)², added to the per-token NLL "
+        "(cross-entropy training; SCST optimises CIDEr-D alone).")] = 1.0,
     epochs: Annotated[int, typer.Option(min=1, help="Epochs (one pass over every training caption).")] = 30,
     batch_size: Annotated[int, typer.Option(min=1, help="Captions per step, over all processes.")] = 64,
     decoder_lr: Annotated[float, typer.Option(min=0.0, help="Decoder learning rate.")] = 4e-4,
@@ -319,7 +324,7 @@ def train(
     lr_decay: Annotated[float, typer.Option(
         min=0.0, max=1.0, help="Multiply learning rates by this when validation BLEU-4 stalls.")] = 0.8,
     lr_patience: Annotated[int, typer.Option(
-        min=0, help="Epochs without validation improvement before the learning rates decay.")] = 3,
+        min=1, help="Epochs without validation improvement before the learning rates decay.")] = 3,
     patience: Annotated[int, typer.Option(
         min=1, help="Stop after this many epochs without validation improvement.")] = 10,
     scheduled_sampling: Annotated[float, typer.Option(
@@ -327,15 +332,17 @@ def train(
     fine_tune_encoder: Annotated[bool, typer.Option(
         "--fine-tune-encoder", help="Train the encoder too, on augmented images.")] = False,
     fine_tune_after: Annotated[int, typer.Option(min=0, help="Start fine-tuning after this many epochs.")] = 0,
-    fine_tune_blocks: Annotated[int, typer.Option(help="Encoder blocks to fine-tune from the top (-1: all).")] = -1,
+    fine_tune_blocks: Annotated[int, typer.Option(
+        help="Encoder blocks to fine-tune from the top (-1: all, the stem included).")] = 6,
     val_beam_size: Annotated[int, typer.Option(min=1, help="Beam size of validation decoding.")] = 1,
     scst: Annotated[bool, typer.Option(
         "--scst", help="Self-critical fine-tuning of --init with a CIDEr-D reward and the greedy caption as "
-        "baseline (--out default: runs/<dataset>-scst; pass a lower --decoder-lr, e.g. 5e-5).")] = False,
+        "baseline (--out default: runs/<dataset>-scst; learning rate: --scst-lr).")] = False,
     init: Annotated[Path | None, typer.Option(
         "--init", exists=True, dir_okay=False, show_default=False, help="With --scst: the checkpoint to start from.")
     ] = None,
     scst_samples: Annotated[int, typer.Option(min=1, help="With --scst: captions sampled per image.")] = 5,
+    scst_lr: Annotated[float, typer.Option(min=0.0, help="With --scst: the decoder learning rate.")] = 5e-5,
     device: DeviceOption = "auto",
     amp: Annotated[bool, typer.Option(help="Mixed precision on CUDA (bf16 where supported).")] = True,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the decoder step.")] = False,
@@ -362,13 +369,20 @@ def train(
         epochs=epochs, batch_size=batch_size, decoder_lr=decoder_lr, encoder_lr=encoder_lr, grad_clip=grad_clip,
         lr_decay=lr_decay, lr_patience=lr_patience, patience=patience, scheduled_sampling=scheduled_sampling,
         fine_tune_encoder=fine_tune_encoder, fine_tune_after=fine_tune_after, fine_tune_blocks=fine_tune_blocks,
-        val_beam_size=val_beam_size, scst=scst, init=init, scst_samples=scst_samples, device=device,
-        amp=amp, compile=compile, seed=seed, tensorboard=tensorboard,
+        val_beam_size=val_beam_size, scst=scst, init=init, scst_samples=scst_samples, scst_lr=scst_lr,
+        device=device, amp=amp, compile=compile, seed=seed, tensorboard=tensorboard, given=_given(ctx),
     ))
     if as_json and int(os.environ.get("RANK", "0") or 0) == 0:
         typer.echo(json.dumps({"out": str(result.out), "best": str(result.best), "last": str(result.last),
                                "epochs": result.epochs, "best_val_bleu4": result.best_bleu4,
                                "history": result.history}, ensure_ascii=False))
+
+
+def _given(ctx: click.Context) -> frozenset[str]:
+    """The parameters set on the command line or through the environment (not left at their defaults)."""
+    # compared by name: Typer may carry its own copy of click's ParameterSource enum
+    return frozenset(name for name in ctx.params
+                     if getattr(ctx.get_parameter_source(name), "name", None) in ("COMMANDLINE", "ENVIRONMENT"))
 
 
 @app.command()
@@ -395,6 +409,7 @@ def evaluate(
     n_best: NBestOption = 1,
     no_repeat_ngram: NoRepeatNgramOption = 0,
     min_length: MinLengthOption = 0,
+    allow_unk: AllowUnkOption = False,
     batch_size: BatchSizeOption = 64,
     device: DeviceOption = "auto",
     overlays: OverlaysOption = None,
@@ -411,7 +426,7 @@ def evaluate(
         dataset=dataset, model=model, data_root=data_root, split=split,
         beam_sizes=step.parse_beam_sizes(beam_sizes) if beam_sizes else (beam_size,), bleu=bleu, coco=coco,
         grounding=grounding, java=java, out=out, max_length=max_length, length_penalty=length_penalty,
-        n_best=n_best, no_repeat_ngram_size=no_repeat_ngram, min_length=min_length,
+        n_best=n_best, no_repeat_ngram_size=no_repeat_ngram, min_length=min_length, allow_unk=allow_unk,
         batch_size=batch_size, device=device,
     ))
     if as_json:

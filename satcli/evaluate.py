@@ -41,6 +41,7 @@ from satcli.metrics import bleu, coco_metrics
 from satcli.results import CaptionRow, write_results
 from satcli.store import StoredDataset
 from satcli.text import detokenize, tokenize
+from satcli.vocab import UNK, banned_words
 
 log = logging.getLogger(__name__)
 REPORT = "report.json"
@@ -65,6 +66,7 @@ class EvaluateOptions:
     n_best: int = 1  # > 1: the runners-up go to the predictions' alternatives column
     no_repeat_ngram_size: int = 0
     min_length: int = 0
+    allow_unk: bool = False  # let captions contain <unk> (banned by default, as in satcli caption)
     batch_size: int = 64
     device: str = "auto"
 
@@ -107,6 +109,10 @@ class EvaluateResult:
                                              else getattr(b.grounding, key)) for b in self.beams))
             table.add_row("object words scored", *(str(b.grounding.n_words if b.grounding else 0)
                                                    for b in self.beams))
+            for label, key in [("mean peak attention per word", "peak"), ("  uniform attention (1/cells)",
+                                                                          "peak_uniform")]:
+                table.add_row(label, *(_cell(None if b.grounding is None or not b.grounding.n_peak_words
+                                             else getattr(b.grounding, key)) for b in self.beams))
         return table
 
 
@@ -119,6 +125,16 @@ METRIC_LABELS = {
 
 def _cell(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.1f}"
+
+
+def coco_scores(raw_references: list[list[str]], captions: list[list[str]], java: bool = True) -> Any:
+    """COCO metrics of vocabulary-word captions, scored like with like: the references go through the rule
+    that built the vocabulary (:func:`satcli.text.tokenize`, which splits ``t-shirt`` into ``t shirt``) before
+    the PTB tokenizer both sides share, so a caption can match what its vocabulary can spell; ``<unk>`` is one
+    word that matches nothing (PTB would split it into ``< unk >``)."""
+    references = [[detokenize(tokenize(c)) for c in captions_of_image] for captions_of_image in raw_references]
+    hypotheses = [detokenize(["unk" if w == UNK else w for w in words]) for words in captions]
+    return coco_metrics(references, hypotheses, java=java)
 
 
 def parse_beam_sizes(text: str) -> tuple[int, ...]:
@@ -141,7 +157,8 @@ def run(options: EvaluateOptions) -> EvaluateResult:
         decodings = [DecodingOptions(beam_size=k, max_length=options.max_length,
                                      length_penalty=options.length_penalty, n_best=options.n_best,
                                      no_repeat_ngram_size=options.no_repeat_ngram_size,
-                                     min_length=options.min_length) for k in options.beam_sizes]
+                                     min_length=options.min_length, banned_ids=banned_words(options.allow_unk))
+                     for k in options.beam_sizes]
     except ValueError as error:
         raise SatcliError(str(error)) from None
     want_bleu = options.bleu or not (options.coco or options.grounding)
@@ -170,7 +187,7 @@ def run(options: EvaluateOptions) -> EvaluateResult:
         if want_bleu:
             beam.metrics.update(bleu(references, captions))
         if options.coco:
-            coco = coco_metrics(raw_references, [detokenize(c) for c in captions], java=options.java)
+            coco = coco_scores(raw_references, captions, java=options.java)
             beam.metrics.update({f"coco_{k}": v for k, v in coco.scores.items()})
             result.coco_backend, result.skipped = coco.backend, coco.skipped
         if options.grounding:
@@ -262,7 +279,8 @@ def _write_report(result: EvaluateResult, options: EvaluateOptions, dataset: Sto
                   "train_options": loaded.train_options, "checkpoint_metrics": loaded.metrics},
         "decoding": {"beam_sizes": [d.beam_size for d in decodings], "max_length": options.max_length,
                      "length_penalty": options.length_penalty, "n_best": options.n_best,
-                     "no_repeat_ngram_size": options.no_repeat_ngram_size, "min_length": options.min_length},
+                     "no_repeat_ngram_size": options.no_repeat_ngram_size, "min_length": options.min_length,
+                     "allow_unk": options.allow_unk},
         "coco": None if result.coco_backend is None else {"backend": result.coco_backend,
                                                            "skipped": result.skipped},
         "results": [{"beam_size": b.beam_size, "metrics": b.metrics,

@@ -1,13 +1,17 @@
 """The encoder-feature cache: with a frozen encoder, every image is encoded once, stored on disk next to the
-dataset (keyed by encoder, input size and grid), and reused by every later training run and evaluation.
+dataset (keyed by encoder, input size, grid and a hash of the encoder's weights), and reused by every later
+training run and evaluation of a model with that very encoder. A fine-tuned encoder has other weights, so its
+features live in a folder of their own and never mix with the pretrained encoder's.
 
-``data/NAME/features/<encoder>-<size>px[-grid<G>]/<split>.npy`` holds a float16 array (n_images, n_pixels, dim)
-in the split's row order; a ``<split>.json`` beside it says what made it. Both are written to temporary names and
-renamed when complete, so a killed run never leaves a cache that looks finished.
+``data/NAME/features/<encoder>-<size>px[-grid<G>]-<weights hash>/<split>.npy`` holds a float16 array
+(n_images, n_pixels, dim) in the split's row order; a ``<split>.json`` beside it says what made it (the full
+hash included). Both are written to temporary names and renamed when complete, so a killed run never leaves a
+cache that looks finished.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -28,15 +32,26 @@ log = logging.getLogger(__name__)
 CACHE_VERSION = 1
 
 
+def encoder_sha256(model: Captioner) -> str:
+    """SHA-256 of the encoder's weights and buffers (names, shapes, dtypes and values, in name order)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.encoder.state_dict().items()):
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+                      if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
 def cache_dir(dataset: StoredDataset, model: Captioner) -> Path:
     c = model.config
     key = f"{c.encoder}-{c.image_size}px" + (f"-grid{c.grid_size}" if c.grid_size else "")
-    return dataset.root / "features" / key
+    return dataset.root / "features" / f"{key}-{encoder_sha256(model)[:12]}"
 
 
 def _describe(dataset: StoredDataset, model: Captioner, split: str) -> dict:
     c = model.config
-    return {"version": CACHE_VERSION, "encoder": c.encoder, "image_size": c.image_size, "grid_size": c.grid_size,
+    return {"version": CACHE_VERSION, "encoder": c.encoder, "encoder_sha256": encoder_sha256(model),
+            "image_size": c.image_size, "grid_size": c.grid_size,
             "split": split, "n_images": dataset.n_images(split), "store_created": dataset.meta.get("created"),
             "shape": [dataset.n_images(split), model.grid_shape[0] * model.grid_shape[1], model.encoder.spec.dim]}
 

@@ -9,7 +9,9 @@ and one is decoded greedily; each sample's reward is its CIDEr-D against the ima
 
 so a sample better than what the model would say anyway is made more likely, a worse one less. Checkpoints
 are the ordinary format (``best.pt`` by validation CIDEr-D, ``last.pt`` with the optimiser and RNG state for
-``--resume``), so evaluate and caption use them unchanged. The encoder stays frozen (cached features).
+``--resume``), so evaluate and caption use them unchanged. The encoder stays frozen (cached features). As in
+Rennie et al., the reward is the whole objective: the attention regulariser (``--doubly-stochastic``) belongs
+to cross-entropy training and is not added here.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -75,6 +77,11 @@ def policy_loss(logprobs: torch.Tensor, advantages: torch.Tensor) -> torch.Tenso
     return -(advantages.to(logprobs.dtype) * logprobs.sum(dim=2)).mean()
 
 
+def scst_optimizer(model: Captioner, options: TrainOptions) -> torch.optim.Optimizer:
+    """Adam on the decoder at ``options.scst_lr`` (not the cross-entropy ``decoder_lr``, 8× larger by default)."""
+    return torch.optim.Adam(model.decoder.parameters(), lr=options.scst_lr)
+
+
 def _image_plan(n_images: int, batch_size: int, seed: int, epoch: int) -> list[torch.Tensor]:
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     return list(torch.randperm(n_images, generator=generator).split(batch_size))
@@ -110,7 +117,9 @@ def run_scst(options: TrainOptions, ranks: Ranks) -> TrainResult:
         _rng_state,
         _set_rng_state,
         _write_metrics,
+        plateau_scheduler,
         resume_options,
+        resumed_options,
     )
 
     if ranks.world > 1:
@@ -119,7 +128,7 @@ def run_scst(options: TrainOptions, ranks: Ranks) -> TrainResult:
     resume_from = _prepare_out(options, out)
     if resume_from is not None:
         stored = resume_options(resume_from, out / LAST)
-        options = replace(stored, resume=True, device=options.device, data_root=options.data_root, out=out)
+        options = resumed_options(stored, options, out)
         start = resume_from
     else:
         if options.init is None:
@@ -146,9 +155,8 @@ def run_scst(options: TrainOptions, ranks: Ranks) -> TrainResult:
     model.encoder.set_fine_tuning(0)
     val_split = "val" if "val" in dataset.splits else "test"
 
-    optimizer = torch.optim.Adam(model.decoder.parameters(), lr=options.decoder_lr)
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=options.lr_decay,
-                                                           patience=options.lr_patience)
+    optimizer = scst_optimizer(model, options)
+    scheduler = plateau_scheduler(optimizer, options)
     start_epoch, best_cider, since_best, history = 0, -1.0, 0, []
     best_bleu = -1.0
     if resume_from is not None:

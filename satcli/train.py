@@ -21,7 +21,7 @@ import random
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,13 @@ import torch.distributed as dist
 from rich.progress import TextColumn
 from rich.table import Table
 
-from models.captioner import Captioner, CaptionerConfig, caption_loss, hard_attention_loss
+from models.captioner import (
+    Captioner,
+    CaptionerConfig,
+    caption_loss,
+    doubly_stochastic_penalties,
+    hard_attention_loss,
+)
 from models.decoding import decode
 from models.encoders import DEFAULT_ENCODER, ENCODERS, PretrainedWeightsUnavailable
 from satcli.checkpoint import Preprocessing, read_checkpoint, save_checkpoint
@@ -83,13 +89,16 @@ class TrainOptions:
     scheduled_sampling: float = 0.0
     fine_tune_encoder: bool = False
     fine_tune_after: int = 0  # epoch (0-based) from which the encoder trains
-    fine_tune_blocks: int = -1  # with fine-tuning: the top N blocks (-1: all)
+    # with fine-tuning: the top N blocks (-1: all, stem included). 6: EfficientNet-Lite's stride-32 stage and head;
+    # the low blocks keep their generic ImageNet filters, as the reference code keeps ResNet's stem and layer1
+    fine_tune_blocks: int = 6
     val_beam_size: int = 1
     val_max_length: int = 30
     # self-critical fine-tuning (satcli.scst): CIDEr-D reward, greedy baseline
     scst: bool = False
     init: Path | None = None  # the trained checkpoint SCST starts from
     scst_samples: int = 5  # captions sampled per image and step
+    scst_lr: float = 5e-5  # SCST's decoder learning rate: ~1/8 of cross-entropy's, as usual for SCST
     # machinery
     device: str = "auto"
     amp: bool = True  # mixed precision on CUDA (bf16 where supported)
@@ -97,9 +106,17 @@ class TrainOptions:
     tensorboard: bool = False  # also write TensorBoard event files to <out>/tensorboard (needs tensorboard)
     seed: int = 0
     pretrained: bool = True
+    # the options the user gave (the CLI fills it in); None: those that differ from their defaults. Not stored.
+    given: frozenset[str] | None = field(default=None, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items() if k != "given"}
+
+    def given_names(self) -> set[str]:
+        if self.given is not None:
+            return set(self.given)
+        return {f.name for f in fields(self) if f.name != "given" and f.default is not MISSING
+                and getattr(self, f.name) != f.default}
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainOptions:
@@ -342,7 +359,7 @@ class Stepper:
             output = self.train_model(features, tokens, lengths, options.scheduled_sampling)
             logprobs, alphas = output.logprobs, output.alphas
             _, nll = caption_loss(logprobs, alphas, tokens, lengths, 0.0)
-            penalty = ((1.0 - alphas.float().sum(dim=1)) ** 2).sum()
+            penalty = doubly_stochastic_penalties(alphas).sum()  # the mean over cells, summed over captions
             # normalised by the global batch, so the DDP average over ranks equals the one-process loss
             loss = (nll * int(lengths.sum()) / global_tokens
                     + options.doubly_stochastic * penalty / global_n) * self.ranks.world
@@ -387,11 +404,47 @@ def validate(model: Captioner, dataset: StoredDataset, split: str, vocab: Vocabu
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def plateau_scheduler(optimizer: torch.optim.Optimizer,
+                      options: TrainOptions) -> torch.optim.lr_scheduler.ReduceLROnPlateau:
+    """Multiply the learning rates by ``lr_decay`` once ``lr_patience`` epochs in a row bring no validation
+    improvement. (ReduceLROnPlateau's ``patience`` is the number of bad epochs it *tolerates*: it decays on the
+    next one, hence ``lr_patience - 1``.)"""
+    if options.lr_patience < 1:
+        raise SatcliError(f"--lr-patience must be at least 1 (epochs without improvement), got {options.lr_patience}")
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=options.lr_decay,
+                                                      patience=options.lr_patience - 1)
+
+
 def _rng_state(device: torch.device) -> dict[str, Any]:
     state = {"torch": torch.get_rng_state()}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
     return state
+
+
+def _own_rng_state(train_state: dict[str, Any], ranks: Ranks) -> dict[str, Any]:
+    """This rank's saved RNG state; a run resumed on another number of ranks gives the others fresh seeds."""
+    per_rank = train_state.get("rng_ranks") or [train_state["rng"]]
+    if len(per_rank) == ranks.world:
+        return per_rank[ranks.rank]
+    if ranks.main:
+        return per_rank[0]
+    return {"torch": torch.Generator().manual_seed(1_000_003 * ranks.rank + train_state["epoch"]).get_state()}
+
+
+def _gather(value: Any, ranks: Ranks) -> list[Any]:
+    """``value`` of every rank, in rank order (on every rank)."""
+    if ranks.world == 1:
+        return [value]
+    values: list[Any] = [None] * ranks.world
+    dist.all_gather_object(values, value)
+    return values
+
+
+def _distributed(model: Captioner, device: torch.device) -> torch.nn.Module:
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
@@ -404,6 +457,48 @@ def _write_metrics(out: Path, history: list[dict[str, Any]]) -> None:
     tmp = out / f".{METRICS}.tmp"
     tmp.write_text("".join(json.dumps(line) + "\n" for line in history))
     os.replace(tmp, out / METRICS)
+
+
+# What ``--resume`` takes from the command line: a new end (to extend or shorten the run) and this machine's
+# machinery. Every other option is the stored run's, so the resumed run is the run that was started.
+RESUME_TAKES = ("epochs", "device", "data_root", "amp", "compile", "tensorboard")
+
+
+def resumed_options(stored: TrainOptions, given: TrainOptions, out: Path, warn: bool = True) -> TrainOptions:
+    """The options of a resumed run: the stored ones, with ``RESUME_TAKES`` from the command line when given
+    (``device`` and ``data_root`` always). A warning names every other given option that differs from the
+    stored run's and is therefore ignored."""
+    explicit = given.given_names()
+    taken = {name: getattr(given, name) for name in RESUME_TAKES if name in explicit}
+    ignored = [name for name in sorted(explicit - set(RESUME_TAKES) - {"resume", "out", "overwrite"})
+               if getattr(given, name) != getattr(stored, name)]
+    if ignored and warn:
+        log.warning("--resume continues the run in %s with its stored options; ignored: %s", out,
+                    ", ".join(f"--{n.replace('_', '-')} {getattr(given, n)} (the run's: {getattr(stored, n)})"
+                              for n in ignored))
+    if warn and "epochs" in taken and taken["epochs"] != stored.epochs:
+        log.info("--epochs %d: the run now ends after epoch %d (it was set to %d)", taken["epochs"],
+                 taken["epochs"], stored.epochs)
+    return replace(stored, **{**taken, "resume": True, "device": given.device, "data_root": given.data_root,
+                              "out": out, "given": None})
+
+
+def check_grid(options: TrainOptions, dataset: StoredDataset | None = None) -> None:
+    """Refuse a ``--grid-size`` finer than the encoder's own grid: pooling 7×7 to 14×14 copies every cell into
+    2×2 cells (4× the attention cost, no resolution). The way to a real finer grid is a larger input; say so
+    when the stored images are smaller than that input (they would be upsampled)."""
+    spec = ENCODERS[options.encoder]
+    size = options.image_size or spec.image_size
+    rows, cols = spec.grid_shape(size, size)
+    if options.grid_size and options.grid_size > min(rows, cols):
+        needed = options.grid_size * spec.reduction
+        raise SatcliError(f"--grid-size {options.grid_size} is finer than {options.encoder}'s {rows}×{cols} grid at "
+                          f"{size} px: pooling would only copy cells. For a real {options.grid_size}×"
+                          f"{options.grid_size} grid give it larger images: --image-size {needed} (and preprocess "
+                          f"with --image-size {needed} or more)")
+    if dataset is not None and size > dataset.image_size:
+        log.warning("--image-size %d is larger than the %d px images stored in %s: they are upsampled; "
+                    "preprocess with --image-size %d for real detail", size, dataset.image_size, dataset.root, size)
 
 
 def _prepare_out(options: TrainOptions, out: Path) -> dict[str, Any] | None:
@@ -496,7 +591,7 @@ def _run(options: TrainOptions, ranks: Ranks) -> TrainResult:
         resume_from = read_checkpoint(out / LAST)
     if resume_from is not None:
         stored = resume_options(resume_from, out / LAST)
-        options = replace(stored, resume=True, device=options.device, data_root=options.data_root, out=out)
+        options = resumed_options(stored, options, out, warn=ranks.main)
     if options.encoder not in ENCODERS:
         raise SatcliError(f"unknown encoder {options.encoder!r}; choose one of {', '.join(ENCODERS)}")
     device = resolve_device(options.device)
@@ -510,6 +605,7 @@ def _run(options: TrainOptions, ranks: Ranks) -> TrainResult:
     if resume_from is not None:
         check_resume_vocabulary(resume_from, vocab, options.dataset, out / LAST)
     val_split = "val" if "val" in dataset.splits else "test"
+    check_grid(options, dataset)
     try:
         model = Captioner(options.model_config(len(vocab)),
                           pretrained_encoder=options.pretrained and resume_from is None)
@@ -528,14 +624,13 @@ def _run(options: TrainOptions, ranks: Ranks) -> TrainResult:
         optimizer.add_param_group({"params": [p for p in model.encoder.parameters() if p.requires_grad],
                                    "lr": options.encoder_lr, "name": "encoder"})
         model.encoder.set_fine_tuning(0)  # frozen until fine_tune_after
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=options.lr_decay,
-                                                           patience=options.lr_patience)
+    scheduler = plateau_scheduler(optimizer, options)
     start_epoch, best_bleu, since_best, history = 0, -1.0, 0, []
     if resume_from is not None:
         state = resume_from["train_state"]
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"], device)
+        _set_rng_state(_own_rng_state(state, ranks), device)
         start_epoch, best_bleu = state["epoch"] + 1, state["best_bleu4"]
         since_best, history = state["epochs_since_improvement"], list(state["history"])
         if ranks.main:
@@ -545,15 +640,13 @@ def _run(options: TrainOptions, ranks: Ranks) -> TrainResult:
     use_amp = options.amp and device.type == "cuda"
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    if resume_from is not None and resume_from["train_state"].get("scaler") and scaler.is_enabled():
+        scaler.load_state_dict(resume_from["train_state"]["scaler"])
     train_model: torch.nn.Module = model
     if options.compile:
         model.decoder.step = torch.compile(model.decoder.step, dynamic=True)  # type: ignore[method-assign]
-    if ranks.world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
     stepper = Stepper(model, train_model, optimizer, scaler, options, ranks, device, amp_dtype if use_amp else None)
+    wrapped_tuning: bool | None = None  # whether the DDP wrapper was built with the encoder trainable
 
     needs_cache = not options.fine_tune_encoder or options.fine_tune_after > start_epoch
     train_features = val_features = None
@@ -576,6 +669,10 @@ def _run(options: TrainOptions, ranks: Ranks) -> TrainResult:
                 break
             tuning = options.fine_tune_encoder and epoch >= options.fine_tune_after
             model.encoder.set_fine_tuning(options.fine_tune_blocks if tuning else 0)
+            if ranks.world > 1 and tuning != wrapped_tuning:
+                # DDP all-reduces only the parameters trainable when it is built: rebuild it once the encoder
+                # trains, or every rank's encoder would drift apart (rank 0 saving one tuned on 1/world of the data)
+                stepper.train_model, wrapped_tuning = _distributed(model, device), tuning
             model.train()
             plan = batch_plan(table.lengths, options.batch_size, options.seed, epoch)
             progress = make_progress(TextColumn("loss {task.fields[loss]:.3f}")) if ranks.main else None
@@ -629,12 +726,14 @@ def _run(options: TrainOptions, ranks: Ranks) -> TrainResult:
                     "samples_per_s": n_samples / seconds, "tokens_per_s": n_tokens / seconds,
                     "seconds": seconds, "encoder_tuning": tuning, "ranks": ranks.world}
             history.append(line)
+            rng_ranks = _gather(_rng_state(device), ranks)  # every rank's own stream, for --resume
             if ranks.main:
                 metrics = {"epoch": epoch + 1, "val_split": val_split, **{f"val_{k}": v for k, v in scores.items()}}
                 if improved:
                     save_checkpoint(best_path, model, vocab, options.to_dict(), metrics)
                 state = {"options": options.to_dict(), "optimizer": optimizer.state_dict(),
-                         "scheduler": scheduler.state_dict(), "rng": _rng_state(device), "epoch": epoch,
+                         "scheduler": scheduler.state_dict(), "rng": rng_ranks[0], "rng_ranks": rng_ranks,
+                         "scaler": scaler.state_dict(), "epoch": epoch,
                          "best_bleu4": best_bleu, "epochs_since_improvement": since_best, "history": history}
                 save_checkpoint(last_path, model, vocab, options.to_dict(), metrics, train_state=state)
                 _write_metrics(out, history)

@@ -60,3 +60,8 @@ class Vocabulary:
     def to_list(self) -> list[str]:
         """Plain list of words, safe to store in a ``weights_only`` checkpoint or JSON."""
         return list(self.words)
+
+
+def banned_words(allow_unk: bool) -> tuple[int, ...]:
+    """The word ids ``caption`` and ``evaluate`` never write: ``<unk>``, unless allowed."""
+    return () if allow_unk else (UNK_ID,)

@@ -153,7 +153,8 @@ def test_schema_metadata_and_attention_helper(reference, checkpoint, photos):
     assert table.schema.remove_metadata().equals(SCHEMA)
     metadata = read_metadata(reference)
     assert metadata["satcli.decoding"] == {"beam_size": 3, "max_length": MAX_LENGTH, "length_penalty": 0.0,
-                                           "n_best": 1, "no_repeat_ngram_size": 0, "min_length": 0}
+                                           "n_best": 1, "no_repeat_ngram_size": 0, "min_length": 0,
+                                           "banned_ids": [3]}
     assert table.column("alternatives").null_count == table.num_rows  # no runners-up asked for
     assert metadata["satcli.model"]["path"] == str(checkpoint)
     assert metadata["satcli.model"]["encoder"] == "efficientnet-lite0"
@@ -408,12 +409,12 @@ def test_cli_wiring(monkeypatch, tmp_path):
         "caption", "a.jpg", "photos", "*.png", "--model", "m.pt", "-o", "out.parquet", "--beam-size", "5",
         "--batch-size", "7", "--max-length", "12", "--length-penalty", "0.5", "--workers", "3", "--device", "cpu",
         "--shard", "1/4", "--root", str(tmp_path), "--max-pixels", "1000", "--overwrite", "--n-best", "2",
-        "--no-repeat-ngram", "3", "--min-length", "4"])
+        "--no-repeat-ngram", "3", "--min-length", "4", "--allow-unk"])
     assert result.exit_code == 0, result.output
     assert seen["options"] == CaptionOptions(
         inputs=("a.jpg", "photos", "*.png"), model=Path("m.pt"), output=Path("out.parquet"), overwrite=True,
         batch_size=7, beam_size=5, max_length=12, length_penalty=0.5, workers=3, device="cpu", shard=(1, 4),
-        root=tmp_path, max_pixels=1000, n_best=2, no_repeat_ngram_size=3, min_length=4)
+        root=tmp_path, max_pixels=1000, n_best=2, no_repeat_ngram_size=3, min_length=4, allow_unk=True)
     runner.invoke(app, ["caption", "x"])
     assert replace(seen["options"], inputs=("a.jpg", "photos", "*.png")) == CaptionOptions(
         inputs=("a.jpg", "photos", "*.png"))  # the CLI's defaults are the run's defaults
@@ -437,3 +438,19 @@ def test_cuda_run_with_autocast_gives_a_row_per_image(reference, photos, checkpo
         assert (row["error"] is None) == (expected[path]["error"] is None)
         if row["error"] is None:
             np.testing.assert_allclose(read_attention(row).sum(axis=(1, 2)), 1.0, atol=2e-2)  # bfloat16 softmax
+
+
+def test_unk_is_never_written_unless_allowed():
+    from models.decoding import decode
+    from satcli.caption import decoding_options
+    from satcli.vocab import UNK_ID
+    from tests.helpers import random_features, tiny_captioner
+
+    model = tiny_captioner().eval()
+    with torch.no_grad():
+        model.decoder.out.bias[UNK_ID] = 50.0  # a model that would rather say <unk> than anything else
+    features = random_features(model, 2)
+    banned = decoding_options(CaptionOptions(inputs=("x",), max_length=6))
+    allowed = decoding_options(CaptionOptions(inputs=("x",), max_length=6, allow_unk=True))
+    assert all(UNK_ID not in r.tokens for r in decode(model, features, banned))
+    assert all(UNK_ID in r.tokens for r in decode(model, features, allowed))

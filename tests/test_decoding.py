@@ -321,3 +321,34 @@ def test_decode_from_images_and_restores_training_mode():
 def test_options_are_validated_up_front(bad, message):
     with pytest.raises(ValueError, match=message):
         DecodingOptions(**bad)
+
+
+# Greedy: A (0.6), then <end> (0.55): "A". A length penalty of 1 prefers a longer caption through A B (mean
+# log-probability per token), which beam 1 must not go on to find: beam size 1 is greedy search.
+LONGER = {START: {A: 0.6, B: 0.4}, A: {END: 0.55, B: 0.45}, B: {C: 1.0}, C: {END: 1.0}}
+
+
+def greedy_by_hand(table, max_tokens):
+    words, previous = [], START
+    for _ in range(max_tokens):
+        previous = max(table[previous], key=table[previous].get)
+        if previous == END:
+            break
+        words.append(previous)
+    return words
+
+
+@pytest.mark.parametrize("length_penalty", [0.0, 0.5, 1.0])
+def test_beam_1_is_exactly_greedy_with_any_length_penalty(length_penalty):
+    model = BigramModel(LONGER)
+    result = decode(model, model.features(), beam_size=1, length_penalty=length_penalty)[0]
+    assert result.tokens == greedy_by_hand(LONGER, 10) == [A]
+    assert result.best.finished
+
+
+def test_banned_words_are_never_written():
+    model = BigramModel(TRAP)
+    for beam_size in (1, 3):
+        result = decode(model, model.features(), beam_size=beam_size, n_best=beam_size, banned_ids=(A,))[0]
+        assert all(A not in h.tokens for h in result.hypotheses)
+    assert decode(model, model.features(), beam_size=1, banned_ids=(A,))[0].tokens == [B]

@@ -62,7 +62,7 @@ def test_evaluate_writes_the_report_and_one_results_file_per_beam_size(shapes_ro
     assert report["dataset"]["n_images"] == 6
     assert report["model"]["path"] == str(checkpoint.absolute())
     assert report["decoding"] == {"beam_sizes": [1, 2], "max_length": 8, "length_penalty": 0.0, "n_best": 1,
-                                  "no_repeat_ngram_size": 0, "min_length": 0}
+                                  "no_repeat_ngram_size": 0, "min_length": 0, "allow_unk": False}
     assert report["satcli_version"] and "no-java" in report["coco"]["skipped"]["meteor"]
     assert [r["beam_size"] for r in report["results"]] == [1, 2]
 
@@ -74,6 +74,7 @@ def test_evaluate_writes_the_report_and_one_results_file_per_beam_size(shapes_ro
         assert set(metrics) >= {"bleu1", "bleu4", "coco_bleu4", "coco_rouge_l", "coco_cider_d"}
         assert "coco_meteor" not in metrics
         assert grounding["n_words"] >= 0 and 0 < grounding["mass_chance"] < 1
+        assert grounding["n_peak_words"] > 0 and grounding["peak_uniform"] <= grounding["peak"] <= 1
         table = pq.read_table(out / entry["predictions"])
         assert table.schema.remove_metadata().equals(SCHEMA.remove_metadata())
         rows = table.to_pylist()
@@ -144,3 +145,20 @@ def test_an_unknown_dataset_is_a_one_line_error(shapes_root, checkpoint, tmp_pat
     result = runner.invoke(app, ["evaluate", "--model", str(checkpoint), "--dataset", "nope", "--data-root",
                                  str(shapes_root)])
     assert result.exit_code == 1 and "no preprocessed dataset 'nope'" in result.output
+
+
+def test_coco_scores_compare_like_with_like_hyphens_and_unk():
+    from satcli.evaluate import coco_scores
+    from satcli.metrics import coco_metrics
+
+    # the vocabulary spells "t-shirt" as "t shirt": a caption identical to its reference scores as identical
+    references = [["a man in a red t-shirt stands on the grass"], ["two dogs run across a wide field"]]
+    captions = [["a", "man", "in", "a", "red", "t", "shirt", "stands", "on", "the", "grass"],
+                ["two", "dogs", "run", "across", "a", "wide", "field"]]
+    assert coco_scores(references, captions, java=False).scores["bleu4"] == pytest.approx(1.0)
+    # <unk> is one (wrong) word, as it is in the caption: one token of seven, not three
+    with_unk = [captions[0], ["two", "<unk>", "run", "across", "a", "wide", "field"]]
+    one_wrong_word = [captions[0], ["two", "cats", "run", "across", "a", "wide", "field"]]
+    assert coco_scores(references, with_unk, java=False).scores == pytest.approx(
+        coco_metrics([[" ".join(captions[0])], references[1]], [" ".join(c) for c in one_wrong_word],
+                     java=False).scores)

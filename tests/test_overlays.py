@@ -201,6 +201,7 @@ def test_caption_and_evaluate_draw_overlays(shapes_and_model, tmp_path, monkeypa
     runner = CliRunner()
     result = runner.invoke(app, ["caption", *map(str, photos), "--model", str(checkpoint), "-o",
                                  str(tmp_path / "c.parquet"), "--workers", "0", "--max-length", "4",
+                                 "--min-length", "2",  # an untrained model may say nothing, and draw nothing
                                  "--root", str(images), "--overlays", str(tmp_path / "ov")])
     assert result.exit_code == 0, result.output
     assert "attention pictures" in result.output and "not found" not in result.output
@@ -208,7 +209,7 @@ def test_caption_and_evaluate_draw_overlays(shapes_and_model, tmp_path, monkeypa
         f"{overlay_name(p.name)}.png" for p in photos)
 
     result = runner.invoke(app, ["evaluate", "--model", str(checkpoint), "--dataset", "shapes", "--data-root",
-                                 str(root), "--max-length", "4", "--out", str(tmp_path / "eval"),
+                                 str(root), "--max-length", "4", "--min-length", "2", "--out", str(tmp_path / "eval"),
                                  "--overlays", str(tmp_path / "eval-ov")])
     assert result.exit_code == 0, result.output
     drawn = sorted((tmp_path / "eval-ov").glob("*.gif"))

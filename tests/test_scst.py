@@ -117,7 +117,7 @@ def trained(tmp_path_factory) -> tuple[Path, Path]:
 
 def _scst_cli(root: Path, init: Path, out: Path, *extra: str) -> list[str]:
     return ["train", "--dataset", "shapes", "--data-root", str(root), "--out", str(out), "--scst", "--init",
-            str(init), "--epochs", "2", "--batch-size", "16", "--decoder-lr", "1e-3", "--scst-samples", "2",
+            str(init), "--epochs", "2", "--batch-size", "16", "--scst-lr", "1e-3", "--scst-samples", "2",
             *extra]
 
 
@@ -129,6 +129,7 @@ def test_scst_from_the_cli_writes_ordinary_checkpoints(trained, tmp_path, monkey
     assert "before SCST: val CIDEr-D" in result.output
     lines = [json.loads(line) for line in (tmp_path / "scst" / "metrics.jsonl").read_text().splitlines()]
     assert [line["epoch"] for line in lines] == [1, 2]
+    assert lines[0]["lr"]["decoder"] == pytest.approx(1e-3)  # --scst-lr, not --decoder-lr
     assert all(line["scst"] and np.isfinite(line["val_cider_d"]) and line["greedy_reward"] >= 0 for line in lines)
     loaded = load_captioner(tmp_path / "scst" / "last.pt")
     assert loaded.train_options["scst"] and loaded.train_options["init"] == str(init)
@@ -175,3 +176,12 @@ def test_scst_needs_a_model_of_the_same_dataset(trained, tmp_path):
     torch.save(payload, tmp_path / "other.pt")
     other = runner.invoke(app, _scst_cli(root, tmp_path / "other.pt", tmp_path / "z"))
     assert other.exit_code == 1 and "vocabulary" in other.output
+
+
+def test_scst_has_its_own_learning_rate_default_not_cross_entropys():
+    from satcli.scst import scst_optimizer
+    from tests.helpers import tiny_captioner
+
+    options = TrainOptions(dataset="shapes", scst=True)
+    assert options.decoder_lr == 4e-4
+    assert scst_optimizer(tiny_captioner(), options).param_groups[0]["lr"] == 5e-5

@@ -168,3 +168,170 @@ def test_hard_attention_trains_from_the_cli(shapes_root, tmp_path, monkeypatch):
     assert all(torch.isfinite(p).all() for p in loaded.parameters())
     features = torch.randn(2, *loaded.grid_shape, 1280).flatten(1, 2)
     assert len(decode(loaded, features, beam_size=2, max_length=6)) == 2
+
+
+def test_the_training_step_loss_is_caption_loss_at_the_same_lambda():
+    # The step's loss is normalised by the global batch (for DDP); on one process it must be caption_loss itself,
+    # so λ means the same in both (the paper's regulariser averaged over cells, see doubly_stochastic_penalties).
+    from models.captioner import caption_loss
+    from satcli.train import Ranks, Stepper, TrainOptions
+    from tests.helpers import caption_batch, random_features, tiny_captioner
+
+    torch.manual_seed(0)
+    model = tiny_captioner()
+    model.eval()  # no dropout: the step and the reference see the same forward
+    features = random_features(model, 4)
+    tokens, lengths = caption_batch([5, 3, 7, 4], 24)
+    with torch.no_grad():
+        out = model(features, tokens, lengths)
+        expected, _ = caption_loss(out.logprobs, out.alphas, tokens, lengths, doubly_stochastic=1.0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    step = Stepper(model, model, optimizer, torch.amp.GradScaler("cpu", enabled=False),
+                   TrainOptions(dataset="x", doubly_stochastic=1.0), Ranks(), torch.device("cpu"))
+    loss = step(features, tokens, lengths, global_n=4, global_tokens=int(lengths.sum()))
+    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_the_demo_trains_with_the_default_lambda():
+    from satcli.demo import DemoOptions, demo_train_options
+    from satcli.train import TrainOptions
+
+    assert demo_train_options(DemoOptions()).doubly_stochastic == TrainOptions(dataset="x").doubly_stochastic == 1.0
+
+
+@pytest.mark.parametrize("lr_patience", [1, 3])
+def test_lr_patience_n_decays_after_exactly_n_epochs_without_improvement(lr_patience):
+    from satcli.train import plateau_scheduler
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = plateau_scheduler(optimizer, TrainOptions(dataset="x", lr_patience=lr_patience, lr_decay=0.5))
+    scheduler.step(0.5)  # the first epoch sets the best
+    for _ in range(lr_patience - 1):
+        scheduler.step(0.4)
+        assert optimizer.param_groups[0]["lr"] == 1.0
+    scheduler.step(0.4)  # the N-th epoch without improvement
+    assert optimizer.param_groups[0]["lr"] == 0.5
+
+
+def test_lr_patience_below_one_is_refused():
+    from satcli.train import plateau_scheduler
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    with pytest.raises(SatcliError, match="lr-patience"):
+        plateau_scheduler(optimizer, TrainOptions(dataset="x", lr_patience=0))
+
+
+def test_resume_with_more_epochs_trains_exactly_one_more_and_names_ignored_options(shapes_root, tmp_path,
+                                                                                    monkeypatch, caplog):
+    from typer.testing import CliRunner
+
+    from satcli.cli import app
+
+    monkeypatch.setenv("SATCLI_STATE_DIR", str(tmp_path / "state"))
+    runner = CliRunner()
+    out = tmp_path / "run"
+    first = runner.invoke(app, _train_cli(shapes_root, out, 1))
+    assert first.exit_code == 0, first.output
+    with caplog.at_level("WARNING", logger="satcli.train"):
+        more = runner.invoke(app, [*_train_cli(shapes_root, out, 2), "--resume", "--seed", "5"])
+    assert more.exit_code == 0, more.output
+    history = read_checkpoint(out / "last.pt")["train_state"]["history"]
+    assert [h["epoch"] for h in history] == [1, 2]  # exactly one more epoch
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 2
+    # (the warning naming --seed is not asserted here: the CLI's log handler keeps it from caplog; to do)
+    state = read_checkpoint(out / "last.pt")["train_state"]
+    assert state["options"]["seed"] == 0
+    assert "scaler" in state  # the mixed-precision loss scale goes on from where it was (empty on a CPU)
+
+
+def test_fine_tuning_by_default_trains_the_top_blocks_and_keeps_the_stem_frozen():
+    from tests.helpers import tiny_captioner
+
+    encoder = tiny_captioner().encoder
+    encoder.set_fine_tuning(TrainOptions(dataset="x", fine_tune_encoder=True).fine_tune_blocks)
+    stem, head = encoder._blocks[0], encoder._blocks[-1]
+    assert not any(p.requires_grad for p in stem.parameters())
+    assert all(p.requires_grad for p in head.parameters())
+    assert 0 < sum(p.requires_grad for p in encoder.parameters()) < len(list(encoder.parameters()))
+
+
+_DDP_WORKER = """
+import os, sys
+from pathlib import Path
+
+import torch
+
+import satcli.train as train
+
+last = {}
+step = train.Stepper.__call__
+
+
+def recording(self, *args, **kwargs):  # every rank's encoder after each of its steps
+    loss = step(self, *args, **kwargs)
+    last["encoder"] = {k: v.detach().clone() for k, v in self.model.encoder.state_dict().items()}
+    return loss
+
+
+train.Stepper.__call__ = recording
+root, out = Path(sys.argv[1]), Path(sys.argv[2])
+train.run(train.TrainOptions(dataset="shapes", data_root=root, out=out, epochs=1, fine_tune_encoder=True,
+                             fine_tune_blocks=2, device="cpu", image_size=64, embed_dim=16, attention_dim=16,
+                             decoder_dim=24, dropout=0.0, batch_size=16, decoder_lr=3e-3, val_max_length=12))
+torch.save(last["encoder"], out / f"encoder-rank{os.environ['RANK']}.pt")
+"""
+
+
+def test_ddp_fine_tuning_keeps_the_encoder_identical_on_every_rank(shapes_root, tmp_path):
+    env = {**os.environ, "SATCLI_STATE_DIR": str(tmp_path / "state"), "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(ROOT)}
+    worker = tmp_path / "worker.py"
+    worker.write_text(_DDP_WORKER)
+    out = tmp_path / "ddp-ft"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(worker), str(shapes_root), str(out)]
+    done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rank0, rank1 = (torch.load(out / f"encoder-rank{r}.pt", weights_only=True) for r in (0, 1))
+    tuned = read_checkpoint(out / "last.pt")["state_dict"]  # rank 0 saves
+    for key, value in rank0.items():
+        assert torch.equal(value, rank1[key]), key  # the ranks trained one encoder, not two
+        assert torch.equal(value.float(), tuned[f"encoder.{key}"].float()), key
+    # --resume gives every rank its own random stream back, not rank 0's
+    rng = read_checkpoint(out / "last.pt")["train_state"]["rng_ranks"]
+    assert len(rng) == 2 and not torch.equal(rng[0]["torch"], rng[1]["torch"])
+
+
+def test_the_feature_cache_never_serves_one_encoders_features_to_another(shapes_root):
+    # --scst --init of a fine-tuned model must not train on the pretrained encoder's cached features (nor the
+    # fine-tuned model leave its features where later frozen runs would read them)
+    import numpy as np
+
+    from models.captioner import Captioner
+    from satcli.features import cached_features, encode_split
+
+    dataset = StoredDataset.open(shapes_root, "shapes")
+    config = _options(shapes_root, None).model_config(len(dataset.vocab))
+    pretrained, tuned = Captioner(config, pretrained_encoder=True), Captioner(config, pretrained_encoder=True)
+    with torch.no_grad():
+        for parameter in tuned.encoder.parameters():
+            parameter.mul_(1.05)
+    cpu = torch.device("cpu")
+    first = np.asarray(cached_features(dataset, "val", pretrained, cpu), np.float32)
+    second = np.asarray(cached_features(dataset, "val", tuned, cpu), np.float32)
+    own = torch.cat(list(encode_split(dataset, "val", tuned, cpu))).numpy()
+    np.testing.assert_allclose(second, own, rtol=1e-2, atol=1e-2)  # float16 in the cache
+    assert not np.allclose(first, second, rtol=1e-2, atol=1e-2)
+    again = np.asarray(cached_features(dataset, "val", pretrained, cpu), np.float32)
+    np.testing.assert_array_equal(first, again)
+
+
+def test_a_grid_finer_than_the_encoders_is_refused_and_names_the_image_size_that_gives_it(shapes_root, tmp_path):
+    from models.captioner import Captioner
+
+    # EfficientNet-Lite0 at 64 px has a 2×2 grid; 4×4 would be each cell copied 2×2
+    with pytest.raises(SatcliError, match="--image-size 128"):
+        run(_options(shapes_root, tmp_path / "grid", epochs=1, grid_size=4))
+    config = _options(shapes_root, None, image_size=128).model_config(10)
+    assert Captioner(config).grid_shape == (4, 4)  # the way named: a real 4×4 grid
