@@ -104,6 +104,10 @@ def preprocess(
         help="Folder with Flickr_8k.{train,dev,test}Images.txt (default: beside the caption file, if there).")] = None,
     name: Annotated[str | None, typer.Option(help="Store name under the data root (default: the kind).")] = None,
     data_root: DataRootOption = Path("data"),
+    instances: Annotated[Path | None, typer.Option(
+        "--instances", exists=True, dir_okay=False,
+        help="COCO instance annotations (instances_val2014.json): each image's objects, for evaluate --objects.")
+    ] = None,
     min_word_freq: Annotated[int, typer.Option(min=1, help="Keep words seen this often in train captions.")] = 5,
     max_caption_length: Annotated[int, typer.Option(min=1, help="Cut captions to this many words.")] = 50,
     image_size: Annotated[int, typer.Option(min=16, help="Side of the stored square images, in pixels.")] = 256,
@@ -111,6 +115,8 @@ def preprocess(
     n_train: Annotated[int, typer.Option(min=0, help="shapes: training images to draw.")] = 4000,
     n_val: Annotated[int, typer.Option(min=0, help="shapes: validation images to draw.")] = 300,
     n_test: Annotated[int, typer.Option(min=0, help="shapes: test images to draw.")] = 300,
+    n_heldout: Annotated[int, typer.Option(
+        min=0, help="shapes: test images to draw in a held-out appearance (split 'heldout').")] = 300,
 ) -> None:
     """Read a captioned image dataset (or draw the shapes one) into a store under the data root for training."""
     from satcli import preprocess as step
@@ -118,7 +124,7 @@ def preprocess(
     step.run(step.PreprocessOptions(
         dataset=dataset, images=images, captions=captions, splits=splits, name=name, data_root=data_root,
         min_word_freq=min_word_freq, max_caption_length=max_caption_length, image_size=image_size, seed=seed,
-        n_train=n_train, n_val=n_val, n_test=n_test,
+        instances=instances, n_train=n_train, n_val=n_val, n_test=n_test, n_heldout=n_heldout,
     ))
 
 
@@ -259,6 +265,9 @@ def train(
         "--fine-tune-encoder", help="Train the encoder too, on augmented images.")] = False,
     fine_tune_after: Annotated[int, typer.Option(min=0, help="Start fine-tuning after this many epochs.")] = 0,
     fine_tune_blocks: Annotated[int, typer.Option(help="Encoder blocks to fine-tune from the top (-1: all).")] = -1,
+    feature_flips: Annotated[bool, typer.Option(
+        "--feature-flips", help="Frozen encoder: mirror half the cached feature grids left-right each epoch, "
+        "swapping the words left/right with them.")] = False,
     val_beam_size: Annotated[int, typer.Option(min=1, help="Beam size of validation decoding.")] = 1,
     scst: Annotated[bool, typer.Option(
         "--scst", help="Self-critical fine-tuning of --init with a CIDEr-D reward and the greedy caption as "
@@ -286,7 +295,7 @@ def train(
         lr_decay=lr_decay, lr_patience=lr_patience, patience=patience, scheduled_sampling=scheduled_sampling,
         fine_tune_encoder=fine_tune_encoder, fine_tune_after=fine_tune_after, fine_tune_blocks=fine_tune_blocks,
         val_beam_size=val_beam_size, scst=scst, init=init, scst_samples=scst_samples, device=device.value,
-        amp=amp, compile=compile, seed=seed,
+        amp=amp, compile=compile, seed=seed, feature_flips=feature_flips,
     ))
 
 
@@ -305,6 +314,9 @@ def evaluate(
         "--coco", help="COCO metrics: BLEU, METEOR, ROUGE-L, CIDEr-D (pycocoevalcap; METEOR needs Java).")] = False,
     grounding: Annotated[bool, typer.Option(
         "--grounding", help="Does attention land on the objects the caption names? (datasets with boxes)")] = False,
+    objects: Annotated[bool, typer.Option(
+        "--objects", help="Does the caption name the objects present? Object precision/recall, exact-set rate, "
+        "CHAIR-i/-s (datasets with objects).")] = False,
     java: Annotated[bool, typer.Option(help="Let --coco use Java (METEOR, PTB tokenizer).")] = True,
     out: Annotated[Path | None, typer.Option(
         "--out", file_okay=False, show_default=False,
@@ -324,7 +336,7 @@ def evaluate(
     result = step.run(step.EvaluateOptions(
         dataset=dataset, model=model, data_root=data_root, split=split,
         beam_sizes=step.parse_beam_sizes(beam_sizes) if beam_sizes else (beam_size,), bleu=bleu, coco=coco,
-        grounding=grounding, java=java, out=out, max_length=max_length, length_penalty=length_penalty,
+        grounding=grounding, objects=objects, java=java, out=out, max_length=max_length, length_penalty=length_penalty,
         n_best=n_best, no_repeat_ngram_size=no_repeat_ngram, min_length=min_length,
         batch_size=batch_size, device=device.value,
     ))

@@ -1,0 +1,33 @@
+"""``satcli train --feature-flips``: cached feature grids mirrored left-right, with left/right swapped in words."""
+
+import torch
+
+from satcli.train import FeatureFlips, _flip_table
+from satcli.vocab import Vocabulary
+
+
+def test_flipped_captions_see_the_mirrored_grid_and_say_right_for_left():
+    vocab = Vocabulary.build([["a", "red", "circle", "left", "of", "a", "blue", "square", "right"]], min_freq=1)
+    swap = _flip_table(vocab)
+    height, width, dim, n = 2, 3, 4, 64
+    grids = torch.arange(n * height * width * dim, dtype=torch.float32).view(n, height * width, dim)
+    sentence = [vocab.id(w) for w in ["red", "left", "of", "blue", "right"]]
+    tokens = torch.tensor([sentence] * n)
+    flips = FeatureFlips.for_epoch((height, width), swap, n_captions=1000, seed=3, epoch=1)
+    captions = torch.arange(100, 100 + n)
+    out_grids, out_tokens = flips(grids, tokens, captions)
+
+    chosen = flips.chosen[captions]
+    assert 0 < int(chosen.sum()) < n  # some, not all
+    for i in range(n):  # the slow, obvious reference: cell (h, w) of a flipped grid is cell (h, W-1-w)
+        for h in range(height):
+            for w in range(width):
+                source = h * width + (width - 1 - w if chosen[i] else w)
+                assert torch.equal(out_grids[i, h * width + w], grids[i, source])
+        said = [vocab.words[t] for t in out_tokens[i].tolist()]
+        assert said == (["red", "right", "of", "blue", "left"] if chosen[i] else ["red", "left", "of", "blue", "right"])
+    # The choice depends on (seed, epoch) only: the same for a resumed run, different next epoch.
+    again = FeatureFlips.for_epoch((height, width), swap, n_captions=1000, seed=3, epoch=1)
+    later = FeatureFlips.for_epoch((height, width), swap, n_captions=1000, seed=3, epoch=2)
+    assert torch.equal(again.chosen, flips.chosen) and not torch.equal(later.chosen, flips.chosen)
+    assert 400 < int(flips.chosen.sum()) < 600
