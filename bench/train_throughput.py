@@ -79,7 +79,7 @@ def main() -> None:
                                      n_test=10))
         dataset = StoredDataset.open(root, "shapes")
         options = TrainOptions(dataset="shapes", data_root=root, embed_dim=128, attention_dim=128, decoder_dim=256,
-                               dropout=0.2, doubly_stochastic=0.1, batch_size=args.batch_size, decoder_lr=2e-3)
+                               dropout=0.2, batch_size=args.batch_size, decoder_lr=2e-3)
         table = CaptionTable.from_store(dataset, "train")
         plan = batch_plan(table.lengths, args.batch_size, seed=0, epoch=0)[: args.steps]
         model, step = _stepper(options, len(dataset.vocab), device)

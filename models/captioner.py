@@ -49,7 +49,7 @@ class CaptionerConfig:
     decoder_dim: int = 512
     dropout: float = 0.5
     deep_output: bool = True  # the paper's L_o(E y + L_h h + L_z z); False: a linear layer on h
-    doubly_stochastic: float = 1.0  # λ of the attention regulariser λ Σ_i (1 - Σ_t α_ti)²
+    doubly_stochastic: float = 1.0  # λ of the attention regulariser λ mean_i (1 - Σ_t α_ti)²
     hard_sample_prob: float = 0.5  # hard attention: share of training captions that sample locations
     hard_reinforce: float = 1.0  # hard attention: λ_r, weight of the REINFORCE term
     hard_entropy: float = 0.01  # hard attention: λ_e, weight of the entropy bonus
@@ -139,6 +139,11 @@ class AttentionDecoder(nn.Module):
         super().__init__()
         c = config
         self.embedding = nn.Embedding(c.vocab_size, c.embed_dim, padding_idx=c.pad_id)
+        # nn.Embedding starts at N(0, 1), which saturates the deep output's tanh(E y + ...) from the first step;
+        # the reference code starts small (the PyTorch tutorial: U(-0.1, 0.1); arctic-captions: N(0, 0.01²)).
+        with torch.no_grad():
+            self.embedding.weight.uniform_(-0.1, 0.1)
+            self.embedding.weight[c.pad_id].zero_()
         self.attention = SoftAttention(feature_dim, c.decoder_dim, c.attention_dim)
         self.init_h = nn.Linear(feature_dim, c.decoder_dim)  # h_0 = tanh(f_init,h(mean a))
         self.init_c = nn.Linear(feature_dim, c.decoder_dim)  # c_0 = tanh(f_init,c(mean a))
@@ -299,14 +304,27 @@ class Captioner(nn.Module):
                              entropies.sum(1)[unsort], sampled[unsort])
 
 
+def doubly_stochastic_penalties(alphas: Tensor) -> Tensor:
+    """Per caption, the mean over grid cells of (1 - Σ_t α_ti)². alphas (B, T, L), zero at padded steps → (B,).
+
+    The paper's eq. 14 adds λ Σ_i (1 - Σ_t α_ti)² to the NLL of a whole caption. We take the NLL per token
+    (:func:`caption_loss`), so the penalty is normalised to match: averaged over the L cells, as the widely
+    used PyTorch tutorial does (sgrvinod, ``alpha_c * ((1. - alphas.sum(dim=1)) ** 2).mean()`` beside a
+    per-token cross-entropy) and as arctic-captions does over cells (``.sum(0).mean()``). λ = 1 then weighs the
+    penalty like one token's NLL; summed over cells it was L times that (49 at 7×7) and forced attention to
+    spread over at least L/C cells per step.
+    """
+    return ((1.0 - alphas.float().sum(dim=1)) ** 2).mean(dim=1)
+
+
 def doubly_stochastic_penalty(alphas: Tensor) -> Tensor:
-    """Σ_i (1 - Σ_t α_ti)² per caption, averaged over the batch. alphas (B, T, L), zero at padded steps."""
-    return ((1.0 - alphas.sum(dim=1)) ** 2).sum(dim=1).mean()
+    """:func:`doubly_stochastic_penalties` averaged over the batch: the term λ multiplies. alphas (B, T, L)."""
+    return doubly_stochastic_penalties(alphas).mean()
 
 
 def caption_loss(logprobs: Tensor, alphas: Tensor, tokens: Tensor, lengths: Tensor,
                  doubly_stochastic: float) -> tuple[Tensor, Tensor]:
-    """Mean token negative log-likelihood plus λ times the attention regulariser.
+    """Mean token negative log-likelihood plus λ times the attention regulariser (mean over cells and captions).
 
     logprobs (B, T, V), alphas (B, T, L), tokens (B, T+1), lengths (B,). Returns (loss, nll).
     """

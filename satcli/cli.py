@@ -247,7 +247,8 @@ def train(
     decoder_dim: Annotated[int, typer.Option(min=1, help="LSTM size.")] = 512,
     dropout: Annotated[float, typer.Option(min=0.0, max=0.99, help="Dropout before the output layers.")] = 0.5,
     doubly_stochastic: Annotated[float, typer.Option(
-        min=0.0, help="λ of the attention regulariser λ·Σᵢ(1 − Σₜ αₜᵢ)².")] = 1.0,
+        min=0.0, help="λ of the attention regulariser λ·meanᵢ(1 − Σₜ αₜᵢ)², added to the per-token NLL "
+        "(cross-entropy training; SCST optimises CIDEr-D alone).")] = 1.0,
     epochs: Annotated[int, typer.Option(min=1, help="Epochs (one pass over every training caption).")] = 30,
     batch_size: Annotated[int, typer.Option(min=1, help="Captions per step, over all processes.")] = 64,
     decoder_lr: Annotated[float, typer.Option(min=0.0, help="Decoder learning rate.")] = 4e-4,
@@ -256,7 +257,7 @@ def train(
     lr_decay: Annotated[float, typer.Option(
         min=0.0, max=1.0, help="Multiply learning rates by this when validation BLEU-4 stalls.")] = 0.8,
     lr_patience: Annotated[int, typer.Option(
-        min=0, help="Epochs without validation improvement before the learning rates decay.")] = 3,
+        min=1, help="Epochs without validation improvement before the learning rates decay.")] = 3,
     patience: Annotated[int, typer.Option(
         min=1, help="Stop after this many epochs without validation improvement.")] = 10,
     scheduled_sampling: Annotated[float, typer.Option(

@@ -113,6 +113,10 @@ class EvaluateResult:
                                              else getattr(b.grounding, key)) for b in self.beams))
             table.add_row("object words scored", *(str(b.grounding.n_words if b.grounding else 0)
                                                    for b in self.beams))
+            for label, key in [("mean peak attention per word", "peak"), ("  uniform attention (1/cells)",
+                                                                          "peak_uniform")]:
+                table.add_row(label, *(_cell(None if b.grounding is None or not b.grounding.n_peak_words
+                                             else getattr(b.grounding, key)) for b in self.beams))
         if any(beam.objects is not None for beam in self.beams):
             for label, key in OBJECT_LABELS.items():
                 table.add_row(label, *(_cell(None if b.objects is None else getattr(b.objects, key))

@@ -7,6 +7,9 @@ against the union of the boxes of the objects it refers to (``"red"`` may name t
 - **pointing game**: the attention's peak cell lies in a referred box (the cell's centre is inside it);
 - **attention mass**: the share of the attention that falls inside the referred boxes.
 
+- **mean peak attention per word**: the largest weight of each generated word's map, averaged over every
+  generated word (object word or not): how sharply the model looks. Uniform attention's value is 1/(H·W).
+
 Beside each, the **chance level**: what attention spread uniformly over the grid would score on the same words
 (the share of cell centres inside the boxes, and the share of the image they cover). A model that attends
 well scores far above chance; one that ignores where things are scores at chance.
@@ -46,6 +49,9 @@ class GroundingScores:
     pointing_chance: float = 0.0
     mass: float = 0.0
     mass_chance: float = 0.0
+    peak: float = 0.0  # mean over every generated word of its attention map's largest weight
+    peak_uniform: float = 0.0  # the same for uniform attention: 1 / (H·W)
+    n_peak_words: int = 0
 
     def to_dict(self) -> dict[str, float | int]:
         return asdict(self)
@@ -80,6 +86,21 @@ class _Totals:
     hits_chance: float = 0.0
     mass: float = 0.0
     mass_chance: float = 0.0
+    n_peak_words: int = 0
+    peak: float = 0.0
+    peak_uniform: float = 0.0
+
+
+def _score_peaks(totals: _Totals, tokens: Sequence[str], attention: np.ndarray) -> None:
+    n = min(len(tokens), len(attention))
+    if n == 0:
+        return
+    maps = np.asarray(attention[:n], dtype=np.float64).reshape(n, -1)
+    sums = maps.sum(axis=1)
+    kept = np.isfinite(sums) & (sums > 0)
+    totals.n_peak_words += int(kept.sum())
+    totals.peak += float((maps[kept].max(axis=1) / sums[kept]).sum())
+    totals.peak_uniform += float(kept.sum()) / maps.shape[1]
 
 
 def _score_caption(totals: _Totals, tokens: Sequence[str], attention: np.ndarray,
@@ -108,15 +129,19 @@ def _score_caption(totals: _Totals, tokens: Sequence[str], attention: np.ndarray
 def grounding_scores(captions: Iterable[tuple[Sequence[str], np.ndarray, Sequence[GroundedObject]]]
                      ) -> GroundingScores:
     """Pointing game and attention mass, with their chance levels, over every generated word that refers to an
-    object. Each item: the caption's words, its attention (n_tokens, H, W) with ``attention[t]`` the map that
-    wrote ``words[t]``, and the image's objects."""
+    object; the mean peak attention over every generated word. Each item: the caption's words, its attention
+    (n_tokens, H, W) with ``attention[t]`` the map that wrote ``words[t]``, and the image's objects."""
     totals = _Totals()
     for tokens, attention, objects in captions:
         _score_caption(totals, tokens, attention, objects)
-    n = totals.n_words
+        _score_peaks(totals, tokens, attention)
+    n, n_peak = totals.n_words, max(totals.n_peak_words, 1)
+    peaks = dict(peak=totals.peak / n_peak, peak_uniform=totals.peak_uniform / n_peak,
+                 n_peak_words=totals.n_peak_words)
     if n == 0:
-        return GroundingScores()
-    return GroundingScores(n, totals.hits / n, totals.hits_chance / n, totals.mass / n, totals.mass_chance / n)
+        return GroundingScores(**peaks)
+    return GroundingScores(n, totals.hits / n, totals.hits_chance / n, totals.mass / n, totals.mass_chance / n,
+                           **peaks)
 
 
 def objects_from_store(rows: Sequence[dict] | None) -> list[GroundedObject]:

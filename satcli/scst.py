@@ -9,7 +9,9 @@ and one is decoded greedily; each sample's reward is its CIDEr-D against the ima
 
 so a sample better than what the model would say anyway is made more likely, a worse one less. Checkpoints
 are the ordinary format (``best.pt`` by validation CIDEr-D, ``last.pt`` with the optimiser and RNG state for
-``--resume``), so evaluate and caption use them unchanged. The encoder stays frozen (cached features).
+``--resume``), so evaluate and caption use them unchanged. The encoder stays frozen (cached features). As in
+Rennie et al., the reward is the whole objective: the attention regulariser (``--doubly-stochastic``) belongs
+to cross-entropy training and is not added here.
 """
 
 from __future__ import annotations
@@ -111,6 +113,7 @@ def run_scst(options: TrainOptions, ranks: Ranks) -> TrainResult:
         _rng_state,
         _set_rng_state,
         _write_metrics,
+        plateau_scheduler,
     )
 
     if ranks.world > 1:
@@ -147,8 +150,7 @@ def run_scst(options: TrainOptions, ranks: Ranks) -> TrainResult:
     val_split = "val" if "val" in dataset.splits else "test"
 
     optimizer = torch.optim.Adam(model.decoder.parameters(), lr=options.decoder_lr)
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=options.lr_decay,
-                                                           patience=options.lr_patience)
+    scheduler = plateau_scheduler(optimizer, options)
     start_epoch, best_cider, since_best, history = 0, -1.0, 0, []
     best_bleu = -1.0
     if resume_from is not None:

@@ -31,7 +31,13 @@ import torch.distributed as dist
 from rich.progress import TextColumn
 from rich.table import Table
 
-from models.captioner import Captioner, CaptionerConfig, caption_loss, hard_attention_loss
+from models.captioner import (
+    Captioner,
+    CaptionerConfig,
+    caption_loss,
+    doubly_stochastic_penalties,
+    hard_attention_loss,
+)
 from models.decoding import decode
 from models.encoders import DEFAULT_ENCODER, ENCODERS, PretrainedWeightsUnavailable
 from satcli.checkpoint import Preprocessing, read_checkpoint, save_checkpoint
@@ -376,7 +382,7 @@ class Stepper:
             output = self.train_model(features, tokens, lengths, options.scheduled_sampling)
             logprobs, alphas = output.logprobs, output.alphas
             _, nll = caption_loss(logprobs, alphas, tokens, lengths, 0.0)
-            penalty = ((1.0 - alphas.float().sum(dim=1)) ** 2).sum()
+            penalty = doubly_stochastic_penalties(alphas).sum()  # the mean over cells, summed over captions
             # normalised by the global batch, so the DDP average over ranks equals the one-process loss
             loss = (nll * int(lengths.sum()) / global_tokens
                     + options.doubly_stochastic * penalty / global_n) * self.ranks.world
@@ -416,6 +422,17 @@ def validate(model: Captioner, dataset: StoredDataset, split: str, vocab: Vocabu
 # ---------------------------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------------------------
+
+
+def plateau_scheduler(optimizer: torch.optim.Optimizer,
+                      options: TrainOptions) -> torch.optim.lr_scheduler.ReduceLROnPlateau:
+    """Multiply the learning rates by ``lr_decay`` once ``lr_patience`` epochs in a row bring no validation
+    improvement. (ReduceLROnPlateau's ``patience`` is the number of bad epochs it *tolerates*: it decays on the
+    next one, hence ``lr_patience - 1``.)"""
+    if options.lr_patience < 1:
+        raise SatcliError(f"--lr-patience must be at least 1 (epochs without improvement), got {options.lr_patience}")
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=options.lr_decay,
+                                                      patience=options.lr_patience - 1)
 
 
 def _rng_state(device: torch.device) -> dict[str, Any]:
@@ -514,8 +531,7 @@ def _run(options: TrainOptions, ranks: Ranks) -> TrainResult:
         optimizer.add_param_group({"params": [p for p in model.encoder.parameters() if p.requires_grad],
                                    "lr": options.encoder_lr, "name": "encoder"})
         model.encoder.set_fine_tuning(0)  # frozen until fine_tune_after
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=options.lr_decay,
-                                                           patience=options.lr_patience)
+    scheduler = plateau_scheduler(optimizer, options)
     start_epoch, best_bleu, since_best, history = 0, -1.0, 0, []
     if resume_from is not None:
         state = resume_from["train_state"]

@@ -51,14 +51,47 @@ def test_doubly_stochastic_term_matches_hand_computation():
         [[0.5, 0.5], [1.0, 0.0], [0.2, 0.8]],
         [[0.1, 0.9], [0.3, 0.7], [0.0, 0.0]],
     ])
-    # caption 1: sums over t = (1.7, 1.3) → (1-1.7)² + (1-1.3)² = 0.49 + 0.09 = 0.58
-    # caption 2: sums = (0.4, 1.6) → 0.36 + 0.36 = 0.72; mean = 0.65
-    assert doubly_stochastic_penalty(alphas).item() == pytest.approx(0.65)
+    # caption 1: sums over t = (1.7, 1.3) → ((1-1.7)² + (1-1.3)²) / 2 cells = (0.49 + 0.09) / 2 = 0.29
+    # caption 2: sums = (0.4, 1.6) → (0.36 + 0.36) / 2 = 0.36; mean over captions = 0.325
+    assert doubly_stochastic_penalty(alphas).item() == pytest.approx(0.325)
     logprobs = torch.full((2, 3, 5), math.log(0.2))
     tokens = torch.tensor([[1, 3, 4, 2], [1, 3, 2, 0]])
     loss, nll = caption_loss(logprobs, alphas, tokens, torch.tensor([3, 2]), doubly_stochastic=2.0)
     assert nll.item() == pytest.approx(-math.log(0.2))
-    assert loss.item() == pytest.approx(-math.log(0.2) + 2.0 * 0.65)
+    assert loss.item() == pytest.approx(-math.log(0.2) + 2.0 * 0.325)
+
+
+def slow_caption_loss(logprobs, alphas, tokens, lengths, lam):
+    """The loss written out term by term: the NLL per token (as the tutorial's cross-entropy) plus
+    λ · (1/B) Σ_b (1/L) Σ_i (1 - Σ_t α_bti)² (the tutorial's ``alpha_c * ((1 - alphas.sum(1)) ** 2).mean()``)."""
+    B, T, L = alphas.shape
+    nll_sum, n_tokens = 0.0, 0
+    for b in range(B):
+        for t in range(int(lengths[b])):
+            nll_sum -= float(logprobs[b, t, int(tokens[b, t + 1])])
+            n_tokens += 1
+    penalty = 0.0
+    for b in range(B):
+        for i in range(L):
+            gaze = sum(float(alphas[b, t, i]) for t in range(int(lengths[b])))
+            penalty += (1.0 - gaze) ** 2 / L
+    return nll_sum / n_tokens + lam * penalty / B
+
+
+def test_caption_loss_is_the_formula_written_out_slowly_and_lambda_1_weighs_like_one_token():
+    torch.manual_seed(3)
+    model = tiny_captioner()
+    features = random_features(model, 3)
+    tokens, lengths = caption_batch([5, 3, 7], 24)
+    with torch.no_grad():
+        logprobs, alphas = model(features, tokens, lengths)[:2]
+    loss, _ = caption_loss(logprobs, alphas, tokens, lengths, doubly_stochastic=1.0)
+    assert loss.item() == pytest.approx(slow_caption_loss(logprobs, alphas, tokens, lengths, 1.0), rel=1e-5)
+    # on the 7×7 grid, attention that never moves off one cell costs (T-1)² on that cell and 1 on the other
+    # 48, averaged over 49: a few units, the size of the NLL — not the ~28 of a sum over cells
+    stuck = torch.zeros(1, 7, 49)
+    stuck[0, :, 0] = 1.0
+    assert doubly_stochastic_penalty(stuck).item() == pytest.approx((36 + 48) / 49)
 
 
 def test_padding_does_not_change_the_loss():
@@ -106,3 +139,11 @@ def test_pooled_grid_is_what_the_model_attends_over():
     assert model.grid_shape == (3, 3)
     features = model.encode(torch.randn(1, 3, 96, 96))
     assert features.shape == (1, 9, 1280)
+
+
+def test_word_embeddings_start_small_as_in_the_reference_code():
+    # N(0, 1) embeddings go straight into the deep output's tanh and saturate it; the tutorial uses U(-0.1, 0.1)
+    weight = tiny_captioner().decoder.embedding.weight
+    assert weight.abs().max().item() <= 0.1
+    assert weight.std().item() > 0.01  # small, not zero
+    assert (weight[0] == 0).all()  # the <pad> row

@@ -74,6 +74,7 @@ def test_evaluate_writes_the_report_and_one_results_file_per_beam_size(shapes_ro
         assert set(metrics) >= {"bleu1", "bleu4", "coco_bleu4", "coco_rouge_l", "coco_cider_d"}
         assert "coco_meteor" not in metrics
         assert grounding["n_words"] >= 0 and 0 < grounding["mass_chance"] < 1
+        assert grounding["n_peak_words"] > 0 and grounding["peak_uniform"] <= grounding["peak"] <= 1
         table = pq.read_table(out / entry["predictions"])
         assert table.schema.remove_metadata().equals(SCHEMA.remove_metadata())
         rows = table.to_pylist()

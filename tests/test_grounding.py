@@ -59,3 +59,15 @@ def test_objects_from_store_rows():
     rows = [{"box": [0.1, 0.2, 0.3, 0.4], "label": "small red circle", "words": ["small", "red", "circle"]}]
     assert objects_from_store(rows) == [GroundedObject((0.1, 0.2, 0.3, 0.4), ("small", "red", "circle"))]
     assert objects_from_store(None) == []
+
+
+def test_mean_peak_attention_per_word_against_uniform():
+    # every generated word counts, object word or not; uniform attention peaks at 1/(H·W)
+    half = np.zeros((4, 4), np.float32)
+    half[0, 0] = half[3, 3] = 0.5
+    attention = np.stack([_peak(0, 0), half, np.full((4, 4), 1 / 16, np.float32)])
+    scores = grounding_scores([(["a", "red", "circle"], attention, [RED_CIRCLE]),
+                               (["a"], _peak(1, 1)[None], [])])  # an image without objects counts too
+    assert scores.n_peak_words == 4
+    assert scores.peak == pytest.approx((1.0 + 0.5 + 1 / 16 + 1.0) / 4)
+    assert scores.peak_uniform == pytest.approx(1 / 16)

@@ -168,3 +168,54 @@ def test_hard_attention_trains_from_the_cli(shapes_root, tmp_path, monkeypatch):
     assert all(torch.isfinite(p).all() for p in loaded.parameters())
     features = torch.randn(2, *loaded.grid_shape, 1280).flatten(1, 2)
     assert len(decode(loaded, features, beam_size=2, max_length=6)) == 2
+
+
+def test_the_training_step_loss_is_caption_loss_at_the_same_lambda():
+    # The step's loss is normalised by the global batch (for DDP); on one process it must be caption_loss itself,
+    # so λ means the same in both (the paper's regulariser averaged over cells, see doubly_stochastic_penalties).
+    from models.captioner import caption_loss
+    from satcli.train import Ranks, Stepper, TrainOptions
+    from tests.helpers import caption_batch, random_features, tiny_captioner
+
+    torch.manual_seed(0)
+    model = tiny_captioner()
+    model.eval()  # no dropout: the step and the reference see the same forward
+    features = random_features(model, 4)
+    tokens, lengths = caption_batch([5, 3, 7, 4], 24)
+    with torch.no_grad():
+        out = model(features, tokens, lengths)
+        expected, _ = caption_loss(out.logprobs, out.alphas, tokens, lengths, doubly_stochastic=1.0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    step = Stepper(model, model, optimizer, torch.amp.GradScaler("cpu", enabled=False),
+                   TrainOptions(dataset="x", doubly_stochastic=1.0), Ranks(), torch.device("cpu"))
+    loss = step(features, tokens, lengths, global_n=4, global_tokens=int(lengths.sum()))
+    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_the_demo_trains_with_the_default_lambda():
+    from satcli.demo import DemoOptions, demo_train_options
+    from satcli.train import TrainOptions
+
+    assert demo_train_options(DemoOptions()).doubly_stochastic == TrainOptions(dataset="x").doubly_stochastic == 1.0
+
+
+@pytest.mark.parametrize("lr_patience", [1, 3])
+def test_lr_patience_n_decays_after_exactly_n_epochs_without_improvement(lr_patience):
+    from satcli.train import plateau_scheduler
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = plateau_scheduler(optimizer, TrainOptions(dataset="x", lr_patience=lr_patience, lr_decay=0.5))
+    scheduler.step(0.5)  # the first epoch sets the best
+    for _ in range(lr_patience - 1):
+        scheduler.step(0.4)
+        assert optimizer.param_groups[0]["lr"] == 1.0
+    scheduler.step(0.4)  # the N-th epoch without improvement
+    assert optimizer.param_groups[0]["lr"] == 0.5
+
+
+def test_lr_patience_below_one_is_refused():
+    from satcli.train import plateau_scheduler
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    with pytest.raises(SatcliError, match="lr-patience"):
+        plateau_scheduler(optimizer, TrainOptions(dataset="x", lr_patience=0))
