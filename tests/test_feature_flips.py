@@ -31,3 +31,30 @@ def test_flipped_captions_see_the_mirrored_grid_and_say_right_for_left():
     later = FeatureFlips.for_epoch((height, width), swap, n_captions=1000, seed=3, epoch=2)
     assert torch.equal(again.chosen, flips.chosen) and not torch.equal(later.chosen, flips.chosen)
     assert 400 < int(flips.chosen.sum()) < 600
+
+
+def test_cli_feature_flips_reach_training(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from satcli.checkpoint import read_checkpoint
+    from satcli.cli import app
+    from satcli.datasets import DatasetKind
+    from satcli.preprocess import PreprocessOptions
+    from satcli.preprocess import run as preprocess
+
+    monkeypatch.setenv("SATCLI_STATE_DIR", str(tmp_path / "state"))
+    data = tmp_path / "data"
+    preprocess(PreprocessOptions(dataset=DatasetKind.shapes, data_root=data, n_train=40, n_val=4, n_test=0,
+                                 image_size=64, min_word_freq=1))
+    states = {}
+    for name, extra in (("plain", []), ("flips", ["--feature-flips"])):
+        result = CliRunner().invoke(app, ["train", "--dataset", "shapes", "--data-root", str(data), "--out",
+                                          str(tmp_path / name), "--epochs", "1", "--image-size", "64",
+                                          "--embed-dim", "16", "--attention-dim", "16", "--decoder-dim", "24",
+                                          "--dropout", "0", "--batch-size", "16", *extra])
+        assert result.exit_code == 0, result.output
+        checkpoint = read_checkpoint(tmp_path / name / "last.pt")
+        assert checkpoint["train_options"]["feature_flips"] == (name == "flips")
+        states[name] = checkpoint["state_dict"]
+    # Same seed, same batches: only the flipped grids and words can make the weights differ.
+    assert any(not torch.equal(states["plain"][k], states["flips"][k]) for k in states["plain"])

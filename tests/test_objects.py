@@ -165,3 +165,16 @@ def test_cli_evaluate_objects_prints_and_reports_them(tmp_path, monkeypatch):
     expected = object_scores(((words, [o["label"] for o in present[path]])
                               for path, words in zip(captions["path"], captions["tokens"], strict=True)), lexicon)
     assert reported == expected.to_dict() and reported["n_images"] == 4
+
+
+def test_every_reference_caption_of_the_shapes_dataset_names_exactly_its_objects():
+    from satcli.shapes import ShapesOptions, render
+
+    options = ShapesOptions(n_train=150, n_val=0, n_test=0, n_heldout=30, seed=11)
+    images = [render(i, options)[1] for i in range(options.n_images)]
+    entries = [[{"label": o.label, "words": o.words} for o in image.objects] for image in images]
+    lexicon = build_lexicon(entries)
+    scores = object_scores(((tokenize(caption), [o.label for o in image.objects])
+                            for image in images for caption in image.captions), lexicon)
+    assert scores.n_images == 5 * options.n_images
+    assert (scores.precision, scores.recall, scores.exact_set, scores.chair_i, scores.chair_s) == (1, 1, 1, 0, 0)
