@@ -269,6 +269,9 @@ def train(
     feature_flips: Annotated[bool, typer.Option(
         "--feature-flips", help="Frozen encoder: mirror half the cached feature grids left-right each epoch, "
         "swapping the words left/right with them.")] = False,
+    feature_shifts: Annotated[bool, typer.Option(
+        "--feature-shifts", help="Frozen encoder: move the cached feature grids by up to one cell each epoch "
+        "(what a small crop does).")] = False,
     val_beam_size: Annotated[int, typer.Option(min=1, help="Beam size of validation decoding.")] = 1,
     scst: Annotated[bool, typer.Option(
         "--scst", help="Self-critical fine-tuning of --init with a CIDEr-D reward and the greedy caption as "
@@ -297,6 +300,7 @@ def train(
         fine_tune_encoder=fine_tune_encoder, fine_tune_after=fine_tune_after, fine_tune_blocks=fine_tune_blocks,
         val_beam_size=val_beam_size, scst=scst, init=init, scst_samples=scst_samples, device=device.value,
         amp=amp, compile=compile, seed=seed, feature_flips=feature_flips,
+        feature_shifts=feature_shifts,
     ))
 
 

@@ -58,3 +58,20 @@ def test_cli_feature_flips_reach_training(tmp_path, monkeypatch):
         states[name] = checkpoint["state_dict"]
     # Same seed, same batches: only the flipped grids and words can make the weights differ.
     assert any(not torch.equal(states["plain"][k], states["flips"][k]) for k in states["plain"])
+
+
+def test_feature_shifts_move_the_grid_by_at_most_a_cell_with_edges_repeated():
+    from satcli.train import FeatureShifts
+
+    height, width, dim, n = 3, 4, 2, 40
+    grids = torch.randn(n, height * width, dim)
+    shifts = FeatureShifts.for_epoch((height, width), n_captions=n, seed=0, epoch=0)
+    captions = torch.arange(n)
+    moved = shifts(grids, captions)
+    assert {tuple(o) for o in shifts.offsets.tolist()} == {(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)}
+    for i in range(n):  # reference: cell (y, x) shows cell (y - dy, x - dx), clamped to the grid
+        dy, dx = shifts.offsets[i].tolist()
+        for y in range(height):
+            for x in range(width):
+                source = min(max(y - dy, 0), height - 1) * width + min(max(x - dx, 0), width - 1)
+                assert torch.equal(moved[i, y * width + x], grids[i, source])
