@@ -178,3 +178,21 @@ def test_every_reference_caption_of_the_shapes_dataset_names_exactly_its_objects
                             for image in images for caption in image.captions), lexicon)
     assert scores.n_images == 5 * options.n_images
     assert (scores.precision, scores.recall, scores.exact_set, scores.chair_i, scores.chair_s) == (1, 1, 1, 0, 0)
+
+
+def test_the_demo_prints_object_metrics_on_test_and_heldout(tmp_path, monkeypatch):
+    from satcli.console import console
+    from satcli.demo import DemoOptions
+    from satcli.demo import run as demo
+
+    monkeypatch.setenv("SATCLI_STATE_DIR", str(tmp_path / "state"))
+    with console.capture() as captured:
+        result = demo(DemoOptions(data_root=tmp_path / "data", out=tmp_path / "run", epochs=1, n_train=12, n_val=2,
+                                  n_test=2, n_heldout=3))
+    printed = captured.get()
+    assert "objects named" in printed and "exact set" in printed and "CHAIR-i" in printed
+    assert "heldout (unseen look)" in printed
+    for scores in (result.scores, result.heldout):
+        assert {"objects_precision", "objects_recall", "objects_exact_set", "objects_chair_i",
+                "objects_chair_s"} <= scores.keys()
+    assert result.heldout["objects_n_images"] == 3
