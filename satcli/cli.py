@@ -144,6 +144,10 @@ def preprocess(
         help="Folder with Flickr_8k.{train,dev,test}Images.txt (default: beside the caption file, if there).")] = None,
     name: Annotated[str | None, typer.Option(help="Store name under the data root (default: the kind).")] = None,
     data_root: DataRootOption = Path("data"),
+    instances: Annotated[Path | None, typer.Option(
+        "--instances", exists=True, dir_okay=False,
+        help="COCO instance annotations (instances_val2014.json): each image's objects, for evaluate --objects.")
+    ] = None,
     min_word_freq: Annotated[int, typer.Option(min=1, help="Keep words seen this often in train captions.")] = 5,
     max_caption_length: Annotated[int, typer.Option(min=1, help="Cut captions to this many words.")] = 50,
     image_size: Annotated[int, typer.Option(min=16, help="Side of the stored square images, in pixels.")] = 256,
@@ -151,6 +155,8 @@ def preprocess(
     n_train: Annotated[int, typer.Option(min=0, help="shapes: training images to draw.")] = 4000,
     n_val: Annotated[int, typer.Option(min=0, help="shapes: validation images to draw.")] = 300,
     n_test: Annotated[int, typer.Option(min=0, help="shapes: test images to draw.")] = 300,
+    n_heldout: Annotated[int, typer.Option(
+        min=0, help="shapes: test images to draw in a held-out appearance (split 'heldout').")] = 300,
     quiet: QuietOption = False,
 ) -> None:
     """Read a captioned image dataset (or draw the shapes one) into a store under the data root for training."""
@@ -159,7 +165,7 @@ def preprocess(
     step.run(step.PreprocessOptions(
         dataset=dataset, images=images, captions=captions, splits=splits, name=name, data_root=data_root,
         min_word_freq=min_word_freq, max_caption_length=max_caption_length, image_size=image_size, seed=seed,
-        n_train=n_train, n_val=n_val, n_test=n_test,
+        instances=instances, n_train=n_train, n_val=n_val, n_test=n_test, n_heldout=n_heldout,
     ))
 
 
@@ -334,6 +340,12 @@ def train(
     fine_tune_after: Annotated[int, typer.Option(min=0, help="Start fine-tuning after this many epochs.")] = 0,
     fine_tune_blocks: Annotated[int, typer.Option(
         help="Encoder blocks to fine-tune from the top (-1: all, the stem included).")] = 6,
+    feature_flips: Annotated[bool, typer.Option(
+        "--feature-flips", help="Frozen encoder: mirror half the cached feature grids left-right each epoch, "
+        "swapping the words left/right with them.")] = False,
+    feature_shifts: Annotated[bool, typer.Option(
+        "--feature-shifts", help="Frozen encoder: move the cached feature grids by up to one cell each epoch "
+        "(what a small crop does).")] = False,
     val_beam_size: Annotated[int, typer.Option(min=1, help="Beam size of validation decoding.")] = 1,
     scst: Annotated[bool, typer.Option(
         "--scst", help="Self-critical fine-tuning of --init with a CIDEr-D reward and the greedy caption as "
@@ -371,6 +383,7 @@ def train(
         fine_tune_encoder=fine_tune_encoder, fine_tune_after=fine_tune_after, fine_tune_blocks=fine_tune_blocks,
         val_beam_size=val_beam_size, scst=scst, init=init, scst_samples=scst_samples, scst_lr=scst_lr,
         device=device, amp=amp, compile=compile, seed=seed, tensorboard=tensorboard, given=_given(ctx),
+        feature_flips=feature_flips, feature_shifts=feature_shifts,
     ))
     if as_json and int(os.environ.get("RANK", "0") or 0) == 0:
         typer.echo(json.dumps({"out": str(result.out), "best": str(result.best), "last": str(result.last),
@@ -400,6 +413,9 @@ def evaluate(
         "--coco", help="COCO metrics: BLEU, METEOR, ROUGE-L, CIDEr-D (pycocoevalcap; METEOR needs Java).")] = False,
     grounding: Annotated[bool, typer.Option(
         "--grounding", help="Does attention land on the objects the caption names? (datasets with boxes)")] = False,
+    objects: Annotated[bool, typer.Option(
+        "--objects", help="Does the caption name the objects present? Object precision/recall, exact-set rate, "
+        "CHAIR-i/-s (datasets with objects).")] = False,
     java: Annotated[bool, typer.Option(help="Let --coco use Java (METEOR, PTB tokenizer).")] = True,
     out: Annotated[Path | None, typer.Option(
         "--out", file_okay=False, show_default=False,
@@ -425,9 +441,9 @@ def evaluate(
     result = step.run(step.EvaluateOptions(
         dataset=dataset, model=model, data_root=data_root, split=split,
         beam_sizes=step.parse_beam_sizes(beam_sizes) if beam_sizes else (beam_size,), bleu=bleu, coco=coco,
-        grounding=grounding, java=java, out=out, max_length=max_length, length_penalty=length_penalty,
-        n_best=n_best, no_repeat_ngram_size=no_repeat_ngram, min_length=min_length, allow_unk=allow_unk,
-        batch_size=batch_size, device=device,
+        grounding=grounding, objects=objects, java=java, out=out, max_length=max_length,
+        length_penalty=length_penalty, n_best=n_best, no_repeat_ngram_size=no_repeat_ngram, min_length=min_length,
+        allow_unk=allow_unk, batch_size=batch_size, device=device,
     ))
     if as_json:
         typer.echo(json.dumps(json.loads(result.report.read_text(encoding="utf-8")), ensure_ascii=False))

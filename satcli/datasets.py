@@ -36,7 +36,7 @@ from satcli.text import tokenize
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
+SPLITS = ("train", "val", "test", "heldout")  # heldout: a second test split (the shapes dataset has one)
 FLICKR_SPLIT_FILES = {
     "train": "Flickr_8k.trainImages.txt",
     "val": "Flickr_8k.devImages.txt",
@@ -203,7 +203,7 @@ def _key(entry: Any, name: str, kind: type | tuple[type, ...], file: Path, where
 def _split_name(raw: object, file: Path, where: str) -> str:
     split = "train" if raw == "restval" else raw
     if split not in SPLITS:
-        raise _error(file, where, f"unknown split {raw!r} (expected train, val, test or restval)")
+        raise _error(file, where, f"unknown split {raw!r} (expected train, val, test, heldout or restval)")
     return split  # type: ignore[return-value]
 
 

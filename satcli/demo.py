@@ -22,7 +22,7 @@ from satcli.caption import run as caption
 from satcli.console import console
 from satcli.datasets import DatasetKind
 from satcli.errors import SatcliError
-from satcli.evaluate import EvaluateOptions
+from satcli.evaluate import BeamResult, EvaluateOptions
 from satcli.evaluate import run as evaluate
 from satcli.overlays import write_overlays
 from satcli.preprocess import PreprocessOptions
@@ -46,6 +46,7 @@ class DemoOptions:
     n_train: int = 4000
     n_val: int = 300
     n_test: int = 300
+    n_heldout: int = 300  # the test in a held-out appearance: does recognition generalise?
     beam_size: int = 3
     device: str = "auto"
     seed: int = 0
@@ -57,6 +58,7 @@ class DemoResult:
     results: Path
     report: Path
     scores: dict[str, float] = field(default_factory=dict)
+    heldout: dict[str, float] = field(default_factory=dict)  # object metrics and BLEU/CIDEr-D on split heldout
     seconds: float = 0.0
     overlays: Path | None = None  # attention pictures of the first test images
     page: Path | None = None  # the HTML report of the test captions
@@ -79,12 +81,19 @@ def run(options: DemoOptions) -> DemoResult:
     # BLEU, the Java-free COCO metrics and grounding: the same numbers on every machine, Java or not.
     evaluated = evaluate(EvaluateOptions(dataset=dataset.name, model=result.best, data_root=options.data_root,
                                          split="test", beam_sizes=(options.beam_size,), bleu=True, coco=True,
-                                         grounding=True, java=False, out=options.out, max_length=30,
+                                         grounding=True, objects=True, java=False, out=options.out, max_length=30,
                                          device=options.device))
     report_json = evaluated.report
     beam = evaluated.beams[0]
     scores = {**beam.metrics, **({f"grounding_{k}": v for k, v in beam.grounding.to_dict().items()}
-                                 if beam.grounding else {})}
+                                 if beam.grounding else {}), **_object_scores(beam)}
+    heldout: dict[str, float] = {}
+    if options.n_heldout:
+        unseen = evaluate(EvaluateOptions(dataset=dataset.name, model=result.best, data_root=options.data_root,
+                                          split="heldout", beam_sizes=(options.beam_size,), bleu=True, coco=True,
+                                          objects=True, java=False, out=options.out / "evaluate-heldout",
+                                          max_length=30, device=options.device))
+        heldout = {**unseen.beams[0].metrics, **_object_scores(unseen.beams[0])}
 
     source = options.data_root / "shapes" / "source"
     test_images = _split_images(source, "test")
@@ -103,11 +112,31 @@ def run(options: DemoOptions) -> DemoResult:
                   f"{100 * scores.get('grounding_pointing', 0):.1f} "
                   f"({100 * scores.get('grounding_pointing_chance', 0):.1f})")
     console.print(table)
+    console.print(_objects_table(scores, heldout, options.beam_size))
     console.print(f"model:    {result.best}\nscores:   {report_json}\ncaptions: {results}\n"
                   f"pictures: {drawn.directory} ({drawn.n_written} images: a PNG and a GIF each)\n"
                   f"report:   {page}\ntime:     {seconds / 60:.1f} minutes")
     console.print(closing_hint(result.best, source / "images"), highlight=False)
-    return DemoResult(result.best, results, report_json, scores, seconds, drawn.directory, page)
+    return DemoResult(result.best, results, report_json, scores, heldout, seconds, drawn.directory, page)
+
+
+def _object_scores(beam: BeamResult) -> dict[str, float]:
+    return {f"objects_{k}": v for k, v in beam.objects.to_dict().items()} if beam.objects else {}
+
+
+def _objects_table(test: dict[str, float], heldout: dict[str, float], beam_size: int) -> Table:
+    """Does the caption name what is in the picture? On the test split, and on the held-out appearance."""
+    table = Table(title=f"objects named, beam {beam_size} (0–100; CHAIR: lower is better)")
+    columns = {"object precision": "objects_precision", "object recall": "objects_recall",
+               "exact set": "objects_exact_set", "CHAIR-i": "objects_chair_i", "CHAIR-s": "objects_chair_s",
+               "BLEU-4": "bleu4", "CIDEr-D": "coco_cider_d"}
+    table.add_column("split")
+    for name in columns:
+        table.add_column(name, justify="right")
+    for split, scores in (("test", test), ("heldout (unseen look)", heldout)):
+        if scores:
+            table.add_row(split, *(f"{100 * scores[key]:.1f}" for key in columns.values()))
+    return table
 
 
 def closing_hint(model: Path, shapes_images: Path) -> str:
@@ -121,14 +150,15 @@ def _shapes_store(options: DemoOptions) -> StoredDataset:
     try:
         dataset = StoredDataset.open(options.data_root, "shapes")
         splits = dataset.meta.get("splits", {})
-        if [splits.get(s, {}).get("images") for s in ("train", "val", "test")] == \
-                [options.n_train, options.n_val, options.n_test]:
+        if [splits.get(s, {}).get("images") for s in ("train", "val", "test", "heldout")] == \
+                [options.n_train, options.n_val, options.n_test, options.n_heldout or None]:
             console.print(f"using the shapes dataset in {dataset.root}")
             return dataset
     except SatcliError:
         pass
     preprocess(PreprocessOptions(dataset=DatasetKind.shapes, data_root=options.data_root, n_train=options.n_train,
-                                 n_val=options.n_val, n_test=options.n_test, seed=options.seed))
+                                 n_val=options.n_val, n_test=options.n_test, n_heldout=options.n_heldout,
+                                 seed=options.seed))
     return StoredDataset.open(options.data_root, "shapes")
 
 

@@ -5,6 +5,8 @@
   Java or the package, our equal BLEU / ROUGE-L / CIDEr-D with METEOR skipped and the reason said.
 - ``--grounding``: pointing game and attention mass in the referred objects' boxes, beside chance
   (:mod:`satcli.grounding`), on datasets that store object boxes.
+- ``--objects``: does the caption name the objects in the picture? Object precision/recall, exact-set rate and
+  CHAIR-i/-s (:mod:`satcli.objects`), on datasets that store objects with their words.
 - ``--beam-sizes 1,3,5``: one sweep; every image is encoded (or read from the feature cache) once and decoded at
   every beam size.
 
@@ -38,6 +40,7 @@ from satcli.errors import SatcliError
 from satcli.features import cached_features, encode_split
 from satcli.grounding import GroundingScores, grounding_scores, objects_from_store
 from satcli.metrics import bleu, coco_metrics
+from satcli.objects import Lexicon, ObjectScores, build_lexicon, object_scores
 from satcli.results import CaptionRow, write_results
 from satcli.store import StoredDataset
 from satcli.text import detokenize, tokenize
@@ -49,7 +52,8 @@ REPORT = "report.json"
 
 @dataclass(frozen=True)
 class EvaluateOptions:
-    """What to evaluate and how. With none of ``bleu``, ``coco``, ``grounding`` set, BLEU is computed."""
+    """What to evaluate and how. With none of ``bleu``, ``coco``, ``grounding``, ``objects`` set, BLEU is
+    computed."""
 
     dataset: str
     model: Path | None = None  # default: $SATCLI_MODEL, else the most recent `satcli train`
@@ -59,6 +63,7 @@ class EvaluateOptions:
     bleu: bool = False
     coco: bool = False
     grounding: bool = False
+    objects: bool = False
     java: bool = True  # False: the Java-free COCO metrics even where Java is installed
     out: Path | None = None  # default: <model folder>/evaluate-<dataset>-<split>
     max_length: int = 50
@@ -78,6 +83,7 @@ class BeamResult:
     beam_size: int
     metrics: dict[str, float] = field(default_factory=dict)
     grounding: GroundingScores | None = None
+    objects: ObjectScores | None = None
     predictions: Path | None = None
     seconds: float = 0.0
 
@@ -113,6 +119,10 @@ class EvaluateResult:
                                                                           "peak_uniform")]:
                 table.add_row(label, *(_cell(None if b.grounding is None or not b.grounding.n_peak_words
                                              else getattr(b.grounding, key)) for b in self.beams))
+        if any(beam.objects is not None for beam in self.beams):
+            for label, key in OBJECT_LABELS.items():
+                table.add_row(label, *(_cell(None if b.objects is None else getattr(b.objects, key))
+                                       for b in self.beams))
         return table
 
 
@@ -121,6 +131,10 @@ METRIC_LABELS = {
     "coco_bleu1": "BLEU-1 (COCO)", "coco_bleu2": "BLEU-2 (COCO)", "coco_bleu3": "BLEU-3 (COCO)",
     "coco_bleu4": "BLEU-4 (COCO)", "coco_meteor": "METEOR", "coco_rouge_l": "ROUGE-L", "coco_cider_d": "CIDEr-D",
 }
+
+
+OBJECT_LABELS = {"object precision": "precision", "object recall": "recall", "exact object set": "exact_set",
+                 "CHAIR-i (lower is better)": "chair_i", "CHAIR-s (lower is better)": "chair_s"}
 
 
 def _cell(value: float | None) -> str:
@@ -161,7 +175,7 @@ def run(options: EvaluateOptions) -> EvaluateResult:
                      for k in options.beam_sizes]
     except ValueError as error:
         raise SatcliError(str(error)) from None
-    want_bleu = options.bleu or not (options.coco or options.grounding)
+    want_bleu = options.bleu or not (options.coco or options.grounding or options.objects)
     model_path = Path(options.model if options.model is not None else default_model())
     device = resolve_device(options.device)
     dataset = StoredDataset.open(options.data_root, options.dataset)
@@ -173,6 +187,11 @@ def run(options: EvaluateOptions) -> EvaluateResult:
     if options.grounding and not any(objects):
         raise SatcliError(f"--grounding needs object boxes, and the {options.split!r} split of "
                           f"{dataset.name!r} has none", dataset.path(options.split))
+    if options.objects and not any(r for r in table.column("objects").to_pylist() if any(o.get("words") for o in r)):
+        raise SatcliError(f"--objects needs objects with their words, and the {options.split!r} split of "
+                          f"{dataset.name!r} has none (COCO: preprocess with --instances)",
+                          dataset.path(options.split))
+    lexicon = _lexicon(dataset) if options.objects else {}
     loaded = load_captioner(model_path, device)
     out = options.out or model_path.parent / f"evaluate-{dataset.name}-{options.split}"
 
@@ -194,6 +213,10 @@ def run(options: EvaluateOptions) -> EvaluateResult:
             beam.grounding = grounding_scores(
                 (tokens, r.attention.float().numpy(), objs)
                 for tokens, r, objs in zip(captions, decoded.results, objects, strict=True))
+        if options.objects:
+            beam.objects = object_scores(
+                ((tokens, [o["label"] for o in rows or ()])
+                 for tokens, rows in zip(captions, table.column("objects").to_pylist(), strict=True)), lexicon)
         alternatives = None
         if decoding.n_best > 1:  # the runners-up, as `satcli caption --n-best` stores them
             alternatives = [[(detokenize([words[i] for i in h.tokens]), h.sum_logprob, h.finished)
@@ -205,6 +228,12 @@ def run(options: EvaluateOptions) -> EvaluateResult:
         result.beams.append(beam)
     _write_report(result, options, dataset, loaded, model_path, decodings, time.perf_counter() - started)
     return result
+
+
+def _lexicon(dataset: StoredDataset) -> Lexicon:
+    """Word → labels from the objects of every split, so a word the evaluated split happens to lack still counts."""
+    return build_lexicon(rows for split in dataset.splits
+                         for rows in dataset.read(split, ["objects"]).column("objects").to_pylist())
 
 
 @dataclass
@@ -285,6 +314,7 @@ def _write_report(result: EvaluateResult, options: EvaluateOptions, dataset: Sto
                                                            "skipped": result.skipped},
         "results": [{"beam_size": b.beam_size, "metrics": b.metrics,
                      "grounding": None if b.grounding is None else b.grounding.to_dict(),
+                     "objects": None if b.objects is None else b.objects.to_dict(),
                      "predictions": b.predictions.name if b.predictions else None,
                      "decode_seconds": round(b.seconds, 3)} for b in result.beams],
         "seconds": round(seconds, 3),

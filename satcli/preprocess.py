@@ -28,7 +28,7 @@ from rich.table import Table
 from satcli import __version__, shapes
 from satcli.console import console as default_console
 from satcli.console import make_progress
-from satcli.datasets import DatasetKind, ImageRecord, SourceDataset, read_dataset
+from satcli.datasets import CaptionFormat, DatasetKind, ImageRecord, SourceDataset, read_dataset
 from satcli.errors import SatcliError
 from satcli.images import ImageError, load_image
 from satcli.store import SPLITS, StoredImage, StoredObject, StoreWriter
@@ -43,7 +43,7 @@ _N_WARNINGS = 5  # skipped images named one by one; the rest are counted
 
 @dataclass(frozen=True)
 class PreprocessOptions:
-    """Everything ``satcli preprocess`` needs. ``n_train``/``n_val``/``n_test`` only apply to ``shapes``."""
+    """Everything ``satcli preprocess`` needs. ``n_train``, ``n_val``, ``n_test``, ``n_heldout``: shapes only."""
 
     dataset: DatasetKind = DatasetKind.shapes
     images: Path | None = None
@@ -51,6 +51,7 @@ class PreprocessOptions:
     splits: Path | None = None
     name: str | None = None
     data_root: Path = Path("data")
+    instances: Path | None = None  # COCO instance annotations: the images' objects, for `evaluate --objects`
     min_word_freq: int = 5
     max_caption_length: int = 50
     image_size: int = 256
@@ -58,6 +59,7 @@ class PreprocessOptions:
     n_train: int = 4000
     n_val: int = 300
     n_test: int = 300
+    n_heldout: int = 0  # `satcli preprocess` and the demo draw 300
     jpeg_quality: int = 95
     row_group_size: int = 256
     n_workers: int = 0  # 0: up to 4, as many as there are CPU cores
@@ -106,6 +108,8 @@ def run(options: PreprocessOptions, console: Console | None = None) -> Preproces
     root = options.data_root / options.store_name
     images_dir, captions = _source_files(options, root)
     source = read_dataset(options.dataset, captions, splits_dir=options.splits, seed=options.seed)
+    if options.instances is not None:
+        _attach_instances(source, options.instances)
     log.info("Read %d images from %s (%s; split: %s)", len(source.records), captions, source.format.value,
              source.split_source)
     vocab = _build_vocab(source, options)
@@ -160,6 +164,19 @@ def _check(options: PreprocessOptions) -> None:
         raise SatcliError("split directory not found", path=options.splits)
 
 
+def _attach_instances(source: SourceDataset, path: Path) -> None:
+    from satcli.instances import attach_instances
+
+    if source.format not in (CaptionFormat.coco, CaptionFormat.karpathy):
+        raise SatcliError("--instances takes COCO instance annotations, for COCO captions (a COCO caption file "
+                          "or dataset_coco.json)", path=path)
+    matched = attach_instances(source.records, path)
+    if matched == 0:
+        raise SatcliError(f"none of the {len(source.records)} images of {source.captions_file.name} is in this "
+                          "instance file (images are matched by file name)", path=path)
+    log.info("Objects from %s for %d of %d images", path.name, matched, len(source.records))
+
+
 def _source_files(options: PreprocessOptions, root: Path) -> tuple[Path, Path]:
     """The images directory and caption file; for ``shapes`` without them, generated under ``root/source``."""
     if options.images is not None and options.captions is not None:
@@ -170,9 +187,9 @@ def _source_files(options: PreprocessOptions, root: Path) -> tuple[Path, Path]:
     if options.images is not None or options.captions is not None:
         raise SatcliError("--dataset shapes takes both --images and --captions (a generated source), or neither")
     shapes_options = shapes.ShapesOptions(n_train=options.n_train, n_val=options.n_val, n_test=options.n_test,
-                                          seed=options.seed)
+                                          n_heldout=options.n_heldout, seed=options.seed)
     if shapes_options.n_images == 0:
-        raise SatcliError("--n-train, --n-val and --n-test are all 0: nothing to generate")
+        raise SatcliError("--n-train, --n-val, --n-test and --n-heldout are all 0: nothing to generate")
     with make_progress() as progress:
         task = progress.add_task("Drawing shapes", total=shapes_options.n_images, unit="images")
         json_path = shapes.ensure_generated(root / "source", shapes_options, lambda: progress.advance(task))

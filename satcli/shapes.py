@@ -67,6 +67,17 @@ _MARGIN = 2.0  # pixels kept free at the image border and between objects
 _SUPERSAMPLE = 2  # draw at 2× and downsample: anti-aliased edges for free
 _COLOUR_JITTER = 8
 
+# The held-out split: the same shapes, colours, sizes, layouts and caption words as the other splits, drawn in
+# an appearance no training image has: every object outlined or hatched instead of solid, in a lighter or
+# darker shade of its colour, and (all but circles) rotated. Drawn from its own random stream, so adding it
+# leaves every train, val and test image as it was.
+HELDOUT_SPLIT = "heldout"
+HELDOUT_FILLS = ("outline", "hatched")
+HELDOUT_SHADES = {"light": 255.0, "dark": 0.0}  # mixed into the colour by _SHADE_MIX
+_SHADE_MIX = 0.25
+_HELDOUT_ROTATION = (10, 35)  # degrees, either way
+_HELDOUT_SHRINK = 0.85  # a rotated square or cross stays inside its layout slot
+
 
 def plural(word: str) -> str:
     """``circle`` → ``circles``, ``cross`` → ``crosses``."""
@@ -80,18 +91,33 @@ class ShapesOptions:
     n_train: int = 4000
     n_val: int = 300
     n_test: int = 300
+    n_heldout: int = 0  # test images in a held-out appearance (split "heldout"); the CLI and the demo draw 300
     seed: int = 0
     image_size: int = 128
     jpeg_quality: int = 90
 
     @property
     def n_images(self) -> int:
-        return self.n_train + self.n_val + self.n_test
+        return self.n_train + self.n_val + self.n_test + self.n_heldout
 
     def split_of(self, index: int) -> str:
         if index < self.n_train:
             return "train"
-        return "val" if index < self.n_train + self.n_val else "test"
+        if index < self.n_train + self.n_val:
+            return "val"
+        return "test" if index < self.n_train + self.n_val + self.n_test else HELDOUT_SPLIT
+
+
+@dataclass(frozen=True)
+class Appearance:
+    """How an object is drawn, beyond what the caption says: its fill, rotation (degrees) and shade."""
+
+    fill: str = "solid"  # solid, or a held-out fill: outline, hatched
+    rotation: int = 0
+    shade: str = "base"  # base, or held out: light / dark (the colour mixed toward white / black)
+
+
+TRAIN_APPEARANCE = Appearance()  # train, val and test: every object drawn like this
 
 
 @dataclass
@@ -103,6 +129,7 @@ class ShapeObject:
     size: str
     box: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
     words: list[str] = field(default_factory=list)
+    appearance: Appearance = field(default_factory=lambda: TRAIN_APPEARANCE)
 
     @property
     def label(self) -> str:
@@ -173,6 +200,18 @@ def _place(rng: np.random.Generator, extents: list[float], image_size: int) -> l
         if along < 1.5 * across:
             return None
     return list(zip(centres_along, centres_across, strict=True))
+
+
+def _heldout_appearance(rng: np.random.Generator, shape: str) -> Appearance:
+    rotation = 0 if shape == "circle" else int(rng.integers(*_HELDOUT_ROTATION)) * (1 if rng.random() < 0.5 else -1)
+    return Appearance(fill=_pick(rng, HELDOUT_FILLS), rotation=rotation, shade=_pick(rng, list(HELDOUT_SHADES)))
+
+
+def _turn(outline: list[tuple[float, float]], cx: float, cy: float, degrees: int) -> list[tuple[float, float]]:
+    """A polygon rotated about (cx, cy) and shrunk by _HELDOUT_SHRINK."""
+    angle = np.deg2rad(degrees)
+    cos, sin = np.cos(angle) * _HELDOUT_SHRINK, np.sin(angle) * _HELDOUT_SHRINK
+    return [(cx + (x - cx) * cos - (y - cy) * sin, cy + (x - cx) * sin + (y - cy) * cos) for x, y in outline]
 
 
 def _outline(shape: str, cx: float, cy: float, extent: float) -> list[tuple[float, float]]:
@@ -253,11 +292,42 @@ def _draw(rng: np.random.Generator, objects: list[ShapeObject], outlines: list[l
         jitter = rng.integers(-_COLOUR_JITTER, _COLOUR_JITTER + 1, 3)
         fill = tuple(int(c) for c in np.clip(np.array(COLOURS[obj.colour]) + jitter, 0, 255))
         scaled = [(x * _SUPERSAMPLE, y * _SUPERSAMPLE) for x, y in outline]
-        if obj.shape == "circle":
+        if obj.appearance != TRAIN_APPEARANCE:
+            _paint_heldout(canvas, obj, scaled, fill)
+        elif obj.shape == "circle":
             draw.ellipse(scaled, fill=fill)
         else:
             draw.polygon(scaled, fill=fill)
     return canvas.resize((size, size), Image.Resampling.BOX)
+
+
+def _paint_heldout(canvas: Image.Image, obj: ShapeObject, outline: list[tuple[float, float]],
+                   colour: tuple[int, ...]) -> None:
+    """An object in its held-out appearance: outlined or hatched, in a lighter or darker shade."""
+    target = HELDOUT_SHADES[obj.appearance.shade]
+    shaded = tuple(int(round((1 - _SHADE_MIX) * c + _SHADE_MIX * target)) for c in colour)
+    xs, ys = [x for x, _ in outline], [y for _, y in outline]
+    stroke = max(2 * _SUPERSAMPLE, round(0.14 * max(max(xs) - min(xs), max(ys) - min(ys))))
+    mask = Image.new("L", canvas.size, 0)
+    draw = ImageDraw.Draw(mask)
+
+    def shape(fill: int | None, width: int) -> None:
+        if obj.shape == "circle":
+            draw.ellipse(outline, fill=fill, outline=255, width=width)
+        else:
+            draw.polygon(outline, fill=fill, outline=255, width=width)
+
+    if obj.appearance.fill == "outline":
+        shape(None, stroke)
+    else:  # hatched: diagonal stripes inside a thin outline
+        shape(255, 1)
+        ys_, xs_ = _grid(canvas.size[0])
+        period = 4 * _SUPERSAMPLE
+        stripes = (((xs_ + ys_) // period) % 2 == 0).astype(np.uint8) * 255
+        mask = Image.fromarray(np.minimum(np.asarray(mask), stripes), "L")
+        draw = ImageDraw.Draw(mask)
+        shape(None, max(_SUPERSAMPLE, stroke // 2))
+    canvas.paste(Image.new("RGB", canvas.size, shaded), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -407,10 +477,18 @@ def render(index: int, options: ShapesOptions) -> tuple[bytes, ShapesImage]:
         if centres is not None:
             break
     axis = "row" if rng.random() < 0.5 else "column"
+    look = np.random.default_rng([options.seed, index, 1]) if options.split_of(index) == HELDOUT_SPLIT else None
     outlines = []
     for obj, extent, (along, across) in zip(objects, extents, centres, strict=True):
         cx, cy = (along, across) if axis == "row" else (across, along)
         outline = _outline(obj.shape, cx, cy, extent)
+        if look is not None:
+            obj.appearance = _heldout_appearance(look, obj.shape)
+            if obj.shape == "circle":
+                half = extent * _HELDOUT_SHRINK / 2
+                outline = [(cx - half, cy - half), (cx + half, cy + half)]
+            else:
+                outline = _turn(outline, cx, cy, obj.appearance.rotation)
         xs, ys = [x for x, _ in outline], [y for _, y in outline]
         obj.box = tuple(round(float(v), 1) for v in (min(xs), min(ys), max(xs), max(ys)))  # type: ignore[assignment]
         outlines.append(outline)
@@ -437,7 +515,7 @@ def _entry(index: int, options: ShapesOptions, image: ShapesImage) -> dict:
         ],
         "objects": [
             {"box": list(o.box), "shape": o.shape, "colour": o.colour, "size": o.size, "label": o.label,
-             "words": o.words}
+             "words": o.words, "appearance": asdict(o.appearance)}
             for o in image.objects
         ],
         "background": BACKGROUNDS[image.background],

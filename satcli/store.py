@@ -33,7 +33,7 @@ from satcli.errors import SatcliError
 from satcli.vocab import Vocabulary
 
 FORMAT_VERSION = 1
-SPLITS = ("train", "val", "test")
+SPLITS = ("train", "val", "test", "heldout")  # heldout: the shapes test in a held-out appearance
 META_FILE = "meta.json"
 VOCAB_FILE = "vocab.json"
 PARTIAL_PREFIX = ".partial-"

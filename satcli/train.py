@@ -92,6 +92,8 @@ class TrainOptions:
     # with fine-tuning: the top N blocks (-1: all, stem included). 6: EfficientNet-Lite's stride-32 stage and head;
     # the low blocks keep their generic ImageNet filters, as the reference code keeps ResNet's stem and layer1
     fine_tune_blocks: int = 6
+    feature_flips: bool = False  # frozen encoder: mirror half the cached feature grids, swapping left/right words
+    feature_shifts: bool = False  # frozen encoder: move cached feature grids by up to a cell (a small crop)
     val_beam_size: int = 1
     val_max_length: int = 30
     # self-critical fine-tuning (satcli.scst): CIDEr-D reward, greedy baseline
@@ -238,9 +240,12 @@ def _prefetch(items: Iterator[Any], depth: int = 2) -> Iterator[Any]:
             yield item
 
 
-def _feature_batches(features: np.ndarray, table: CaptionTable, plan: list[torch.Tensor],
-                     ranks: Ranks) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int]]:
-    """(features, tokens, lengths, global captions, global tokens) of this rank's share of each batch."""
+def _feature_batches(features: np.ndarray, table: CaptionTable, plan: list[torch.Tensor], ranks: Ranks,
+                     flips: FeatureFlips | None = None, shifts: FeatureShifts | None = None
+                     ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int]]:
+    """(features, tokens, lengths, global captions, global tokens) of this rank's share of each batch; with
+    ``flips``, half the captions see their image's feature grid mirrored left-right and say right for left;
+    with ``shifts``, grids move by up to a cell."""
     for batch in plan:
         if len(batch) < ranks.world:
             continue
@@ -249,7 +254,12 @@ def _feature_batches(features: np.ndarray, table: CaptionTable, plan: list[torch
         lengths = table.lengths[mine]
         tokens = table.tokens[mine, : int(lengths.max()) + 1]
         rows = table.image[mine].numpy()
-        yield torch.from_numpy(np.asarray(features[rows], dtype=np.float32)), tokens, lengths, len(batch), global_tokens
+        grids = torch.from_numpy(np.asarray(features[rows], dtype=np.float32))
+        if flips is not None:
+            grids, tokens = flips(grids, tokens, mine)
+        if shifts is not None:
+            grids = shifts(grids, mine)
+        yield grids, tokens, lengths, len(batch), global_tokens
 
 
 # Words a horizontal flip turns into each other. A flip that would contradict a caption is never made:
@@ -263,6 +273,60 @@ def _flip_table(vocab: Vocabulary) -> torch.Tensor:
         if a in vocab and b in vocab:
             mapping[vocab.id(a)], mapping[vocab.id(b)] = vocab.id(b), vocab.id(a)
     return mapping
+
+
+@dataclass
+class FeatureFlips:
+    """Mirror cached (B, H*W, D) feature grids left-right for a seeded half of the captions, swapping the words
+    ``left``/``right`` with them (the flip that encoder fine-tuning applies to pixels, on the cache)."""
+
+    grid_shape: tuple[int, int]
+    swap: torch.Tensor  # vocabulary id → id after a flip
+    chosen: torch.Tensor  # (n_captions,) bool: which captions see the mirrored grid this epoch
+
+    @classmethod
+    def for_epoch(cls, grid_shape: tuple[int, int], swap: torch.Tensor, n_captions: int, seed: int,
+                  epoch: int) -> FeatureFlips:
+        # A function of (seed, epoch) alone, so every rank and every resumed run flips the same captions.
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch + 17)
+        return cls(grid_shape, swap, torch.rand(n_captions, generator=generator) < 0.5)
+
+    def __call__(self, grids: torch.Tensor, tokens: torch.Tensor, captions: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """grids (B, H*W, D), tokens (B, T+1), captions (B,) their index in the caption table."""
+        flipped = self.chosen[captions]
+        if not flipped.any():
+            return grids, tokens
+        height, width = self.grid_shape
+        grids, tokens = grids.clone(), tokens.clone()
+        dim = grids.shape[-1]
+        grids[flipped] = grids[flipped].view(-1, height, width, dim).flip(2).reshape(-1, height * width, dim)
+        tokens[flipped] = self.swap[tokens[flipped]]
+        return grids, tokens
+
+
+@dataclass
+class FeatureShifts:
+    """Translate cached (B, H*W, D) feature grids by up to one cell each way, edge cells repeated: what a small
+    random crop does to the grid. Left stays left of right, so captions need no change."""
+
+    grid_shape: tuple[int, int]
+    offsets: torch.Tensor  # (n_captions, 2) long: (dy, dx) in {-1, 0, 1} per caption this epoch
+
+    @classmethod
+    def for_epoch(cls, grid_shape: tuple[int, int], n_captions: int, seed: int, epoch: int) -> FeatureShifts:
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch + 29)
+        return cls(grid_shape, torch.randint(-1, 2, (n_captions, 2), generator=generator))
+
+    def __call__(self, grids: torch.Tensor, captions: torch.Tensor) -> torch.Tensor:
+        """grids (B, H*W, D), captions (B,) their index in the caption table."""
+        height, width = self.grid_shape
+        n, _, dim = grids.shape
+        dy, dx = self.offsets[captions].unbind(1)
+        rows = (torch.arange(height)[None, :] - dy[:, None]).clamp(0, height - 1)  # (B, H): cell y shows y - dy
+        cols = (torch.arange(width)[None, :] - dx[:, None]).clamp(0, width - 1)  # (B, W)
+        moved = grids.view(n, height, width, dim)[torch.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
+        return moved.reshape(n, height * width, dim)
 
 
 def _image_batches(dataset: StoredDataset, table: CaptionTable, plan: list[torch.Tensor], ranks: Ranks,
@@ -684,7 +748,11 @@ def _run(options: TrainOptions, ranks: Ranks) -> TrainResult:
             if tuning:
                 batches = _image_batches(dataset, table, plan, ranks, preprocessing, flip, options.seed, epoch)
             else:
-                batches = _feature_batches(train_features, table, plan, ranks)
+                flips = FeatureFlips.for_epoch(model.grid_shape, flip, len(table), options.seed, epoch) \
+                    if options.feature_flips else None
+                shifts = FeatureShifts.for_epoch(model.grid_shape, len(table), options.seed, epoch) \
+                    if options.feature_shifts else None
+                batches = _feature_batches(train_features, table, plan, ranks, flips, shifts)
             started, n_samples, n_tokens, n_steps = time.perf_counter(), 0, 0, 0
             loss_sum = torch.zeros((), device=device)
             for batch in _prefetch(batches):

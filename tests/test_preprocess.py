@@ -40,14 +40,15 @@ def write_photos(directory, names, size=(60, 40)):
 def test_cli_preprocess_shapes_end_to_end(tmp_path):
     data = tmp_path / "data"
     result = CliRunner().invoke(app, ["preprocess", "--dataset", "shapes", "--n-train", "40", "--n-val", "10",
-                                      "--n-test", "10", "--data-root", str(data), "--min-word-freq", "1"])
+                                      "--n-test", "10", "--n-heldout", "6", "--data-root", str(data),
+                                      "--min-word-freq", "1"])
     assert result.exit_code == 0, result.output
     assert "Preprocessed shapes" in result.output and "vocabulary" in result.output
     assert (data / "shapes" / "source" / "dataset_shapes.json").is_file()
 
     store = StoredDataset.open(data, "shapes")
     assert [(s, store.n_images(s), store.n_captions(s)) for s in store.splits] == [
-        ("train", 40, 200), ("val", 10, 50), ("test", 10, 50)]
+        ("train", 40, 200), ("val", 10, 50), ("test", 10, 50), ("heldout", 6, 30)]
     assert pq.read_schema(store.path("train")).equals(SCHEMA)
     assert set(COLOURS) | set(SHAPES) | {"large", "small", "two", "left", "above"} <= set(store.vocab.words)
     assert store.image_size == 256 and store.meta["dataset"] == "shapes" and store.meta["unknown_word_rate"] == 0
