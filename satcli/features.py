@@ -3,9 +3,9 @@ dataset (keyed by encoder, input size, grid and a hash of the encoder's weights)
 training run and evaluation of a model with that very encoder. A fine-tuned encoder has other weights, so its
 features live in a folder of their own and never mix with the pretrained encoder's.
 
-``data/NAME/features/<encoder>-<size>px[-grid<G>]-<weights hash>/<split>.npy`` holds a float16 array
-(n_images, n_pixels, dim) in the split's row order; a ``<split>.json`` beside it says what made it (the full
-hash included). Both are written to temporary names and renamed when complete, so a killed run never leaves a
+``data/NAME/features/<encoder>-<size>px[-grid<G>]-<weights hash>/<split>.npy`` holds a
+float16 array (n_images, n_pixels, dim) in the split's row order; a ``<split>.json`` beside it says what made it
+(the full hash included). Both are written to temporary names and renamed when complete, so a killed run never leaves a
 cache that looks finished.
 """
 
