@@ -47,3 +47,19 @@ def write_results_file(path, rows, metadata=None):
     from satcli.results import write_results
 
     return write_results(path, rows, metadata)
+
+
+def picture_sensitive_checkpoint(folder):
+    """A tiny captioner checkpoint whose captions depend on the picture: a random-init encoder maps every image to
+    nearly the same features, so this one has the real EfficientNet-Lite0 weights and a decoder with larger
+    weights. Written to ``folder / "tiny.pt"``; returns that path."""
+    from satcli.checkpoint import save_checkpoint
+    from satcli.vocab import SPECIALS, Vocabulary
+
+    torch.manual_seed(0)
+    model = Captioner(tiny_config(image_size=64), pretrained_encoder=True)
+    with torch.no_grad():
+        for parameter in model.decoder.parameters():
+            parameter.mul_(2.0)
+    vocab = Vocabulary([*SPECIALS, *(f"word{i}" for i in range(model.config.vocab_size - len(SPECIALS)))])
+    return save_checkpoint(folder / "tiny.pt", model, vocab)

@@ -18,15 +18,12 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import satcli.caption
-from models.captioner import Captioner
 from satcli.caption import CaptionOptions, find_images, run
-from satcli.checkpoint import save_checkpoint
 from satcli.cli import app
 from satcli.defaults import default_model, remember_model
 from satcli.errors import SatcliError
 from satcli.results import SCHEMA, CaptionRow, merge_results, read_attention, read_metadata, write_results
-from satcli.vocab import SPECIALS, Vocabulary
-from tests.helpers import tiny_config
+from tests.helpers import picture_sensitive_checkpoint
 
 runner = CliRunner()
 REPO = Path(__file__).resolve().parents[1]
@@ -44,15 +41,7 @@ def _isolated_state(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    """A tiny captioner whose captions depend on the picture: a random-init encoder maps every image to nearly
-    the same features, so this one has the real EfficientNet-Lite0 weights and a decoder with larger weights."""
-    torch.manual_seed(0)
-    model = Captioner(tiny_config(image_size=64), pretrained_encoder=True)
-    with torch.no_grad():
-        for parameter in model.decoder.parameters():
-            parameter.mul_(2.0)
-    vocab = Vocabulary([*SPECIALS, *(f"word{i}" for i in range(model.config.vocab_size - len(SPECIALS)))])
-    return save_checkpoint(tmp_path_factory.mktemp("model") / "tiny.pt", model, vocab)
+    return picture_sensitive_checkpoint(tmp_path_factory.mktemp("model"))
 
 
 def _jpeg_bytes(rng, width=96, height=72) -> bytes:

@@ -20,15 +20,12 @@ from typer.testing import CliRunner
 
 import satcli
 import satcli.cli
-from models.captioner import Captioner
-from satcli.checkpoint import save_checkpoint
 from satcli.cli import app
 from satcli.console import LineProgress
 from satcli.device import resolve_device
 from satcli.errors import SatcliError
 from satcli.results import read_attention
-from satcli.vocab import SPECIALS, Vocabulary
-from tests.helpers import tiny_config
+from tests.helpers import picture_sensitive_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -45,13 +42,7 @@ def _isolated_state(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    model = Captioner(tiny_config(image_size=64), pretrained_encoder=True)
-    with torch.no_grad():
-        for parameter in model.decoder.parameters():
-            parameter.mul_(2.0)
-    vocab = Vocabulary([*SPECIALS, *(f"word{i}" for i in range(model.config.vocab_size - len(SPECIALS)))])
-    return save_checkpoint(tmp_path_factory.mktemp("model") / "tiny.pt", model, vocab)
+    return picture_sensitive_checkpoint(tmp_path_factory.mktemp("model"))
 
 
 @pytest.fixture(scope="module")
