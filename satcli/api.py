@@ -15,12 +15,12 @@ import numpy as np
 import torch
 
 from models.decoding import DecodingOptions
-from satcli.caption import caption_batch, prepare_model
+from satcli.caption import ImageFiles, caption_batch, prepare_model
 from satcli.checkpoint import LoadedCheckpoint, load_captioner
 from satcli.defaults import default_model
 from satcli.device import resolve_device
 from satcli.errors import SatcliError
-from satcli.images import DEFAULT_MAX_PIXELS, ImageError, load_image, resize_to_tensor
+from satcli.images import DEFAULT_MAX_PIXELS
 from satcli.text import detokenize
 
 
@@ -58,18 +58,16 @@ class CaptionPipeline:
         return out
 
     def _batch(self, paths: list[str], options: DecodingOptions) -> list[dict[str, Any]]:
-        size = self.checkpoint.preprocessing.image_size
+        # caption's own loader: the same pixels, and the same error rows (bad names and unreadable files included)
+        files = ImageFiles(paths, self.checkpoint.preprocessing.image_size, self.max_pixels)
         rows: list[dict[str, Any]] = []
         images = []
-        for path in paths:
-            row: dict[str, Any] = {"path": path, "caption": None, "words": None, "word_probs": None,
-                                   "sum_logprob": None, "finished": None, "attention": None, "error": None}
-            try:
-                loaded = load_image(path, self.max_pixels, min_size=size)
-                images.append(resize_to_tensor(loaded.image, size))
-            except ImageError as error:
-                row["error"] = str(error)
-            rows.append(row)
+        for index, path in enumerate(paths):
+            _, image, _, _, error = files.load(index)
+            rows.append({"path": path, "caption": None, "words": None, "word_probs": None, "sum_logprob": None,
+                         "finished": None, "attention": None, "error": error})
+            if error is None:
+                images.append(image)
         if images:
             results = iter(caption_batch(self.model, torch.stack(images), self.checkpoint.preprocessing, options))
             words = self.checkpoint.vocab.words

@@ -42,15 +42,15 @@ def encoder_sha256(model: Captioner) -> str:
     return digest.hexdigest()
 
 
-def cache_dir(dataset: StoredDataset, model: Captioner) -> Path:
+def cache_dir(dataset: StoredDataset, model: Captioner, weights_sha256: str) -> Path:
     c = model.config
     key = f"{c.encoder}-{c.image_size}px" + (f"-grid{c.grid_size}" if c.grid_size else "")
-    return dataset.root / "features" / f"{key}-{encoder_sha256(model)[:12]}"
+    return dataset.root / "features" / f"{key}-{weights_sha256[:12]}"
 
 
-def _describe(dataset: StoredDataset, model: Captioner, split: str) -> dict:
+def _describe(dataset: StoredDataset, model: Captioner, split: str, weights_sha256: str) -> dict:
     c = model.config
-    return {"version": CACHE_VERSION, "encoder": c.encoder, "encoder_sha256": encoder_sha256(model),
+    return {"version": CACHE_VERSION, "encoder": c.encoder, "encoder_sha256": weights_sha256,
             "image_size": c.image_size, "grid_size": c.grid_size,
             "split": split, "n_images": dataset.n_images(split), "store_created": dataset.meta.get("created"),
             "shape": [dataset.n_images(split), model.grid_shape[0] * model.grid_shape[1], model.encoder.spec.dim]}
@@ -59,9 +59,10 @@ def _describe(dataset: StoredDataset, model: Captioner, split: str) -> dict:
 def cached_features(dataset: StoredDataset, split: str, model: Captioner, device: torch.device,
                     batch_size: int = 64, progress: Progress | None = None) -> np.ndarray:
     """(n_images, n_pixels, dim) float16 features of ``split``, memory-mapped; computed on first use."""
-    folder = cache_dir(dataset, model)
+    weights = encoder_sha256(model)  # hashing the weights once, for the folder and the description alike
+    folder = cache_dir(dataset, model, weights)
     array_path, info_path = folder / f"{split}.npy", folder / f"{split}.json"
-    expected = _describe(dataset, model, split)
+    expected = _describe(dataset, model, split, weights)
     if info_path.is_file() and array_path.is_file():
         try:
             if json.loads(info_path.read_text()) == expected:
