@@ -32,7 +32,7 @@ def temp_path(target: str | Path) -> Path:
     return target.with_name(f".{target.name}.satcli-{os.getpid()}-{secrets.token_hex(4)}.tmp")
 
 
-def disk_error(error: OSError, path: str | Path, doing: str = "cannot write") -> SatcliError:
+def disk_error(error: OSError, path: str | Path | None, doing: str = "cannot write") -> SatcliError:
     """A one-line SatcliError for a failed write: ``PATH: cannot write (No space left on device, ENOSPC)``."""
     code = errno.errorcode.get(error.errno or 0)
     text = str(error).strip()

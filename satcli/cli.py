@@ -22,6 +22,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from satcli import __version__
+from satcli.atomic import disk_error
 from satcli.console import console as human
 from satcli.console import out_console, set_quiet
 from satcli.datasets import DatasetKind
@@ -52,9 +53,7 @@ class _Group(typer.core.TyperGroup):
             # A full disk or a read-only folder is the user's to fix, wherever the write happened.
             if error.errno not in _DISK_ERRNOS:
                 raise
-            code = errno.errorcode.get(error.errno or 0, "")
-            where = f"{error.filename}: " if error.filename else ""
-            self._fail(ctx, f"{where}{error.strerror or error} ({code})")
+            self._fail(ctx, str(disk_error(error, error.filename)))
 
     @staticmethod
     def _fail(ctx: click.Context, message: str) -> NoReturn:
