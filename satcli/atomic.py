@@ -19,7 +19,7 @@ import secrets
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from satcli.errors import SatcliError
+from satcli.errors import SatcliError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +35,10 @@ def temp_path(target: str | Path) -> Path:
 def disk_error(error: OSError, path: str | Path | None, doing: str = "cannot write") -> SatcliError:
     """A one-line SatcliError for a failed write: ``PATH: cannot write (No space left on device, ENOSPC)``."""
     code = errno.errorcode.get(error.errno or 0)
-    text = str(error).strip()
     if error.errno:  # the system's words: pyarrow's own text wraps them in its details
         reason = os.strerror(error.errno)
     else:
-        reason = error.strerror or (text.splitlines()[0][:200] if text else type(error).__name__)
+        reason = error.strerror or first_line(error)
     return SatcliError(f"{doing} ({reason}{', ' + code if code else ''})", path)
 
 

@@ -19,7 +19,7 @@ import torch
 from models.captioner import Captioner, CaptionerConfig
 from satcli import __version__
 from satcli.atomic import remove_stale_temps, write_with
-from satcli.errors import SatcliError
+from satcli.errors import SatcliError, first_line
 from satcli.vocab import Vocabulary
 
 FORMAT = "satcli-checkpoint"
@@ -131,8 +131,8 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         # weights_only refuses anything but tensors and plain containers, before running any of it.
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else "unsupported content"
-        raise SatcliError(f"not a satcli checkpoint: it holds objects satcli refuses to load ({reason[:120]})",
+        reason = first_line(error, 120, empty="unsupported content")
+        raise SatcliError(f"not a satcli checkpoint: it holds objects satcli refuses to load ({reason})",
                           path) from error
     except Exception as error:  # torch raises many types for torn or foreign files; all mean the same here
         raise SatcliError("not a readable checkpoint: the file is truncated or corrupt", path) from error
@@ -165,7 +165,7 @@ def checkpoint_problem(payload: dict[str, Any]) -> str | None:
     try:
         built = CaptionerConfig.from_dict(config)
     except Exception as error:  # noqa: BLE001 — any value the config's own checks reject
-        return f"a malformed config ({_first_line(error)})"
+        return f"a malformed config ({first_line(error)})"
     bounds = {"vocab_size": (1, _MAX_WIDTH), "embed_dim": (1, _MAX_WIDTH), "attention_dim": (1, _MAX_WIDTH),
               "decoder_dim": (1, _MAX_WIDTH), "image_size": (MIN_IMAGE_SIZE, MAX_IMAGE_SIZE), "grid_size": (1, 256)}
     for name, (low, high) in bounds.items():
@@ -210,11 +210,6 @@ def _short(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:200] if text else type(error).__name__
-
-
 def load_captioner(path: str | Path, device: str | torch.device = "cpu") -> LoadedCheckpoint:
     """Rebuild the captioner stored at ``path`` in eval mode on ``device``."""
     path = Path(path)
@@ -225,8 +220,7 @@ def load_captioner(path: str | Path, device: str | torch.device = "cpu") -> Load
         model.load_state_dict(payload["state_dict"])
         vocab = Vocabulary(list(payload["vocab"]))
     except (TypeError, ValueError, RuntimeError, KeyError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise SatcliError(f"checkpoint does not describe a valid model: {first_line[:200]}", path) from error
+        raise SatcliError(f"checkpoint does not describe a valid model: {first_line(error)}", path) from error
     if len(vocab) != config.vocab_size:
         raise SatcliError(f"checkpoint vocabulary has {len(vocab)} words but the model {config.vocab_size}", path)
     pre = payload["preprocessing"]

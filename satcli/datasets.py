@@ -31,7 +31,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from satcli.errors import SatcliError
+from satcli.errors import SatcliError, first_line
 from satcli.text import tokenize
 
 log = logging.getLogger(__name__)
@@ -185,7 +185,7 @@ def _parse_json(text: str, path: Path, line: int | None) -> Any:
         raise _error(path, "top level" if line is None else f"line {line}", "not readable JSON (nested too "
                      "deeply)") from None
     except ValueError as error:  # e.g. an integer of more than 4300 digits
-        reason = str(error).splitlines()[0][:120] if str(error) else type(error).__name__
+        reason = first_line(error, 120)
         raise _error(path, "top level" if line is None else f"line {line}", f"not readable JSON ({reason})") from None
 
 

@@ -35,7 +35,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from satcli.atomic import atomic_path, disk_error
 from satcli.console import make_progress
-from satcli.errors import SatcliError
+from satcli.errors import SatcliError, first_line
 from satcli.results import read_attention, read_metadata, read_schema
 
 log = logging.getLogger(__name__)
@@ -341,7 +341,7 @@ def iter_results(results: Path, columns: Sequence[str], batch_size: int = 256) -
                 row.update(absent)
                 yield row
     except (OSError, pa.ArrowException) as error:
-        raise SatcliError(f"cannot read results ({str(error).splitlines()[0][:200]})", results) from error
+        raise SatcliError(f"cannot read results ({first_line(error)})", results) from error
 
 
 def attention_of(row: dict, results: Path) -> np.ndarray:

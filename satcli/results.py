@@ -44,7 +44,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from satcli.atomic import disk_error, fsync_directory, remove_stale_temps, temp_path
-from satcli.errors import SatcliError
+from satcli.errors import SatcliError, first_line
 
 SCHEMA_VERSION = 1
 
@@ -195,16 +195,11 @@ def read_schema(path: str | Path) -> pa.Schema:
     try:
         schema = pq.read_schema(path)
     except (OSError, pa.ArrowException) as error:
-        raise SatcliError(f"not a readable Parquet file ({_first_line(error)})", path) from error
+        raise SatcliError(f"not a readable Parquet file ({first_line(error)})", path) from error
     missing = [name for name in SCHEMA.names if name not in schema.names and name not in _LATER_COLUMNS]
     if missing:
         raise SatcliError(f"not a satcli results file (no column {', '.join(missing)})", path)
     return schema
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:200] if text else type(error).__name__
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -304,7 +299,7 @@ def conform(table: pa.Table) -> pa.Table:
     try:
         return table.select(SCHEMA.names).cast(SCHEMA.remove_metadata())
     except (KeyError, pa.ArrowException) as error:
-        raise ValueError(f"not a satcli results table: {_first_line(error)}") from error
+        raise ValueError(f"not a satcli results table: {first_line(error)}") from error
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -317,7 +312,7 @@ def read_column(path: str | Path, column: str) -> list[Any]:
     try:
         return pq.read_table(path, columns=[column]).column(column).to_pylist()
     except (OSError, pa.ArrowException) as error:
-        raise SatcliError(f"not a readable results file ({_first_line(error)})", path) from error
+        raise SatcliError(f"not a readable results file ({first_line(error)})", path) from error
 
 
 class _Cursor:

@@ -33,7 +33,7 @@ from models.decoding import decode, sample
 from satcli.checkpoint import read_checkpoint, save_checkpoint
 from satcli.console import console, make_progress
 from satcli.device import resolve_device
-from satcli.errors import SatcliError
+from satcli.errors import SatcliError, first_line
 from satcli.features import cached_features
 from satcli.metrics import CiderD, bleu
 from satcli.store import StoredDataset
@@ -149,7 +149,7 @@ def run_scst(options: TrainOptions, ranks: Ranks) -> TrainResult:
         model = Captioner(CaptionerConfig.from_dict(start["config"]))
         model.load_state_dict(start["state_dict"])
     except (TypeError, ValueError, RuntimeError, KeyError) as error:
-        raise SatcliError(f"checkpoint does not describe a valid model: {str(error).splitlines()[0][:200]}",
+        raise SatcliError(f"checkpoint does not describe a valid model: {first_line(error)}",
                           source) from error
     model.to(device)
     model.encoder.set_fine_tuning(0)

@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from satcli.datasets import DatasetKind
-from satcli.errors import SatcliError
+from satcli.errors import SatcliError, first_line
 from satcli.vocab import Vocabulary
 
 FORMAT_VERSION = 1
@@ -297,7 +297,7 @@ def _read_json(path: Path, kind: type) -> Any:
     except FileNotFoundError:
         raise SatcliError("missing; the store is incomplete, run `satcli preprocess` again", path=path) from None
     except (OSError, ValueError, RecursionError) as error:  # RecursionError: nested too deeply
-        reason = str(error).splitlines()[0][:200] if str(error) else "nested too deeply"
+        reason = first_line(error, empty="nested too deeply")
         raise SatcliError(f"unreadable ({reason})", path=path) from None
     if not isinstance(value, kind):
         raise SatcliError(f"expected a JSON {kind.__name__}", path=path)
