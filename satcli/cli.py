@@ -345,6 +345,9 @@ def train(
     feature_shifts: Annotated[bool, typer.Option(
         "--feature-shifts", help="Frozen encoder: move the cached feature grids by up to one cell each epoch "
         "(what a small crop does).")] = False,
+    feature_views: Annotated[int, typer.Option(
+        min=0, help="Frozen encoder: also encode this many augmented views of the training pictures (turned up to "
+        "25°, zoomed, relit; cached) and let each caption read a random one each epoch.")] = 0,
     val_beam_size: Annotated[int, typer.Option(min=1, help="Beam size of validation decoding.")] = 1,
     scst: Annotated[bool, typer.Option(
         "--scst", help="Self-critical fine-tuning of --init with a CIDEr-D reward and the greedy caption as "
@@ -382,7 +385,7 @@ def train(
         fine_tune_encoder=fine_tune_encoder, fine_tune_after=fine_tune_after, fine_tune_blocks=fine_tune_blocks,
         val_beam_size=val_beam_size, scst=scst, init=init, scst_samples=scst_samples, scst_lr=scst_lr,
         device=device, amp=amp, compile=compile, seed=seed, tensorboard=tensorboard, given=_given(ctx),
-        feature_flips=feature_flips, feature_shifts=feature_shifts,
+        feature_flips=feature_flips, feature_shifts=feature_shifts, feature_views=feature_views,
     ))
     if as_json and int(os.environ.get("RANK", "0") or 0) == 0:
         typer.echo(json.dumps({"out": str(result.out), "best": str(result.best), "last": str(result.last),

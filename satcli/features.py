@@ -27,6 +27,7 @@ from satcli.checkpoint import Preprocessing
 from satcli.console import make_progress
 from satcli.store import StoredDataset
 from satcli.transforms import image_tensor
+from satcli.views import AUGMENT, augment, view_generator
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1
@@ -48,21 +49,26 @@ def cache_dir(dataset: StoredDataset, model: Captioner, weights_sha256: str) -> 
     return dataset.root / "features" / f"{key}-{weights_sha256[:12]}"
 
 
-def _describe(dataset: StoredDataset, model: Captioner, split: str, weights_sha256: str) -> dict:
+def _describe(dataset: StoredDataset, model: Captioner, split: str, weights_sha256: str, view: int = 0) -> dict:
     c = model.config
-    return {"version": CACHE_VERSION, "encoder": c.encoder, "encoder_sha256": weights_sha256,
+    described = {"version": CACHE_VERSION, "encoder": c.encoder, "encoder_sha256": weights_sha256,
             "image_size": c.image_size, "grid_size": c.grid_size,
             "split": split, "n_images": dataset.n_images(split), "store_created": dataset.meta.get("created"),
             "shape": [dataset.n_images(split), model.grid_shape[0] * model.grid_shape[1], model.encoder.spec.dim]}
+    if view:
+        described.update(view=view, augment=AUGMENT.describe())
+    return described
 
 
 def cached_features(dataset: StoredDataset, split: str, model: Captioner, device: torch.device,
-                    batch_size: int = 64, progress: Progress | None = None) -> np.ndarray:
-    """(n_images, n_pixels, dim) float16 features of ``split``, memory-mapped; computed on first use."""
+                    batch_size: int = 64, progress: Progress | None = None, view: int = 0) -> np.ndarray:
+    """(n_images, n_pixels, dim) float16 features of ``split``, memory-mapped; computed on first use. ``view``
+    1, 2, ... are the pictures augmented (satcli.views), each view a cache of its own."""
     weights = encoder_sha256(model)  # hashing the weights once, for the folder and the description alike
     folder = cache_dir(dataset, model, weights)
-    array_path, info_path = folder / f"{split}.npy", folder / f"{split}.json"
-    expected = _describe(dataset, model, split, weights)
+    name = f"{split}.view{view}" if view else split
+    array_path, info_path = folder / f"{name}.npy", folder / f"{name}.json"
+    expected = _describe(dataset, model, split, weights, view)
     if info_path.is_file() and array_path.is_file():
         try:
             if json.loads(info_path.read_text()) == expected:
@@ -71,12 +77,12 @@ def cached_features(dataset: StoredDataset, split: str, model: Captioner, device
             pass
         log.info("feature cache %s is stale; recomputing", folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = array_path.with_name(f".{split}.{os.getpid()}.tmp.npy")
+    tmp = array_path.with_name(f".{name}.{os.getpid()}.tmp.npy")
     out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=tuple(expected["shape"]))
     try:
         row = 0
         for features in encode_split(dataset, split, model, device, batch_size, progress,
-                                     f"encoding {dataset.name}/{split}"):
+                                     f"encoding {dataset.name}/{split}" + (f" (view {view})" if view else ""), view):
             out[row : row + len(features)] = features.to(torch.float16).cpu().numpy()
             row += len(features)
         out.flush()
@@ -95,9 +101,9 @@ def cache_bytes(n_images: int, grid: tuple[int, int], dim: int) -> int:
 
 @torch.inference_mode()
 def encode_split(dataset: StoredDataset, split: str, model: Captioner, device: torch.device, batch_size: int = 64,
-                 progress: Progress | None = None, description: str = "encoding"):
+                 progress: Progress | None = None, description: str = "encoding", view: int = 0):
     """Yield (B, n_pixels, dim) encoder features for ``split`` in row order, decoding images in a thread pool
-    while the encoder runs."""
+    while the encoder runs; ``view`` > 0: of the pictures augmented as satcli.views describes."""
     preprocessing = Preprocessing.for_config(model.config)
     was_training = model.training
     model.eval()
@@ -107,15 +113,20 @@ def encode_split(dataset: StoredDataset, split: str, model: Captioner, device: t
         progress.start()
     task = progress.add_task(description, total=dataset.n_images(split), unit="images")
 
-    def load(batch) -> torch.Tensor:
-        return torch.stack([image_tensor(dataset.decode_image(b), preprocessing)
-                            for b in batch.column("image").to_pylist()])
+    def load(batch, first_row: int) -> torch.Tensor:
+        images = torch.stack([image_tensor(dataset.decode_image(b), preprocessing)
+                              for b in batch.column("image").to_pylist()])
+        if view:  # each picture's own random stream: the same view whatever the batch size
+            images = torch.stack([augment(image, preprocessing.mean, preprocessing.std,
+                                          view_generator(view, first_row + i)) for i, image in enumerate(images)])
+        return images
 
     try:
         with ThreadPoolExecutor(max_workers=2) as pool:
-            pending = None
+            pending, first_row = None, 0
             for batch in dataset.iter_batches(split, batch_size, columns=["image"]):
-                future = pool.submit(load, batch)
+                future = pool.submit(load, batch, first_row)
+                first_row += batch.num_rows
                 if pending is not None:
                     yield _encode(model, pending.result(), device, progress, task)
                 pending = future

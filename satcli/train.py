@@ -50,6 +50,7 @@ from satcli.steplog import STEPS, StepLog, require_tensorboard
 from satcli.store import StoredDataset
 from satcli.text import tokenize
 from satcli.transforms import normalise
+from satcli.views import FeatureViews
 from satcli.vocab import Vocabulary
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,7 @@ class TrainOptions:
     fine_tune_blocks: int = 6
     feature_flips: bool = False  # frozen encoder: mirror half the cached feature grids, swapping left/right words
     feature_shifts: bool = False  # frozen encoder: move cached feature grids by up to a cell (a small crop)
+    feature_views: int = 0  # frozen encoder: also cache this many augmented views of train (satcli.views)
     val_beam_size: int = 1
     val_max_length: int = 30
     # self-critical fine-tuning (satcli.scst): CIDEr-D reward, greedy baseline
@@ -241,11 +243,13 @@ def _prefetch(items: Iterator[Any], depth: int = 2) -> Iterator[Any]:
 
 
 def _feature_batches(features: np.ndarray, table: CaptionTable, plan: list[torch.Tensor], ranks: Ranks,
-                     flips: FeatureFlips | None = None, shifts: FeatureShifts | None = None
+                     flips: FeatureFlips | None = None, shifts: FeatureShifts | None = None,
+                     views: tuple[list[np.ndarray], FeatureViews] | None = None
                      ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int]]:
     """(features, tokens, lengths, global captions, global tokens) of this rank's share of each batch; with
     ``flips``, half the captions see their image's feature grid mirrored left-right and say right for left;
-    with ``shifts``, grids move by up to a cell."""
+    with ``shifts``, grids move by up to a cell; with ``views`` (the cached views, and which one each caption
+    reads this epoch), a caption may see its picture augmented."""
     for batch in plan:
         if len(batch) < ranks.world:
             continue
@@ -254,7 +258,10 @@ def _feature_batches(features: np.ndarray, table: CaptionTable, plan: list[torch
         lengths = table.lengths[mine]
         tokens = table.tokens[mine, : int(lengths.max()) + 1]
         rows = table.image[mine].numpy()
-        grids = torch.from_numpy(np.asarray(features[rows], dtype=np.float32))
+        if views is not None:
+            grids = views[1].gather(views[0], rows, mine)
+        else:
+            grids = torch.from_numpy(np.asarray(features[rows], dtype=np.float32))
         if flips is not None:
             grids, tokens = flips(grids, tokens, mine)
         if shifts is not None:
@@ -713,13 +720,17 @@ def _run(options: TrainOptions, ranks: Ranks) -> TrainResult:
     wrapped_tuning: bool | None = None  # whether the DDP wrapper was built with the encoder trainable
 
     needs_cache = not options.fine_tune_encoder or options.fine_tune_after > start_epoch
-    train_features = val_features = None
-    if ranks.main and needs_cache:
-        train_features = cached_features(dataset, "train", model, device)
+    train_views: list[np.ndarray] = []  # the plain training features, then each augmented view
+    val_features = None
+    if ranks.main and needs_cache:  # the main rank fills the caches; the others then read them
+        train_views = [cached_features(dataset, "train", model, device, view=v)
+                       for v in range(options.feature_views + 1)]
         val_features = cached_features(dataset, val_split, model, device)
     _barrier(ranks)
     if not ranks.main and needs_cache:
-        train_features = cached_features(dataset, "train", model, device)
+        train_views = [cached_features(dataset, "train", model, device, view=v)
+                       for v in range(options.feature_views + 1)]
+    train_features = train_views[0] if train_views else None
     flip = _flip_table(vocab)
 
     progress = None
@@ -752,7 +763,9 @@ def _run(options: TrainOptions, ranks: Ranks) -> TrainResult:
                     if options.feature_flips else None
                 shifts = FeatureShifts.for_epoch(model.grid_shape, len(table), options.seed, epoch) \
                     if options.feature_shifts else None
-                batches = _feature_batches(train_features, table, plan, ranks, flips, shifts)
+                views = (train_views, FeatureViews.for_epoch(options.feature_views, len(table), options.seed, epoch)) \
+                    if options.feature_views else None
+                batches = _feature_batches(train_features, table, plan, ranks, flips, shifts, views)
             started, n_samples, n_tokens, n_steps = time.perf_counter(), 0, 0, 0
             loss_sum = torch.zeros((), device=device)
             for batch in _prefetch(batches):
