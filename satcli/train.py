@@ -228,6 +228,29 @@ def batch_plan(lengths: torch.Tensor, batch_size: int, seed: int, epoch: int) ->
     return [batches[i] for i in torch.randperm(len(batches), generator=generator)]
 
 
+def image_batch_plan(image: torch.Tensor, batch_size: int, seed: int, epoch: int) -> list[torch.Tensor]:
+    """Caption indices per batch for an epoch that runs the encoder: the pictures shuffled, and each batch filled
+    with *all* the captions of as many pictures as fit in ``batch_size``, so every picture is encoded once per
+    epoch (a batch of shuffled captions holds nearly as many pictures as captions: each picture would be
+    encoded once per caption). A function of (seed, epoch) alone, like :func:`batch_plan`."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch + 53)
+    order = image.argsort(stable=True)
+    pictures, counts = torch.unique_consecutive(image[order], return_counts=True)
+    groups = list(order.split(counts.tolist()))
+    batches: list[torch.Tensor] = []
+    current: list[torch.Tensor] = []
+    size = 0
+    for g in torch.randperm(len(pictures), generator=generator).tolist():
+        if current and size + len(groups[g]) > batch_size:
+            batches.append(torch.cat(current))
+            current, size = [], 0
+        current.append(groups[g])
+        size += len(groups[g])
+    if current:
+        batches.append(torch.cat(current))
+    return batches
+
+
 def _prefetch(items: Iterator[Any], depth: int = 2) -> Iterator[Any]:
     """Run an iterator ``depth`` items ahead in a thread, so loading overlaps compute."""
     with ThreadPoolExecutor(max_workers=1) as pool:
@@ -749,7 +772,8 @@ def _run(options: TrainOptions, ranks: Ranks) -> TrainResult:
                 # trains, or every rank's encoder would drift apart (rank 0 saving one tuned on 1/world of the data)
                 stepper.train_model, wrapped_tuning = _distributed(model, device), tuning
             model.train()
-            plan = batch_plan(table.lengths, options.batch_size, options.seed, epoch)
+            plan = image_batch_plan(table.image, options.batch_size, options.seed, epoch) if tuning \
+                else batch_plan(table.lengths, options.batch_size, options.seed, epoch)
             progress = make_progress(TextColumn("loss {task.fields[loss]:.3f}")) if ranks.main else None
             if progress:
                 progress.start()
