@@ -352,3 +352,18 @@ def test_a_grid_finer_than_the_encoders_is_refused_and_names_the_image_size_that
         run(_options(shapes_root, tmp_path / "grid", epochs=1, grid_size=4))
     config = _options(shapes_root, None, image_size=128).model_config(10)
     assert Captioner(config).grid_shape == (4, 4)  # the way named: a real 4×4 grid
+
+
+def test_resume_with_json_and_quiet_continues_the_run(shapes_root, tmp_path, monkeypatch):
+    # --json and -q steer the output, not the run: --resume must not take them for training options
+    from typer.testing import CliRunner
+
+    from satcli.cli import app
+
+    monkeypatch.setenv("SATCLI_STATE_DIR", str(tmp_path / "state"))
+    runner = CliRunner()
+    out = tmp_path / "run"
+    assert runner.invoke(app, _train_cli(shapes_root, out, 1)).exit_code == 0
+    more = runner.invoke(app, [*_train_cli(shapes_root, out, 2), "--resume", "--json", "-q"])
+    assert more.exit_code == 0, more.output
+    assert [line["epoch"] for line in json.loads(more.stdout)["history"]] == [1, 2]

@@ -77,8 +77,9 @@ class TrainOptions:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items() if k != "given"}
 
     def given_names(self) -> set[str]:
+        """The options the user gave (of the command line's parameters, those that are options here)."""
         if self.given is not None:
-            return set(self.given)
+            return set(self.given) & {f.name for f in fields(self)}
         return {f.name for f in fields(self) if f.name != "given" and f.default is not MISSING
                 and getattr(self, f.name) != f.default}
 
