@@ -13,7 +13,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
 import torch
+import torch.nn.functional as F
 
 from satcli.checkpoint import Preprocessing
 from satcli.errors import SatcliError
@@ -175,8 +177,6 @@ def image_batches(dataset: StoredDataset, table: CaptionTable, plan: list[torch.
     left-right half of the time together with the words ``left``/``right``. No colour jitter: colours are
     words in captions.
     """
-    import pyarrow.parquet as pq
-
     file = pq.ParquetFile(dataset.path("train"))
     group_of = np.cumsum([file.metadata.row_group(g).num_rows for g in range(file.num_row_groups)])
     cache: dict[int, list[bytes]] = {}
@@ -217,8 +217,6 @@ def image_batches(dataset: StoredDataset, table: CaptionTable, plan: list[torch.
 
 def jitter(pixels: torch.Tensor, scale: float, shift: list[int]) -> torch.Tensor:
     """Zoom by ``scale`` about the centre and translate by ``shift`` pixels, edge pixels repeated."""
-    import torch.nn.functional as F
-
     size = pixels.shape[-1]
     theta = torch.tensor([[1 / scale, 0, -2 * shift[0] / size], [0, 1 / scale, -2 * shift[1] / size]])
     grid = F.affine_grid(theta.unsqueeze(0), [1, 3, size, size], align_corners=False)

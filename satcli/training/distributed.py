@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from models.captioner import Captioner
 
@@ -73,6 +74,4 @@ def all_reduce(value: torch.Tensor, ranks: Ranks) -> None:
 
 def distributed(model: Captioner, device: torch.device) -> torch.nn.Module:
     """``model`` wrapped for DDP: gradients of its trainable parameters averaged over the ranks."""
-    from torch.nn.parallel import DistributedDataParallel
-
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)

@@ -17,7 +17,6 @@ to cross-entropy training and is not added here. The run folder, checkpoints, me
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -44,8 +43,6 @@ from satcli.training.distributed import Ranks
 from satcli.training.options import TrainOptions, TrainResult
 from satcli.training.run import LAST, Run, Trained, open_run, plateau_scheduler, restore, run_epochs, run_folder
 from satcli.vocab import Vocabulary
-
-log = logging.getLogger(__name__)
 
 
 @dataclass

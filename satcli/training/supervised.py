@@ -14,7 +14,6 @@ The run folder, checkpoints, metrics, resume and early stopping are :mod:`satcli
 
 from __future__ import annotations
 
-import logging
 import random
 import time
 from collections.abc import Iterator
@@ -55,8 +54,6 @@ from satcli.training.distributed import Ranks, all_reduce, barrier, distributed
 from satcli.training.options import TrainOptions, TrainResult, check_grid, check_resume_vocabulary
 from satcli.training.run import LAST, Run, Trained, open_run, plateau_scheduler, restore, run_epochs, run_folder
 from satcli.vocab import Vocabulary
-
-log = logging.getLogger(__name__)
 
 
 class Stepper:
