@@ -143,7 +143,7 @@ def step_demo(args: argparse.Namespace) -> str:
     import logging
 
     from satcli.demo import DemoOptions, run
-    from satcli.train import METRICS
+    from satcli.training.run import METRICS
 
     logging.basicConfig(level=logging.WARNING)
     work = Path(args.work)

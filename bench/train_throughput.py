@@ -1,7 +1,7 @@
 """Training throughput, three ways, on the same data, model and batches, in one run:
 
 (a) satcli: encoder features from the on-disk cache, loaded by the training loop's own batch reader in a
-    background thread, then the training loop's own optimiser step (``satcli.train.Stepper``);
+    background thread, then the training loop's own optimiser step (``satcli.training.supervised.Stepper``);
 (b) the peers' way: every batch's images are normalised and pushed through the frozen encoder again, then the
     same optimiser step (images already decoded in memory, as the tutorials' HDF5 files hold them);
 (c) the compute floor: the same optimiser step on feature tensors already in memory — no loading at all.
@@ -32,15 +32,10 @@ from satcli.features import cached_features
 from satcli.preprocess import PreprocessOptions
 from satcli.preprocess import run as preprocess
 from satcli.store import StoredDataset
-from satcli.train import (
-    CaptionTable,
-    Ranks,
-    Stepper,
-    TrainOptions,
-    _feature_batches,
-    _prefetch,
-    batch_plan,
-)
+from satcli.training.batches import CaptionTable, batch_plan, feature_batches, prefetch
+from satcli.training.distributed import Ranks
+from satcli.training.options import TrainOptions
+from satcli.training.supervised import Stepper
 from satcli.transforms import normalise
 
 
@@ -87,8 +82,8 @@ def main() -> None:
 
         # (a) satcli: cached features through the training loop's reader, prefetched in a thread
         def cached(first: int, last: int) -> None:
-            batches = _feature_batches(features, table, plan[first:last], Ranks())
-            for f, tokens, lengths, n, n_tokens in _prefetch(batches):
+            batches = feature_batches(features, table, plan[first:last], Ranks())
+            for f, tokens, lengths, n, n_tokens in prefetch(batches):
                 step(f, tokens, lengths, n, n_tokens)
 
         # (b) the peers: images (decoded, in memory) through the encoder for every batch

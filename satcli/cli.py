@@ -12,7 +12,7 @@ import logging
 import os
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import click
 import typer
@@ -27,6 +27,9 @@ from satcli.console import console as human
 from satcli.console import out_console, set_quiet
 from satcli.datasets import DatasetKind
 from satcli.errors import SatcliError
+
+if TYPE_CHECKING:
+    from satcli.training import TrainResult
 
 console = out_console  # results a script reads (captions, --json, tables a command exists to print)
 err_console = Console(stderr=True)  # errors: never silenced by --quiet
@@ -374,20 +377,20 @@ def train(
     With torchrun (`torchrun --nproc_per_node N -m satcli train ...`) it trains on N processes with DDP.
     With --json, the run's result (checkpoints, epochs, best validation BLEU-4, per-epoch history) goes to stdout.
     """
-    from satcli import train as step
+    from satcli.commands import train as step
 
-    result = step.run(step.TrainOptions(
-        dataset=dataset, data_root=data_root, out=out, resume=resume, overwrite=overwrite, encoder=encoder,
-        attention=attention.value, image_size=image_size, grid_size=grid_size, embed_dim=embed_dim,
-        attention_dim=attention_dim, decoder_dim=decoder_dim, dropout=dropout, doubly_stochastic=doubly_stochastic,
-        epochs=epochs, batch_size=batch_size, decoder_lr=decoder_lr, encoder_lr=encoder_lr, grad_clip=grad_clip,
-        lr_decay=lr_decay, lr_patience=lr_patience, patience=patience, scheduled_sampling=scheduled_sampling,
-        fine_tune_encoder=fine_tune_encoder, fine_tune_after=fine_tune_after, fine_tune_blocks=fine_tune_blocks,
-        val_beam_size=val_beam_size, scst=scst, init=init, scst_samples=scst_samples, scst_lr=scst_lr,
-        device=device, amp=amp, compile=compile, seed=seed, tensorboard=tensorboard, given=_given(ctx),
-        feature_flips=feature_flips, feature_shifts=feature_shifts, feature_views=feature_views,
-    ))
-    if as_json and int(os.environ.get("RANK", "0") or 0) == 0:
+    # every parameter but the output switches is the TrainOptions field of the same name
+    params = {name: value for name, value in ctx.params.items() if name not in ("as_json", "quiet")}
+    result = step.run(step.TrainOptions(**{**params, "attention": attention.value, "given": _given(ctx)}))
+    if int(os.environ.get("RANK", "0") or 0) == 0:  # torchrun: rank 0 says what the run did
+        _print_trained(result, as_json)
+
+
+def _print_trained(result: TrainResult, as_json: bool) -> None:
+    """The run's epochs and best score on stderr; with ``--json``, the result on stdout."""
+    human.print(result.table())
+    human.print(result.closing_line())
+    if as_json:
         typer.echo(json.dumps({"out": str(result.out), "best": str(result.best), "last": str(result.last),
                                "epochs": result.epochs, "best_val_bleu4": result.best_bleu4,
                                "history": result.history}, ensure_ascii=False))

@@ -30,8 +30,7 @@ from satcli.preprocess import run as preprocess
 from satcli.report import ReportOptions
 from satcli.report import run as build_report
 from satcli.store import StoredDataset
-from satcli.train import TrainOptions
-from satcli.train import run as train
+from satcli.training import TrainOptions, train
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +76,8 @@ def run(options: DemoOptions) -> DemoResult:
     console.rule("[bold]satcli demo[/]: shapes → preprocess → train → evaluate → caption → report")
     dataset = _shapes_store(options)
     result = train(demo_train_options(options))
+    console.print(result.table())
+    console.print(result.closing_line())
 
     # BLEU, the Java-free COCO metrics and grounding: the same numbers on every machine, Java or not.
     evaluated = evaluate(EvaluateOptions(dataset=dataset.name, model=result.best, data_root=options.data_root,

@@ -21,27 +21,26 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from rich.table import Table
 
-from models.decoding import DecodingOptions, DecodingResult, decode
+from models.decoding import DecodingOptions, DecodingResult
 from satcli import __version__
 from satcli.checkpoint import checkpoint_sha256, load_captioner
 from satcli.console import make_progress
 from satcli.defaults import default_model
 from satcli.device import resolve_device
 from satcli.errors import SatcliError
-from satcli.features import cached_features, encode_split
+from satcli.features import cached_features
 from satcli.grounding import GroundingScores, grounding_scores, objects_from_store
 from satcli.metrics import bleu, coco_metrics
 from satcli.objects import Lexicon, ObjectScores, build_lexicon, object_scores
 from satcli.results import CaptionRow, write_results
+from satcli.scoring.decode import Decoded, decode_split, split_chunks
 from satcli.store import StoredDataset
 from satcli.text import detokenize, tokenize
 from satcli.vocab import UNK, banned_words
@@ -236,38 +235,18 @@ def _lexicon(dataset: StoredDataset) -> Lexicon:
                          for rows in dataset.read(split, ["objects"]).column("objects").to_pylist())
 
 
-@dataclass
-class _Decoded:
-    results: list[DecodingResult] = field(default_factory=list)
-    seconds: float = 0.0
-
-
-def _feature_chunks(options: EvaluateOptions, dataset: StoredDataset, loaded: Any,
-                    device: torch.device) -> Iterator[torch.Tensor]:
-    """(B, n_pixels, dim) features of the split in row order, each batch encoded once for the whole sweep:
-    from the feature cache when the encoder was frozen in training (its weights are then the pretrained ones
-    the cache was made with), else by running the encoder."""
-    if loaded.train_options.get("fine_tune_encoder"):
-        yield from encode_split(dataset, options.split, loaded.model, device, options.batch_size)
-        return
-    features = cached_features(dataset, options.split, loaded.model, device, options.batch_size)
-    for start in range(0, len(features), options.batch_size):
-        yield torch.from_numpy(np.asarray(features[start : start + options.batch_size], np.float32)).to(device)
-
-
 def _decode_split(options: EvaluateOptions, dataset: StoredDataset, loaded: Any, device: torch.device,
-                  decodings: list[DecodingOptions], n_images: int) -> list[_Decoded]:
-    outputs = [_Decoded() for _ in decodings]
+                  decodings: list[DecodingOptions], n_images: int) -> list[Decoded]:
+    """Every decoding of the split, each batch encoded once for the whole sweep: from the feature cache when the
+    encoder was frozen in training (its weights are then the pretrained ones the cache was made with), else by
+    running the encoder."""
     with make_progress() as progress:
         task = progress.add_task(f"captioning {dataset.name}/{options.split} at beam "
                                  f"{','.join(str(d.beam_size) for d in decodings)}", total=n_images, unit="images")
-        for features in _feature_chunks(options, dataset, loaded, device):
-            for decoding, output in zip(decodings, outputs, strict=True):
-                started = time.perf_counter()
-                output.results.extend(decode(loaded.model, features, decoding))
-                output.seconds += time.perf_counter() - started
-            progress.advance(task, len(features))
-    return outputs
+        features = None if loaded.train_options.get("fine_tune_encoder") else \
+            cached_features(dataset, options.split, loaded.model, device, options.batch_size)
+        chunks = split_chunks(dataset, options.split, loaded.model, device, options.batch_size, features)
+        return decode_split(loaded.model, chunks, decodings, device, lambda n: progress.advance(task, n))
 
 
 def _metadata(loaded: Any, model_path: Path, decoding: DecodingOptions, dataset: StoredDataset,

@@ -58,10 +58,16 @@ class _Raising(dict):
 
 
 def test_train_passes_its_options_through(monkeypatch, tmp_path):
-    import satcli.train
+    import satcli.commands.train
+    from satcli.training import TrainResult
 
     received = []
-    monkeypatch.setattr(satcli.train, "run", received.append)
+
+    def run(options):
+        received.append(options)
+        return TrainResult(tmp_path, tmp_path / "best.pt", tmp_path / "last.pt", 0, -1.0)
+
+    monkeypatch.setattr(satcli.commands.train, "run", run)
     result = runner.invoke(app, ["train", "--dataset", "shapes", "--data-root", str(tmp_path), "--attention", "hard",
                                  "--lr-patience", "1", "--patience", "6", "--decoder-lr", "2e-3", "--epochs", "6"])
     assert result.exit_code == 0, result.output

@@ -2,13 +2,13 @@
 
 import torch
 
-from satcli.train import FeatureFlips, _flip_table
+from satcli.training.batches import FeatureFlips, flip_table
 from satcli.vocab import Vocabulary
 
 
 def test_flipped_captions_see_the_mirrored_grid_and_say_right_for_left():
     vocab = Vocabulary.build([["a", "red", "circle", "left", "of", "a", "blue", "square", "right"]], min_freq=1)
-    swap = _flip_table(vocab)
+    swap = flip_table(vocab)
     height, width, dim, n = 2, 3, 4, 64
     grids = torch.arange(n * height * width * dim, dtype=torch.float32).view(n, height * width, dim)
     sentence = [vocab.id(w) for w in ["red", "left", "of", "blue", "right"]]
@@ -61,7 +61,7 @@ def test_cli_feature_flips_reach_training(tmp_path, monkeypatch):
 
 
 def test_feature_shifts_move_the_grid_by_at_most_a_cell_with_edges_repeated():
-    from satcli.train import FeatureShifts
+    from satcli.training.batches import FeatureShifts
 
     height, width, dim, n = 3, 4, 2, 40
     grids = torch.randn(n, height * width, dim)

@@ -3,7 +3,7 @@ each of their pictures (a batch of shuffled captions holds nearly as many pictur
 
 import torch
 
-from satcli.train import image_batch_plan
+from satcli.training.batches import image_batch_plan
 
 
 def test_each_picture_is_in_exactly_one_batch_with_all_its_captions():
@@ -31,7 +31,8 @@ def test_a_fine_tuning_epoch_decodes_each_picture_once(tmp_path, monkeypatch):
     from satcli.preprocess import PreprocessOptions
     from satcli.preprocess import run as preprocess
     from satcli.store import StoredDataset
-    from satcli.train import TrainOptions, run
+    from satcli.training import TrainOptions
+    from satcli.training import train as run
 
     monkeypatch.setenv("SATCLI_STATE_DIR", str(tmp_path / "state"))
     data = tmp_path / "data"

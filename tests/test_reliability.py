@@ -163,8 +163,7 @@ def trained(tmp_path_factory):
     from satcli.datasets import DatasetKind
     from satcli.preprocess import PreprocessOptions
     from satcli.preprocess import run as preprocess
-    from satcli.train import TrainOptions
-    from satcli.train import run as train
+    from satcli.training import TrainOptions, train
 
     root = tmp_path_factory.mktemp("data")
     preprocess(PreprocessOptions(dataset=DatasetKind.shapes, data_root=root, n_train=24, n_val=4, n_test=4,

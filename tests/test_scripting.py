@@ -157,10 +157,10 @@ def test_shell_completion_script_and_completions(monkeypatch):
 
 
 def test_evaluate_and_train_json_go_to_stdout(monkeypatch, tmp_path):
+    import satcli.commands.train
     import satcli.evaluate
-    import satcli.train
     from satcli.evaluate import BeamResult, EvaluateResult
-    from satcli.train import TrainResult
+    from satcli.training import TrainResult
 
     report = tmp_path / "report.json"
     report.write_text(json.dumps({"beams": {"3": {"bleu4": 0.25}}, "split": "test"}))
@@ -172,7 +172,7 @@ def test_evaluate_and_train_json_go_to_stdout(monkeypatch, tmp_path):
     assert "report:" in result.stderr
 
     history = [{"epoch": 1, "loss": 2.5, "val_bleu4": 0.1}]
-    monkeypatch.setattr(satcli.train, "run", lambda options: TrainResult(
+    monkeypatch.setattr(satcli.commands.train, "run", lambda options: TrainResult(
         tmp_path, tmp_path / "best.pt", tmp_path / "last.pt", 1, 0.1, history))
     result = runner.invoke(app, ["train", "--dataset", "shapes", "--json"])
     assert result.exit_code == 0, result.output

@@ -8,7 +8,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import satcli.scst
+import satcli.training.scst
 from models.decoding import sample
 from satcli.checkpoint import load_captioner, read_checkpoint
 from satcli.cli import app
@@ -16,8 +16,9 @@ from satcli.datasets import DatasetKind
 from satcli.metrics import CiderD
 from satcli.preprocess import PreprocessOptions
 from satcli.preprocess import run as preprocess
-from satcli.scst import policy_loss, scst_rewards
-from satcli.train import TrainOptions, run
+from satcli.training import TrainOptions
+from satcli.training import train as run
+from satcli.training.scst import policy_loss, scst_rewards
 from tests.helpers import random_features, tiny_captioner
 from tests.test_decoding import END, PAD, START, TRAP, A, B, BigramModel
 
@@ -146,17 +147,17 @@ def test_an_interrupted_scst_run_resumes_to_the_same_model(trained, tmp_path, mo
     straight = runner.invoke(app, _scst_cli(root, init, tmp_path / "straight"))
     assert straight.exit_code == 0, straight.output
 
-    real_epoch = satcli.scst._scst_epoch
+    real_epoch = satcli.training.scst.scst_epoch
 
     def dies_in_epoch_2(*args, **kwargs):
         if args[7] == 1:
             raise KeyboardInterrupt
         return real_epoch(*args, **kwargs)
 
-    monkeypatch.setattr(satcli.scst, "_scst_epoch", dies_in_epoch_2)
+    monkeypatch.setattr(satcli.training.scst, "scst_epoch", dies_in_epoch_2)
     runner.invoke(app, _scst_cli(root, init, tmp_path / "cut"))
     assert len((tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()) == 1
-    monkeypatch.setattr(satcli.scst, "_scst_epoch", real_epoch)
+    monkeypatch.setattr(satcli.training.scst, "scst_epoch", real_epoch)
     # --resume needs neither --scst nor --init: the run folder says what it is
     resumed = runner.invoke(app, ["train", "--dataset", "shapes", "--data-root", str(root),
                                   "--out", str(tmp_path / "cut"), "--resume"])
@@ -179,7 +180,7 @@ def test_scst_needs_a_model_of_the_same_dataset(trained, tmp_path):
 
 
 def test_scst_has_its_own_learning_rate_default_not_cross_entropys():
-    from satcli.scst import scst_optimizer
+    from satcli.training.scst import scst_optimizer
     from tests.helpers import tiny_captioner
 
     options = TrainOptions(dataset="shapes", scst=True)

@@ -12,7 +12,8 @@ from satcli.errors import SatcliError
 from satcli.preprocess import PreprocessOptions
 from satcli.preprocess import run as preprocess
 from satcli.steplog import StepLog
-from satcli.train import TrainOptions, run
+from satcli.training import TrainOptions
+from satcli.training import train as run
 
 TINY = dict(image_size=64, embed_dim=16, attention_dim=16, decoder_dim=24, dropout=0.0, batch_size=16,
             decoder_lr=3e-3, val_max_length=12)

@@ -16,7 +16,9 @@ from satcli.errors import SatcliError
 from satcli.preprocess import PreprocessOptions
 from satcli.preprocess import run as preprocess
 from satcli.store import StoredDataset
-from satcli.train import FLIP_PAIRS, TrainOptions, _flip_table, batch_plan, run
+from satcli.training import TrainOptions
+from satcli.training import train as run
+from satcli.training.batches import FLIP_PAIRS, batch_plan, flip_table
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = dict(image_size=64, embed_dim=16, attention_dim=16, decoder_dim=24, dropout=0.0, batch_size=16,
@@ -126,7 +128,7 @@ def test_batch_plan_buckets_by_length_and_depends_only_on_seed_and_epoch():
 
 def test_flip_augmentation_swaps_left_and_right(shapes_root):
     vocab = StoredDataset.open(shapes_root, "shapes").vocab
-    table = _flip_table(vocab)
+    table = flip_table(vocab)
     pairs = [(a, b) for a, b in FLIP_PAIRS if a in vocab and b in vocab]
     assert pairs, "shapes captions use left and right"
     for a, b in pairs:
@@ -152,7 +154,7 @@ def test_fine_tuning_the_encoder_trains_it(shapes_root, tmp_path):
 def test_hard_attention_trains_from_the_cli(shapes_root, tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
-    import satcli.train as training
+    import satcli.training.supervised as training
     from satcli.cli import app
 
     # The baseline moves at every step where some caption sampled its locations (half of them, drawn at random:
@@ -186,7 +188,9 @@ def test_the_training_step_loss_is_caption_loss_at_the_same_lambda():
     # The step's loss is normalised by the global batch (for DDP); on one process it must be caption_loss itself,
     # so λ means the same in both (the paper's regulariser averaged over cells, see doubly_stochastic_penalties).
     from models.captioner import caption_loss
-    from satcli.train import Ranks, Stepper, TrainOptions
+    from satcli.training import TrainOptions
+    from satcli.training.distributed import Ranks
+    from satcli.training.supervised import Stepper
     from tests.helpers import caption_batch, random_features, tiny_captioner
 
     torch.manual_seed(0)
@@ -206,14 +210,14 @@ def test_the_training_step_loss_is_caption_loss_at_the_same_lambda():
 
 def test_the_demo_trains_with_the_default_lambda():
     from satcli.demo import DemoOptions, demo_train_options
-    from satcli.train import TrainOptions
+    from satcli.training import TrainOptions
 
     assert demo_train_options(DemoOptions()).doubly_stochastic == TrainOptions(dataset="x").doubly_stochastic == 1.0
 
 
 @pytest.mark.parametrize("lr_patience", [1, 3])
 def test_lr_patience_n_decays_after_exactly_n_epochs_without_improvement(lr_patience):
-    from satcli.train import plateau_scheduler
+    from satcli.training.run import plateau_scheduler
 
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     scheduler = plateau_scheduler(optimizer, TrainOptions(dataset="x", lr_patience=lr_patience, lr_decay=0.5))
@@ -226,7 +230,7 @@ def test_lr_patience_n_decays_after_exactly_n_epochs_without_improvement(lr_pati
 
 
 def test_lr_patience_below_one_is_refused():
-    from satcli.train import plateau_scheduler
+    from satcli.training.run import plateau_scheduler
 
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     with pytest.raises(SatcliError, match="lr-patience"):
@@ -274,10 +278,11 @@ from pathlib import Path
 
 import torch
 
-import satcli.train as train
+import satcli.training as train
+from satcli.training.supervised import Stepper
 
 last = {}
-step = train.Stepper.__call__
+step = Stepper.__call__
 
 
 def recording(self, *args, **kwargs):  # every rank's encoder after each of its steps
@@ -286,9 +291,9 @@ def recording(self, *args, **kwargs):  # every rank's encoder after each of its 
     return loss
 
 
-train.Stepper.__call__ = recording
+Stepper.__call__ = recording
 root, out = Path(sys.argv[1]), Path(sys.argv[2])
-train.run(train.TrainOptions(dataset="shapes", data_root=root, out=out, epochs=1, fine_tune_encoder=True,
+train.train(train.TrainOptions(dataset="shapes", data_root=root, out=out, epochs=1, fine_tune_encoder=True,
                              fine_tune_blocks=2, device="cpu", image_size=64, embed_dim=16, attention_dim=16,
                              decoder_dim=24, dropout=0.0, batch_size=16, decoder_lr=3e-3, val_max_length=12))
 torch.save(last["encoder"], out / f"encoder-rank{os.environ['RANK']}.pt")
@@ -347,3 +352,18 @@ def test_a_grid_finer_than_the_encoders_is_refused_and_names_the_image_size_that
         run(_options(shapes_root, tmp_path / "grid", epochs=1, grid_size=4))
     config = _options(shapes_root, None, image_size=128).model_config(10)
     assert Captioner(config).grid_shape == (4, 4)  # the way named: a real 4×4 grid
+
+
+def test_resume_with_json_and_quiet_continues_the_run(shapes_root, tmp_path, monkeypatch):
+    # --json and -q steer the output, not the run: --resume must not take them for training options
+    from typer.testing import CliRunner
+
+    from satcli.cli import app
+
+    monkeypatch.setenv("SATCLI_STATE_DIR", str(tmp_path / "state"))
+    runner = CliRunner()
+    out = tmp_path / "run"
+    assert runner.invoke(app, _train_cli(shapes_root, out, 1)).exit_code == 0
+    more = runner.invoke(app, [*_train_cli(shapes_root, out, 2), "--resume", "--json", "-q"])
+    assert more.exit_code == 0, more.output
+    assert [line["epoch"] for line in json.loads(more.stdout)["history"]] == [1, 2]

@@ -1,0 +1,1 @@
+"""Scoring captions: decoding a split for scoring (:mod:`satcli.scoring.decode`)."""
