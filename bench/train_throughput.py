@@ -25,7 +25,7 @@ import torch
 
 from bench.common import OtherLoad, command, machine, write_section
 from models.captioner import Captioner
-from satcli.checkpoint import Preprocessing
+from models.data import DataConfig, normalise, resize
 from satcli.datasets import DatasetKind
 from satcli.device import resolve_device
 from satcli.features import cached_features
@@ -41,7 +41,6 @@ from satcli.train import (
     _prefetch,
     batch_plan,
 )
-from satcli.transforms import normalise
 
 
 def _stepper(options: TrainOptions, n_words: int, device: torch.device, seed: int = 0) -> tuple[Captioner, Stepper]:
@@ -92,12 +91,10 @@ def main() -> None:
                 step(f, tokens, lengths, n, n_tokens)
 
         # (b) the peers: images (decoded, in memory) through the encoder for every batch
-        preprocessing = Preprocessing.for_config(model.config)
-        size = preprocessing.image_size
+        preprocessing = DataConfig.for_config(model.config)
         stored = [b for batch in dataset.iter_batches("train", 256, columns=["image"])
                   for b in batch.column("image").to_pylist()]
-        pixels = torch.stack([torch.from_numpy(np.asarray(dataset.decode_image(b).resize((size, size))))
-                              for b in stored]).permute(0, 3, 1, 2)
+        pixels = torch.stack([resize(dataset.decode_image(b), preprocessing) for b in stored])
 
         def recompute(first: int, last: int) -> None:
             for batch in plan[first:last]:

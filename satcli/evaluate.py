@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -32,6 +31,7 @@ from rich.table import Table
 
 from models.decoding import DecodingOptions, DecodingResult, decode
 from satcli import __version__
+from satcli.atomic import write_text
 from satcli.checkpoint import checkpoint_sha256, load_captioner
 from satcli.console import make_progress
 from satcli.defaults import default_model
@@ -248,9 +248,11 @@ def _feature_chunks(options: EvaluateOptions, dataset: StoredDataset, loaded: An
     from the feature cache when the encoder was frozen in training (its weights are then the pretrained ones
     the cache was made with), else by running the encoder."""
     if loaded.train_options.get("fine_tune_encoder"):
-        yield from encode_split(dataset, options.split, loaded.model, device, options.batch_size)
+        yield from encode_split(dataset, options.split, loaded.model, device, options.batch_size,
+                                data=loaded.preprocessing)
         return
-    features = cached_features(dataset, options.split, loaded.model, device, options.batch_size)
+    features = cached_features(dataset, options.split, loaded.model, device, options.batch_size,
+                               data=loaded.preprocessing)
     for start in range(0, len(features), options.batch_size):
         yield torch.from_numpy(np.asarray(features[start : start + options.batch_size], np.float32)).to(device)
 
@@ -319,7 +321,4 @@ def _write_report(result: EvaluateResult, options: EvaluateOptions, dataset: Sto
                      "decode_seconds": round(b.seconds, 3)} for b in result.beams],
         "seconds": round(seconds, 3),
     }
-    result.report.parent.mkdir(parents=True, exist_ok=True)
-    tmp = result.report.with_name(f".{REPORT}.tmp")
-    tmp.write_text(json.dumps(report, indent=2, default=str))
-    os.replace(tmp, result.report)
+    write_text(result.report, json.dumps(report, indent=2, default=str))

@@ -23,10 +23,9 @@ import torch
 from rich.progress import Progress
 
 from models.captioner import Captioner
-from satcli.checkpoint import Preprocessing
+from models.data import DataConfig, image_to_tensor
 from satcli.console import make_progress
 from satcli.store import StoredDataset
-from satcli.transforms import image_tensor
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1
@@ -48,21 +47,24 @@ def cache_dir(dataset: StoredDataset, model: Captioner, weights_sha256: str) -> 
     return dataset.root / "features" / f"{key}-{weights_sha256[:12]}"
 
 
-def _describe(dataset: StoredDataset, model: Captioner, split: str, weights_sha256: str) -> dict:
+def _describe(dataset: StoredDataset, model: Captioner, split: str, weights_sha256: str, data: DataConfig) -> dict:
     c = model.config
     return {"version": CACHE_VERSION, "encoder": c.encoder, "encoder_sha256": weights_sha256,
-            "image_size": c.image_size, "grid_size": c.grid_size,
+            "image_size": c.image_size, "interpolation": data.interpolation, "grid_size": c.grid_size,
             "split": split, "n_images": dataset.n_images(split), "store_created": dataset.meta.get("created"),
             "shape": [dataset.n_images(split), model.grid_shape[0] * model.grid_shape[1], model.encoder.spec.dim]}
 
 
 def cached_features(dataset: StoredDataset, split: str, model: Captioner, device: torch.device,
-                    batch_size: int = 64, progress: Progress | None = None) -> np.ndarray:
-    """(n_images, n_pixels, dim) float16 features of ``split``, memory-mapped; computed on first use."""
+                    batch_size: int = 64, progress: Progress | None = None,
+                    data: DataConfig | None = None) -> np.ndarray:
+    """(n_images, n_pixels, dim) float16 features of ``split``, memory-mapped; computed on first use.
+    ``data``: how to prepare the images (a loaded checkpoint's); default: the model config's."""
+    data = data or DataConfig.for_config(model.config)
     weights = encoder_sha256(model)  # hashing the weights once, for the folder and the description alike
     folder = cache_dir(dataset, model, weights)
     array_path, info_path = folder / f"{split}.npy", folder / f"{split}.json"
-    expected = _describe(dataset, model, split, weights)
+    expected = _describe(dataset, model, split, weights, data)
     if info_path.is_file() and array_path.is_file():
         try:
             if json.loads(info_path.read_text()) == expected:
@@ -76,7 +78,7 @@ def cached_features(dataset: StoredDataset, split: str, model: Captioner, device
     try:
         row = 0
         for features in encode_split(dataset, split, model, device, batch_size, progress,
-                                     f"encoding {dataset.name}/{split}"):
+                                     f"encoding {dataset.name}/{split}", data):
             out[row : row + len(features)] = features.to(torch.float16).cpu().numpy()
             row += len(features)
         out.flush()
@@ -95,10 +97,10 @@ def cache_bytes(n_images: int, grid: tuple[int, int], dim: int) -> int:
 
 @torch.inference_mode()
 def encode_split(dataset: StoredDataset, split: str, model: Captioner, device: torch.device, batch_size: int = 64,
-                 progress: Progress | None = None, description: str = "encoding"):
+                 progress: Progress | None = None, description: str = "encoding", data: DataConfig | None = None):
     """Yield (B, n_pixels, dim) encoder features for ``split`` in row order, decoding images in a thread pool
-    while the encoder runs."""
-    preprocessing = Preprocessing.for_config(model.config)
+    while the encoder runs. ``data``: how to prepare the images; default: the model config's."""
+    data = data or DataConfig.for_config(model.config)
     was_training = model.training
     model.eval()
     own = progress is None
@@ -108,7 +110,7 @@ def encode_split(dataset: StoredDataset, split: str, model: Captioner, device: t
     task = progress.add_task(description, total=dataset.n_images(split), unit="images")
 
     def load(batch) -> torch.Tensor:
-        return torch.stack([image_tensor(dataset.decode_image(b), preprocessing)
+        return torch.stack([image_to_tensor(dataset.decode_image(b), data)
                             for b in batch.column("image").to_pylist()])
 
     try:

@@ -38,9 +38,10 @@ from models.captioner import (
     doubly_stochastic_penalties,
     hard_attention_loss,
 )
+from models.data import DataConfig, normalise, resize
 from models.decoding import decode
 from models.encoders import DEFAULT_ENCODER, ENCODERS, PretrainedWeightsUnavailable
-from satcli.checkpoint import Preprocessing, read_checkpoint, save_checkpoint
+from satcli.checkpoint import read_checkpoint, save_checkpoint
 from satcli.console import console, make_progress
 from satcli.device import resolve_device
 from satcli.errors import SatcliError
@@ -49,7 +50,6 @@ from satcli.metrics import bleu
 from satcli.steplog import STEPS, StepLog, require_tensorboard
 from satcli.store import StoredDataset
 from satcli.text import tokenize
-from satcli.transforms import normalise
 from satcli.vocab import Vocabulary
 
 log = logging.getLogger(__name__)
@@ -330,7 +330,7 @@ class FeatureShifts:
 
 
 def _image_batches(dataset: StoredDataset, table: CaptionTable, plan: list[torch.Tensor], ranks: Ranks,
-                   preprocessing: Preprocessing, flip: torch.Tensor, seed: int, epoch: int
+                   preprocessing: DataConfig, flip: torch.Tensor, seed: int, epoch: int
                    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, int]]:
     """For encoder fine-tuning: (images, image index per caption, tokens, lengths, global captions, tokens).
 
@@ -364,8 +364,7 @@ def _image_batches(dataset: StoredDataset, table: CaptionTable, plan: list[torch
         pictures = []
         flips = torch.rand(len(rows), generator=generator) < 0.5
         for row, flipped in zip(rows.tolist(), flips.tolist(), strict=True):
-            image = dataset.decode_image(image_bytes(row)).resize((size, size))
-            pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+            pixels = resize(dataset.decode_image(image_bytes(row)), preprocessing)
             scale = 1.0 + 0.1 * (float(torch.rand(1, generator=generator)) - 0.5)
             shift = ((torch.rand(2, generator=generator) - 0.5) * 0.08 * size).round().int().tolist()
             pixels = _jitter(pixels, scale, shift)
@@ -678,7 +677,7 @@ def _run(options: TrainOptions, ranks: Ranks) -> TrainResult:
     if resume_from is not None:
         model.load_state_dict(resume_from["state_dict"])
     model.to(device)
-    preprocessing = Preprocessing.for_config(model.config)
+    preprocessing = DataConfig.for_config(model.config)
     table = CaptionTable.from_store(dataset, "train")
 
     decoder_params = list(model.decoder.parameters())
