@@ -26,12 +26,11 @@ import torch
 from bench.common import OtherLoad, command, machine, write_section
 from models.captioner import Captioner
 from models.data import DataConfig, normalise, resize
-from satcli.datasets import DatasetKind
 from satcli.device import resolve_device
 from satcli.features import cached_features
 from satcli.preprocess import PreprocessOptions
 from satcli.preprocess import run as preprocess
-from satcli.store import StoredDataset
+from satcli.store import DatasetKind, StoredDataset
 from satcli.train import (
     CaptionTable,
     Ranks,

@@ -5,8 +5,8 @@ features live in a folder of their own and never mix with the pretrained encoder
 
 ``data/NAME/features/<encoder>-<size>px[-grid<G>]-<weights hash>/<split>.npy`` holds a
 float16 array (n_images, n_pixels, dim) in the split's row order; a ``<split>.json`` beside it says what made it
-(the full hash included). Both are written to temporary names and renamed when complete, so a killed run never leaves a
-cache that looks finished.
+(the full hash and the resize filter included: a cache made otherwise is recomputed). Both are written through
+:mod:`satcli.atomic`, the array first, so a killed run never leaves a cache that looks finished.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from rich.progress import Progress
 
 from models.captioner import Captioner
 from models.data import DataConfig, image_to_tensor
+from satcli.atomic import atomic_path, remove_stale_temps, write_text
 from satcli.console import make_progress
 from satcli.store import StoredDataset
 
@@ -72,10 +72,9 @@ def cached_features(dataset: StoredDataset, split: str, model: Captioner, device
         except (OSError, ValueError, RecursionError):
             pass
         log.info("feature cache %s is stale; recomputing", folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = array_path.with_name(f".{split}.{os.getpid()}.tmp.npy")
-    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=tuple(expected["shape"]))
-    try:
+    remove_stale_temps(array_path)  # left by a run killed while encoding
+    with atomic_path(array_path) as tmp:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=tuple(expected["shape"]))
         row = 0
         for features in encode_split(dataset, split, model, device, batch_size, progress,
                                      f"encoding {dataset.name}/{split}", data):
@@ -83,10 +82,7 @@ def cached_features(dataset: StoredDataset, split: str, model: Captioner, device
             row += len(features)
         out.flush()
         del out
-        os.replace(tmp, array_path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    info_path.write_text(json.dumps(expected))
+    write_text(info_path, json.dumps(expected))
     return np.load(array_path, mmap_mode="r")
 
 

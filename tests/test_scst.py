@@ -12,11 +12,11 @@ import satcli.scst
 from models.decoding import sample
 from satcli.checkpoint import load_captioner, read_checkpoint
 from satcli.cli import app
-from satcli.datasets import DatasetKind
 from satcli.metrics import CiderD
 from satcli.preprocess import PreprocessOptions
 from satcli.preprocess import run as preprocess
 from satcli.scst import policy_loss, scst_rewards
+from satcli.store import DatasetKind
 from satcli.train import TrainOptions, run
 from tests.helpers import random_features, tiny_captioner
 from tests.test_decoding import END, PAD, START, TRAP, A, B, BigramModel

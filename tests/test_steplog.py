@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from satcli.datasets import DatasetKind
 from satcli.errors import SatcliError
 from satcli.preprocess import PreprocessOptions
 from satcli.preprocess import run as preprocess
 from satcli.steplog import StepLog
+from satcli.store import DatasetKind
 from satcli.train import TrainOptions, run
 
 TINY = dict(image_size=64, embed_dim=16, attention_dim=16, decoder_dim=24, dropout=0.0, batch_size=16,
