@@ -19,7 +19,7 @@ from satcli.features import cached_features
 from satcli.steplog import StepLog
 from satcli.store import StoredDataset
 from tests.helpers import tiny_captioner
-from tests.test_data_config import _OneImageStore, _picture
+from tests.test_data_config import OneImageStore, blocky_picture
 from tests.test_store import row, write_store
 
 
@@ -54,7 +54,7 @@ def test_a_resumed_step_log_is_trimmed_atomically(tmp_path, full_disk):
 
 
 def test_the_feature_cache_is_written_atomically(tmp_path, full_disk):
-    store = _OneImageStore(_picture(64, 64))
+    store = OneImageStore(blocky_picture(64, 64))
     store.root, store.name, store.meta = tmp_path / "toy", "toy", {"created": "now"}
     model = tiny_captioner(image_size=32)
     full_disk()

@@ -25,7 +25,7 @@ from tests.helpers import tiny_captioner
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-def _picture(width=150, height=97, seed=0) -> Image.Image:
+def blocky_picture(width=150, height=97, seed=0) -> Image.Image:
     """Sharp-edged blocks: bicubic and bilinear give visibly different pixels when it is resized."""
     rng = np.random.default_rng(seed)
     blocks = rng.integers(0, 256, (height // 6 + 1, width // 6 + 1, 3), dtype=np.uint8)
@@ -37,7 +37,7 @@ def _pillow_bicubic(image: Image.Image, size: int) -> torch.Tensor:
 
 
 def test_a_pil_picture_is_resized_as_pillow_and_torchvision_resize_it_bicubic():
-    image, data = _picture(), DataConfig(64, MEAN, STD)
+    image, data = blocky_picture(), DataConfig(64, MEAN, STD)
     pixels = resize(image, data)
     assert pixels.dtype == torch.uint8 and pixels.shape == (3, 64, 64)
     assert torch.equal(pixels, _pillow_bicubic(image, 64))
@@ -47,7 +47,7 @@ def test_a_pil_picture_is_resized_as_pillow_and_torchvision_resize_it_bicubic():
 
 
 def test_a_tensor_is_resized_as_torchvision_resizes_it_and_within_rounding_of_pillow():
-    image, data = _picture(seed=1), DataConfig(64, MEAN, STD)
+    image, data = blocky_picture(seed=1), DataConfig(64, MEAN, STD)
     tensor = TF.pil_to_tensor(image)
     pixels = resize(tensor, data)
     reference = TF.resize(tensor, [64, 64], InterpolationMode.BICUBIC, antialias=True)
@@ -56,7 +56,7 @@ def test_a_tensor_is_resized_as_torchvision_resizes_it_and_within_rounding_of_pi
 
 
 def test_image_to_tensor_is_torchvisions_to_tensor_and_normalize_of_the_bicubic_picture():
-    image, data = _picture(seed=2), DataConfig(48, MEAN, STD)
+    image, data = blocky_picture(seed=2), DataConfig(48, MEAN, STD)
     expected = TF.normalize(TF.to_tensor(image.resize((48, 48), Image.Resampling.BICUBIC)), list(MEAN), list(STD))
     torch.testing.assert_close(image_to_tensor(image, data), expected, rtol=0, atol=1e-5)
     tensor = TF.pil_to_tensor(image)
@@ -88,7 +88,7 @@ def test_a_stored_filter_is_used_and_a_checkpoint_without_one_gets_bicubic(tmp_p
 
 
 def test_captioning_loads_pictures_with_the_models_bicubic_filter(tmp_path):
-    image = _picture(seed=3)
+    image = blocky_picture(seed=3)
     image.save(tmp_path / "p.png")
     files = ImageFiles([str(tmp_path / "p.png")], DataConfig(64, MEAN, STD), None)
     _, pixels, width, height, error = files.load(0)
@@ -96,7 +96,7 @@ def test_captioning_loads_pictures_with_the_models_bicubic_filter(tmp_path):
     assert torch.equal(pixels, _pillow_bicubic(image, 64))  # was bilinear: not what the model learnt on
 
 
-class _OneImageStore:
+class OneImageStore:
     """The part of a StoredDataset that :func:`encode_split` reads: one stored 96-pixel JPEG."""
 
     def __init__(self, image: Image.Image):
@@ -114,7 +114,7 @@ class _OneImageStore:
 
 
 def test_feature_caching_encodes_pictures_with_the_bicubic_filter():
-    store = _OneImageStore(_picture(96, 96, seed=4))
+    store = OneImageStore(blocky_picture(96, 96, seed=4))
     model = tiny_captioner(image_size=64)
     seen = []
     model.encode = lambda images: seen.append(images) or torch.zeros(len(images), 4, 8)
