@@ -43,10 +43,11 @@ from PIL import Image, ImageEnhance
 
 from bench.common import OtherLoad, command, cpu_seconds, machine, write_section
 from models.captioner import Captioner, CaptionerConfig
+from models.data import resize
 from models.decoding import DecodingOptions
 from satcli.caption import CaptionOptions, ImageFiles, caption_batch, default_workers, prepare_model, run
 from satcli.checkpoint import load_captioner, save_checkpoint
-from satcli.images import load_image, resize_to_tensor
+from satcli.images import load_image
 from satcli.vocab import SPECIALS, Vocabulary
 
 log = logging.getLogger("bench.caption_throughput")
@@ -166,7 +167,7 @@ def time_one_by_one(model: Captioner, preprocessing, files: list[Path], beam: in
     size = preprocessing.image_size
 
     def one(file: Path) -> None:
-        image = resize_to_tensor(load_image(file, min_size=size).image, size)
+        image = resize(load_image(file, min_size=size).image, preprocessing)
         caption_batch(model, image.unsqueeze(0), preprocessing, options)
 
     one(files[0])  # warm-up, not timed
@@ -232,7 +233,7 @@ def throughput(args: argparse.Namespace) -> tuple[list[Row], float]:
             loaded = load_captioner(checkpoint, args.device if args.device != "auto" else _auto())
             model = prepare_model(loaded.model, loaded.model.device)
             pre = loaded.preprocessing
-            dataset = ImageFiles([str(f) for f in subset], pre.image_size, None)
+            dataset = ImageFiles([str(f) for f in subset], pre, None)
             # The same pixels (a) computes, already on the model's device: (b) is the model alone.
             images = torch.stack([dataset[i][1] for i in range(len(subset))]).to(model.device)
             for beam in args.beams:

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 
 from bench.caption_throughput import make_photos
 from bench.common import command, machine
+from models.data import DataConfig
 from satcli.caption import ImageFiles, _collate
 from satcli.device import resolve_device
 from satcli.feed import decode_jpegs, default_workers, images_on_device, read_jpeg
@@ -35,13 +36,18 @@ log = logging.getLogger("bench.jpeg_decode")
 BATCH = 32
 
 
+def _resizing(size: int) -> DataConfig:
+    """Images squashed to ``size`` with the default filter (the mean and std play no part in decoding)."""
+    return DataConfig(size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
 def one_process(files: list[str], size: int) -> float:
-    dataset = ImageFiles(files, size, None)
+    dataset = ImageFiles(files, _resizing(size), None)
     start = time.perf_counter()
     for i in range(len(files)):
         assert dataset[i][1] is not None
@@ -50,12 +56,13 @@ def one_process(files: list[str], size: int) -> float:
 
 def workers_rate(files: list[str], size: int, workers: int, device: torch.device, on_device: bool) -> float:
     """Images/s out of a DataLoader like caption's; ``on_device``: JPEG bytes decoded on ``device`` per batch."""
-    dataset = ImageFiles(files, size, None, jpeg_bytes=on_device)
+    config = _resizing(size)
+    dataset = ImageFiles(files, config, None, jpeg_bytes=on_device)
     loader = DataLoader(dataset, batch_size=BATCH, num_workers=workers, collate_fn=_collate,
                         pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None)
     start, n = time.perf_counter(), 0
     for batch in loader:
-        images = images_on_device(batch, size, device, dataset.load) if batch.jpegs else batch.images.to(device)
+        images = images_on_device(batch, config, device, dataset.load) if batch.jpegs else batch.images.to(device)
         n += images.shape[0]
     _sync(device)
     assert n == len(files), "every bench image must decode"
@@ -64,11 +71,11 @@ def workers_rate(files: list[str], size: int, workers: int, device: torch.device
 
 def device_rate(files: list[str], size: int, device: torch.device) -> float:
     data = [read_jpeg(f, None).data for f in files]
-    decode_jpegs(data[:BATCH], size, device)  # warm-up: nvJPEG's handles and buffers
+    decode_jpegs(data[:BATCH], _resizing(size), device)  # warm-up: nvJPEG's handles and buffers
     _sync(device)
     start = time.perf_counter()
     for first in range(0, len(data), BATCH):
-        decode_jpegs(data[first : first + BATCH], size, device)
+        decode_jpegs(data[first : first + BATCH], _resizing(size), device)
     _sync(device)
     return len(data) / (time.perf_counter() - start)
 

@@ -25,18 +25,16 @@ import torch
 
 from bench.common import OtherLoad, command, machine, write_section
 from models.captioner import Captioner
-from satcli.checkpoint import Preprocessing
-from satcli.datasets import DatasetKind
+from models.data import DataConfig, normalise, resize
 from satcli.device import resolve_device
 from satcli.features import cached_features
 from satcli.preprocess import PreprocessOptions
 from satcli.preprocess import run as preprocess
-from satcli.store import StoredDataset
+from satcli.store import DatasetKind, StoredDataset
 from satcli.training.batches import CaptionTable, batch_plan, feature_batches, prefetch
 from satcli.training.distributed import Ranks
 from satcli.training.options import TrainOptions
 from satcli.training.supervised import Stepper
-from satcli.transforms import normalise
 
 
 def _stepper(options: TrainOptions, n_words: int, device: torch.device, seed: int = 0) -> tuple[Captioner, Stepper]:
@@ -87,12 +85,10 @@ def main() -> None:
                 step(f, tokens, lengths, n, n_tokens)
 
         # (b) the peers: images (decoded, in memory) through the encoder for every batch
-        preprocessing = Preprocessing.for_config(model.config)
-        size = preprocessing.image_size
+        preprocessing = DataConfig.for_config(model.config)
         stored = [b for batch in dataset.iter_batches("train", 256, columns=["image"])
                   for b in batch.column("image").to_pylist()]
-        pixels = torch.stack([torch.from_numpy(np.asarray(dataset.decode_image(b).resize((size, size))))
-                              for b in stored]).permute(0, 3, 1, 2)
+        pixels = torch.stack([resize(dataset.decode_image(b), preprocessing) for b in stored])
 
         def recompute(first: int, last: int) -> None:
             for batch in plan[first:last]:

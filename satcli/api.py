@@ -59,7 +59,7 @@ class CaptionPipeline:
 
     def _batch(self, paths: list[str], options: DecodingOptions) -> list[dict[str, Any]]:
         # caption's own loader: the same pixels, and the same error rows (bad names and unreadable files included)
-        files = ImageFiles(paths, self.checkpoint.preprocessing.image_size, self.max_pixels)
+        files = ImageFiles(paths, self.checkpoint.preprocessing, self.max_pixels)
         rows: list[dict[str, Any]] = []
         images = []
         for index, path in enumerate(paths):

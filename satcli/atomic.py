@@ -52,15 +52,31 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         yield tmp
-        _fsync_file(tmp)
-        os.replace(tmp, target)
-        fsync_directory(target.parent)
+        _install(tmp, target)
     except BaseException as error:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
         if isinstance(error, OSError):
             raise disk_error(error, target) from error
         raise
+
+
+def move_into_place(source: str | Path, target: str | Path) -> Path:
+    """Sync ``source`` (a finished file on ``target``'s file system, e.g. in a temporary folder beside it) to disk
+    and rename it over ``target``. An OSError becomes a SatcliError naming ``target`` and the cause; ``source``
+    is then left where it was, for its owner to remove."""
+    target = Path(target)
+    try:
+        _install(Path(source), target)
+    except OSError as error:
+        raise disk_error(error, target) from error
+    return target
+
+
+def _install(source: Path, target: Path) -> None:
+    _fsync_file(source)
+    os.replace(source, target)
+    fsync_directory(target.parent)
 
 
 def write_with(target: str | Path, write: Callable[[Path], object]) -> Path:

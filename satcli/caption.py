@@ -41,10 +41,11 @@ from rich.table import Table
 from torch.utils.data import DataLoader, Dataset
 
 from models.captioner import Captioner
+from models.data import DataConfig, normalise, resize
 from models.decoding import DecodingOptions, DecodingResult, decode
 from satcli import __version__
 from satcli.atomic import disk_error, write_text
-from satcli.checkpoint import Preprocessing, checkpoint_sha256, load_captioner, read_checkpoint
+from satcli.checkpoint import checkpoint_sha256, load_captioner, read_checkpoint
 from satcli.console import make_progress
 from satcli.defaults import default_model
 from satcli.device import resolve_device
@@ -56,12 +57,10 @@ from satcli.images import (
     ImageError,
     is_image_name,
     load_image,
-    resize_to_tensor,
 )
 from satcli.overlays import OverlaySummary, write_overlays
 from satcli.results import CaptionRow, merge_results, read_column, read_metadata, to_table, write_results
 from satcli.text import detokenize
-from satcli.transforms import normalise
 from satcli.vocab import banned_words
 
 log = logging.getLogger(__name__)
@@ -313,7 +312,7 @@ def prepare_model(model: Captioner, device: torch.device) -> Captioner:
     return model
 
 
-def caption_batch(model: Captioner, images: torch.Tensor, preprocessing: Preprocessing,
+def caption_batch(model: Captioner, images: torch.Tensor, preprocessing: DataConfig,
                   options: DecodingOptions) -> list[DecodingResult]:
     """uint8 images (B, 3, S, S), on any device → one DecodingResult per image (encoder + batched beam search).
 
@@ -344,10 +343,10 @@ class ImageFiles(Dataset):
     copying them one reference count at a time (which makes DataLoader memory grow with the number of files).
     """
 
-    def __init__(self, files: Sequence[str], image_size: int, max_pixels: int | None, jpeg_bytes: bool = False):
+    def __init__(self, files: Sequence[str], data: DataConfig, max_pixels: int | None, jpeg_bytes: bool = False):
         # A name that is not UTF-8 cannot go into Arrow (nor into the results): it becomes a bad-name row.
         self.files = pa.array([file if utf8_name(file) else None for file in files], pa.string())
-        self.image_size = image_size
+        self.data = data
         self.max_pixels = max_pixels
         self.jpeg_bytes = jpeg_bytes
 
@@ -371,8 +370,8 @@ class ImageFiles(Dataset):
         if file is None:
             return index, None, None, None, BAD_NAME
         try:
-            loaded = load_image(file, self.max_pixels, min_size=self.image_size)
-            return index, resize_to_tensor(loaded.image, self.image_size), loaded.width, loaded.height, None
+            loaded = load_image(file, self.max_pixels, min_size=self.data.image_size)
+            return index, resize(loaded.image, self.data), loaded.width, loaded.height, None
         except ImageError as error:
             return index, None, error.width, error.height, str(error)
         except Exception as error:  # noqa: BLE001 — one strange file must not end a long run
@@ -671,6 +670,7 @@ def _run(options: CaptionOptions) -> CaptionSummary:
         sha256 = pool.submit(checkpoint_sha256, model_path)
         checkpoint = read_checkpoint(model_path)  # validated now; the model is built once the workers are busy
         fingerprint = _fingerprint(checkpoint, sha256.result(), decoding, options)
+    data = DataConfig.from_dict(checkpoint["preprocessing"])
     metadata = _metadata(checkpoint, model_path, decoding, options, shard, fingerprint)
     del checkpoint  # its weights are not needed twice: forked workers would keep this copy alive
     summary = CaptionSummary(output, len(sources), device=str(device), shard=shard)
@@ -695,7 +695,7 @@ def _run(options: CaptionOptions) -> CaptionSummary:
         workers = default_workers(device) if options.workers is None else options.workers
         log.info("Captioning %d images with %s on %s (%d workers, batches of %d, beam %d)",
                  sum(len(b) for b in todo), model_path, device, workers, options.batch_size, decoding.beam_size)
-        summary.n_processed = _caption(sources, todo, model_path, fingerprint["image_size"], decoding, options,
+        summary.n_processed = _caption(sources, todo, model_path, data, decoding, options,
                                        state, metadata, workers, device, summary.n_resumed)
         sources_to_merge = ([output] if seed is not None else []) + state.chunks
         written = set(seed or ()).union(*(read_column(chunk, "path") for chunk in state.chunks))
@@ -749,14 +749,14 @@ def _batches(sources: list[ImageSource], done: set[str], batch_size: int) -> lis
     return batches
 
 
-def _caption(sources: list[ImageSource], batches: list[list[int]], model_path: Path, image_size: int,
+def _caption(sources: list[ImageSource], batches: list[list[int]], model_path: Path, data: DataConfig,
              decoding: DecodingOptions, options: CaptionOptions, state: RunState, metadata: dict[str, Any],
              workers: int, device: torch.device, n_done: int) -> int:
     """Run the pipeline over ``batches``; returns how many images were processed."""
     if not batches:
         return 0
     decode_device = jpeg_decode_device(device)
-    dataset = ImageFiles([s.file for s in sources], image_size, options.max_pixels, decode_device is not None)
+    dataset = ImageFiles([s.file for s in sources], data, options.max_pixels, decode_device is not None)
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=_collate,
                         pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None,
                         worker_init_fn=_lower_priority if device.type == "cpu" else None)
@@ -775,7 +775,7 @@ def _caption(sources: list[ImageSource], batches: list[list[int]], model_path: P
                 results: list[DecodingResult | None] = [None] * len(batch.indices)
                 images = batch.images
                 if batch.jpegs:
-                    images = images_on_device(batch, image_size, decode_device or device, dataset.load)
+                    images = images_on_device(batch, data, decode_device or device, dataset.load)
                 if images.shape[0]:
                     decoded = iter(caption_batch(model, images, loaded.preprocessing, decoding))
                     results = [next(decoded) if ok else None for ok in batch.loaded]

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from models.captioner import Captioner, CaptionerConfig
+from models.data import DEFAULT_INTERPOLATION, INTERPOLATIONS, DataConfig
 from satcli import __version__
 from satcli.atomic import remove_stale_temps, write_with
 from satcli.errors import SatcliError, first_line
@@ -26,29 +27,13 @@ FORMAT = "satcli-checkpoint"
 FORMAT_VERSION = 1
 
 
-@dataclass(frozen=True)
-class Preprocessing:
-    """How images must be prepared for a model: resized to ``image_size`` square, then normalised."""
-
-    image_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-
-    @classmethod
-    def for_config(cls, config: CaptionerConfig) -> Preprocessing:
-        from models.encoders import ENCODERS
-
-        spec = ENCODERS[config.encoder]
-        return cls(int(config.image_size or spec.image_size), spec.mean, spec.std)
-
-
 @dataclass
 class LoadedCheckpoint:
     """A captioner with everything that travels with it."""
 
     model: Captioner
     vocab: Vocabulary
-    preprocessing: Preprocessing
+    preprocessing: DataConfig  # the checkpoint's "preprocessing": how its images must be prepared
     train_options: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
@@ -64,7 +49,6 @@ def checkpoint_dict(model: Captioner, vocab: Vocabulary, train_options: dict[str
                     metrics: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
     """The dict a checkpoint file holds (plain types and tensors only). ``extra`` adds fields (e.g. optimiser)."""
     model = _unwrap(model)  # type: ignore[assignment]
-    pre = Preprocessing.for_config(model.config)
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -72,7 +56,7 @@ def checkpoint_dict(model: Captioner, vocab: Vocabulary, train_options: dict[str
         "config": model.config.to_dict(),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "vocab": vocab.to_list(),
-        "preprocessing": {"image_size": pre.image_size, "mean": list(pre.mean), "std": list(pre.std)},
+        "preprocessing": DataConfig.for_config(model.config).to_dict(),
         "train_options": dict(train_options or {}),
         "metrics": dict(metrics or {}),
         **extra,
@@ -184,6 +168,10 @@ def checkpoint_problem(payload: dict[str, Any]) -> str | None:
                 or not all(_number(v) for v in values) or (name == "std" and min(values) <= 0)):
             return f"a malformed preprocessing: {name} {_short(values)} is not three finite numbers" + (
                 " above 0" if name == "std" else "")
+    interpolation = pre.get("interpolation", DEFAULT_INTERPOLATION)
+    if interpolation not in INTERPOLATIONS:
+        return (f"a malformed preprocessing: interpolation {_short(interpolation)} is not one of "
+                f"{', '.join(INTERPOLATIONS)}")
     vocab = payload["vocab"]
     if not isinstance(vocab, list | tuple) or not all(isinstance(word, str) for word in vocab):
         return "a vocabulary that is not a list of words"
@@ -223,8 +211,7 @@ def load_captioner(path: str | Path, device: str | torch.device = "cpu") -> Load
         raise SatcliError(f"checkpoint does not describe a valid model: {first_line(error)}", path) from error
     if len(vocab) != config.vocab_size:
         raise SatcliError(f"checkpoint vocabulary has {len(vocab)} words but the model {config.vocab_size}", path)
-    pre = payload["preprocessing"]
-    preprocessing = Preprocessing(int(pre["image_size"]), tuple(pre["mean"]), tuple(pre["std"]))
+    preprocessing = DataConfig.from_dict(payload["preprocessing"])
     return LoadedCheckpoint(model.to(device).eval(), vocab, preprocessing, dict(payload.get("train_options", {})),
                             dict(payload.get("metrics", {})), path)
 

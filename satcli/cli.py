@@ -25,8 +25,8 @@ from satcli import __version__
 from satcli.atomic import disk_error
 from satcli.console import console as human
 from satcli.console import out_console, set_quiet
-from satcli.datasets import DatasetKind
 from satcli.errors import SatcliError
+from satcli.store import DatasetKind
 
 if TYPE_CHECKING:
     from satcli.training import TrainResult
@@ -164,11 +164,12 @@ def preprocess(
     """Read a captioned image dataset (or draw the shapes one) into a store under the data root for training."""
     from satcli import preprocess as step
 
-    step.run(step.PreprocessOptions(
+    options = step.PreprocessOptions(
         dataset=dataset, images=images, captions=captions, splits=splits, name=name, data_root=data_root,
         min_word_freq=min_word_freq, max_caption_length=max_caption_length, image_size=image_size, seed=seed,
         instances=instances, n_train=n_train, n_val=n_val, n_test=n_test, n_heldout=n_heldout,
-    ))
+    )
+    human.print(step.summary_table(step.run(options), options))
 
 
 class Attention(str, Enum):
@@ -518,7 +519,9 @@ def demo(
     minutes."""
     from satcli import demo as step
 
-    step.run(step.DemoOptions(data_root=data_root, out=out, epochs=epochs, device=device))
+    result = step.run(step.DemoOptions(data_root=data_root, out=out, epochs=epochs, device=device))
+    for renderable in result.renderables():
+        human.print(renderable)
 
 
 def main() -> None:

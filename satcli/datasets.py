@@ -32,11 +32,11 @@ from pathlib import Path
 from typing import Any
 
 from satcli.errors import SatcliError, first_line
+from satcli.store import SPLITS, DatasetKind
 from satcli.text import tokenize
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test", "heldout")  # heldout: a second test split (the shapes dataset has one)
 FLICKR_SPLIT_FILES = {
     "train": "Flickr_8k.trainImages.txt",
     "val": "Flickr_8k.devImages.txt",
@@ -44,17 +44,6 @@ FLICKR_SPLIT_FILES = {
 }
 FLICKR_PROPORTIONS = (6000, 1000, 1000)  # train/val/test of the official Flickr8k split
 PAIRS_PROPORTIONS = (8, 1, 1)  # a user's own photos, and COCO annotation files (which carry no split)
-
-
-class DatasetKind(str, Enum):
-    """What ``satcli preprocess --dataset`` accepts."""
-
-    flickr8k = "flickr8k"
-    flickr30k = "flickr30k"
-    coco = "coco"
-    karpathy = "karpathy"
-    captions_csv = "captions-csv"
-    shapes = "shapes"
 
 
 class CaptionFormat(str, Enum):

@@ -7,9 +7,9 @@ file under ``$SATCLI_STATE_DIR`` (or ``$XDG_STATE_HOME/satcli``, or ``~/.local/s
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
+from satcli.atomic import write_text
 from satcli.errors import SatcliError
 
 MODEL_ENV = "SATCLI_MODEL"
@@ -31,18 +31,7 @@ def state_dir() -> Path:
 
 def remember_model(path: str | Path) -> Path:
     """Record ``path`` (made absolute) as the model of the most recent training run. Returns the state file."""
-    directory = state_dir()
-    directory.mkdir(parents=True, exist_ok=True)
-    target = directory / _LAST_MODEL_FILE
-    fd, tmp = tempfile.mkstemp(prefix=f".{_LAST_MODEL_FILE}.", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(str(Path(path).expanduser().absolute()) + "\n")
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+    return write_text(state_dir() / _LAST_MODEL_FILE, str(Path(path).expanduser().absolute()) + "\n")
 
 
 def default_model() -> Path:

@@ -15,21 +15,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from rich.console import RenderableType
 from rich.table import Table
+from rich.text import Text
 
 from satcli.caption import CaptionOptions
 from satcli.caption import run as caption
 from satcli.console import console
-from satcli.datasets import DatasetKind
 from satcli.errors import SatcliError
 from satcli.evaluate import BeamResult, EvaluateOptions
 from satcli.evaluate import run as evaluate
 from satcli.overlays import write_overlays
-from satcli.preprocess import PreprocessOptions
+from satcli.preprocess import PreprocessOptions, summary_table
 from satcli.preprocess import run as preprocess
 from satcli.report import ReportOptions
 from satcli.report import run as build_report
-from satcli.store import StoredDataset
+from satcli.store import DatasetKind, StoredDataset
 from satcli.training import TrainOptions, train
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,24 @@ class DemoResult:
     seconds: float = 0.0
     overlays: Path | None = None  # attention pictures of the first test images
     page: Path | None = None  # the HTML report of the test captions
+    n_pictures: int = 0  # attention pictures drawn (a PNG and a GIF each)
+    beam_size: int = 3
+    shapes_images: Path | None = None  # the test images' folder, for the closing hint
+
+    def renderables(self) -> list[RenderableType]:
+        """What ``satcli demo`` prints at the end: the scores, the objects named, where everything is, what next."""
+        table = Table(title=f"shapes test split, beam {self.beam_size} (scores 0–100)")
+        for name in ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "CIDEr-D", "pointing (chance)"):
+            table.add_column(name, justify="right")
+        scores = self.scores
+        table.add_row(*(f"{100 * scores[k]:.1f}" for k in ("bleu1", "bleu2", "bleu3", "bleu4", "coco_cider_d")),
+                      f"{100 * scores.get('grounding_pointing', 0):.1f} "
+                      f"({100 * scores.get('grounding_pointing_chance', 0):.1f})")
+        where = (f"model:    {self.model}\nscores:   {self.report}\ncaptions: {self.results}\n"
+                 f"pictures: {self.overlays} ({self.n_pictures} images: a PNG and a GIF each)\n"
+                 f"report:   {self.page}\ntime:     {self.seconds / 60:.1f} minutes")
+        hint = Text(closing_hint(self.model, self.shapes_images or Path("shapes/images")))
+        return [table, _objects_table(scores, self.heldout, self.beam_size), where, hint]
 
 
 def demo_train_options(options: DemoOptions) -> TrainOptions:
@@ -72,6 +91,8 @@ def demo_train_options(options: DemoOptions) -> TrainOptions:
 
 
 def run(options: DemoOptions) -> DemoResult:
+    """Draw, preprocess, train, evaluate, caption and report, narrating each step; the result's
+    :meth:`DemoResult.renderables` are the scores and paths to show."""
     started = time.perf_counter()
     console.rule("[bold]satcli demo[/]: shapes → preprocess → train → evaluate → caption → report")
     dataset = _shapes_store(options)
@@ -105,20 +126,8 @@ def run(options: DemoOptions) -> DemoResult:
     drawn = write_overlays(results, source / "images", options.out / "overlays", limit=N_OVERLAYS)
     page = build_report(ReportOptions(results, options.out / "report.html", image_root=source / "images")).output
     seconds = time.perf_counter() - started
-
-    table = Table(title=f"shapes test split, beam {options.beam_size} (scores 0–100)")
-    for name in ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "CIDEr-D", "pointing (chance)"):
-        table.add_column(name, justify="right")
-    table.add_row(*(f"{100 * scores[k]:.1f}" for k in ("bleu1", "bleu2", "bleu3", "bleu4", "coco_cider_d")),
-                  f"{100 * scores.get('grounding_pointing', 0):.1f} "
-                  f"({100 * scores.get('grounding_pointing_chance', 0):.1f})")
-    console.print(table)
-    console.print(_objects_table(scores, heldout, options.beam_size))
-    console.print(f"model:    {result.best}\nscores:   {report_json}\ncaptions: {results}\n"
-                  f"pictures: {drawn.directory} ({drawn.n_written} images: a PNG and a GIF each)\n"
-                  f"report:   {page}\ntime:     {seconds / 60:.1f} minutes")
-    console.print(closing_hint(result.best, source / "images"), highlight=False)
-    return DemoResult(result.best, results, report_json, scores, heldout, seconds, drawn.directory, page)
+    return DemoResult(result.best, results, report_json, scores, heldout, seconds, drawn.directory, page,
+                      drawn.n_written, options.beam_size, source / "images")
 
 
 def _object_scores(beam: BeamResult) -> dict[str, float]:
@@ -157,9 +166,10 @@ def _shapes_store(options: DemoOptions) -> StoredDataset:
             return dataset
     except SatcliError:
         pass
-    preprocess(PreprocessOptions(dataset=DatasetKind.shapes, data_root=options.data_root, n_train=options.n_train,
-                                 n_val=options.n_val, n_test=options.n_test, n_heldout=options.n_heldout,
-                                 seed=options.seed))
+    shapes = PreprocessOptions(dataset=DatasetKind.shapes, data_root=options.data_root, n_train=options.n_train,
+                               n_val=options.n_val, n_test=options.n_test, n_heldout=options.n_heldout,
+                               seed=options.seed)
+    console.print(summary_table(preprocess(shapes), shapes))  # the demo narrates its steps as they finish
     return StoredDataset.open(options.data_root, "shapes")
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ from rich.table import Table
 
 from models.decoding import DecodingOptions, DecodingResult
 from satcli import __version__
+from satcli.atomic import write_text
 from satcli.checkpoint import checkpoint_sha256, load_captioner
 from satcli.console import make_progress
 from satcli.defaults import default_model
@@ -244,8 +244,9 @@ def _decode_split(options: EvaluateOptions, dataset: StoredDataset, loaded: Any,
         task = progress.add_task(f"captioning {dataset.name}/{options.split} at beam "
                                  f"{','.join(str(d.beam_size) for d in decodings)}", total=n_images, unit="images")
         features = None if loaded.train_options.get("fine_tune_encoder") else \
-            cached_features(dataset, options.split, loaded.model, device, options.batch_size)
-        chunks = split_chunks(dataset, options.split, loaded.model, device, options.batch_size, features)
+            cached_features(dataset, options.split, loaded.model, device, options.batch_size, data=loaded.preprocessing)
+        chunks = split_chunks(dataset, options.split, loaded.model, device, options.batch_size, features,
+                              data=loaded.preprocessing)
         return decode_split(loaded.model, chunks, decodings, device, lambda n: progress.advance(task, n))
 
 
@@ -298,7 +299,4 @@ def _write_report(result: EvaluateResult, options: EvaluateOptions, dataset: Sto
                      "decode_seconds": round(b.seconds, 3)} for b in result.beams],
         "seconds": round(seconds, 3),
     }
-    result.report.parent.mkdir(parents=True, exist_ok=True)
-    tmp = result.report.with_name(f".{REPORT}.tmp")
-    tmp.write_text(json.dumps(report, indent=2, default=str))
-    os.replace(tmp, result.report)
+    write_text(result.report, json.dumps(report, indent=2, default=str))

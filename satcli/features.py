@@ -5,8 +5,8 @@ features live in a folder of their own and never mix with the pretrained encoder
 
 ``data/NAME/features/<encoder>-<size>px[-grid<G>]-<weights hash>/<split>.npy`` holds a
 float16 array (n_images, n_pixels, dim) in the split's row order; a ``<split>.json`` beside it says what made it
-(the full hash included). Both are written to temporary names and renamed when complete, so a killed run never leaves a
-cache that looks finished.
+(the full hash and the resize filter included: a cache made otherwise is recomputed). Both are written through
+:mod:`satcli.atomic`, the array first, so a killed run never leaves a cache that looks finished.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -23,10 +22,10 @@ import torch
 from rich.progress import Progress
 
 from models.captioner import Captioner
-from satcli.checkpoint import Preprocessing
+from models.data import DataConfig, image_to_tensor
+from satcli.atomic import atomic_path, remove_stale_temps, write_text
 from satcli.console import make_progress
 from satcli.store import StoredDataset
-from satcli.transforms import image_tensor
 from satcli.views import AUGMENT, augment, view_generator
 
 log = logging.getLogger(__name__)
@@ -49,10 +48,11 @@ def cache_dir(dataset: StoredDataset, model: Captioner, weights_sha256: str) -> 
     return dataset.root / "features" / f"{key}-{weights_sha256[:12]}"
 
 
-def _describe(dataset: StoredDataset, model: Captioner, split: str, weights_sha256: str, view: int = 0) -> dict:
+def _describe(dataset: StoredDataset, model: Captioner, split: str, weights_sha256: str, data: DataConfig,
+              view: int = 0) -> dict:
     c = model.config
     described = {"version": CACHE_VERSION, "encoder": c.encoder, "encoder_sha256": weights_sha256,
-            "image_size": c.image_size, "grid_size": c.grid_size,
+            "image_size": c.image_size, "interpolation": data.interpolation, "grid_size": c.grid_size,
             "split": split, "n_images": dataset.n_images(split), "store_created": dataset.meta.get("created"),
             "shape": [dataset.n_images(split), model.grid_shape[0] * model.grid_shape[1], model.encoder.spec.dim]}
     if view:
@@ -61,14 +61,17 @@ def _describe(dataset: StoredDataset, model: Captioner, split: str, weights_sha2
 
 
 def cached_features(dataset: StoredDataset, split: str, model: Captioner, device: torch.device,
-                    batch_size: int = 64, progress: Progress | None = None, view: int = 0) -> np.ndarray:
-    """(n_images, n_pixels, dim) float16 features of ``split``, memory-mapped; computed on first use. ``view``
-    1, 2, ... are the pictures augmented (satcli.views), each view a cache of its own."""
+                    batch_size: int = 64, progress: Progress | None = None,
+                    data: DataConfig | None = None, view: int = 0) -> np.ndarray:
+    """(n_images, n_pixels, dim) float16 features of ``split``, memory-mapped; computed on first use.
+    ``data``: how to prepare the images (a loaded checkpoint's); default: the model config's. ``view`` 1, 2, ...
+    are the pictures augmented (satcli.views), each view a cache of its own."""
+    data = data or DataConfig.for_config(model.config)
     weights = encoder_sha256(model)  # hashing the weights once, for the folder and the description alike
     folder = cache_dir(dataset, model, weights)
     name = f"{split}.view{view}" if view else split
     array_path, info_path = folder / f"{name}.npy", folder / f"{name}.json"
-    expected = _describe(dataset, model, split, weights, view)
+    expected = _describe(dataset, model, split, weights, data, view)
     if info_path.is_file() and array_path.is_file():
         try:
             if json.loads(info_path.read_text()) == expected:
@@ -76,21 +79,17 @@ def cached_features(dataset: StoredDataset, split: str, model: Captioner, device
         except (OSError, ValueError, RecursionError):
             pass
         log.info("feature cache %s is stale; recomputing", folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = array_path.with_name(f".{name}.{os.getpid()}.tmp.npy")
-    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=tuple(expected["shape"]))
-    try:
+    remove_stale_temps(array_path)  # left by a run killed while encoding
+    with atomic_path(array_path) as tmp:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=tuple(expected["shape"]))
         row = 0
-        for features in encode_split(dataset, split, model, device, batch_size, progress,
-                                     f"encoding {dataset.name}/{split}" + (f" (view {view})" if view else ""), view):
+        description = f"encoding {dataset.name}/{split}" + (f" (view {view})" if view else "")
+        for features in encode_split(dataset, split, model, device, batch_size, progress, description, data, view):
             out[row : row + len(features)] = features.to(torch.float16).cpu().numpy()
             row += len(features)
         out.flush()
         del out
-        os.replace(tmp, array_path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    info_path.write_text(json.dumps(expected))
+    write_text(info_path, json.dumps(expected))
     return np.load(array_path, mmap_mode="r")
 
 
@@ -101,10 +100,12 @@ def cache_bytes(n_images: int, grid: tuple[int, int], dim: int) -> int:
 
 @torch.inference_mode()
 def encode_split(dataset: StoredDataset, split: str, model: Captioner, device: torch.device, batch_size: int = 64,
-                 progress: Progress | None = None, description: str = "encoding", view: int = 0):
+                 progress: Progress | None = None, description: str = "encoding", data: DataConfig | None = None,
+                 view: int = 0):
     """Yield (B, n_pixels, dim) encoder features for ``split`` in row order, decoding images in a thread pool
-    while the encoder runs; ``view`` > 0: of the pictures augmented as satcli.views describes."""
-    preprocessing = Preprocessing.for_config(model.config)
+    while the encoder runs. ``data``: how to prepare the images; default: the model config's. ``view`` > 0: the
+    pictures augmented as satcli.views describes."""
+    data = data or DataConfig.for_config(model.config)
     was_training = model.training
     model.eval()
     own = progress is None
@@ -114,11 +115,11 @@ def encode_split(dataset: StoredDataset, split: str, model: Captioner, device: t
     task = progress.add_task(description, total=dataset.n_images(split), unit="images")
 
     def load(batch, first_row: int) -> torch.Tensor:
-        images = torch.stack([image_tensor(dataset.decode_image(b), preprocessing)
+        images = torch.stack([image_to_tensor(dataset.decode_image(b), data)
                               for b in batch.column("image").to_pylist()])
         if view:  # each picture's own random stream: the same view whatever the batch size
-            images = torch.stack([augment(image, preprocessing.mean, preprocessing.std,
-                                          view_generator(view, first_row + i)) for i, image in enumerate(images)])
+            images = torch.stack([augment(image, data.mean, data.std, view_generator(view, first_row + i))
+                                  for i, image in enumerate(images)])
         return images
 
     try:

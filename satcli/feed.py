@@ -7,7 +7,7 @@ So, when the model runs on CUDA:
   memory so that the copy to the GPU is asynchronous (``non_blocking``);
 - plain JPEGs are not decoded in the workers at all: a worker reads the file's bytes and its header (size
   limit, EXIF orientation, colour mode), and the main process decodes the whole batch at once with nvJPEG
-  (``torchvision.io.decode_jpeg(..., device="cuda")``), then resizes on the GPU;
+  (``torchvision.io.decode_jpeg(..., device="cuda")``), then resizes on the GPU with the model's own filter;
 - everything else takes the CPU path unchanged: other formats, CMYK or rotated JPEGs, and any JPEG the GPU
   decoder refuses, which is then decoded on the CPU by the same code as always, so a bad file still becomes
   the same error row.
@@ -26,9 +26,9 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
+from models.data import DataConfig, resize
 from satcli.images import ImageError
 
 log = logging.getLogger(__name__)
@@ -104,8 +104,9 @@ def read_jpeg(file: str, max_pixels: int | None) -> JpegBytes | None:
     return JpegBytes(torch.frombuffer(bytearray(data), dtype=torch.uint8), width, height)
 
 
-def decode_jpegs(data: list[torch.Tensor], size: int, device: torch.device) -> list[torch.Tensor | None]:
-    """JPEG bytes → uint8 (3, size, size) on ``device`` (bilinear, antialiased), None where decoding failed.
+def decode_jpegs(data: list[torch.Tensor], config: DataConfig, device: torch.device) -> list[torch.Tensor | None]:
+    """JPEG bytes → uint8 (3, S, S) on ``device`` (resized as ``config`` says, by :func:`models.data.resize`),
+    None where decoding failed.
 
     The whole list goes to the decoder at once (nvJPEG's batched path on CUDA); if it refuses the batch, each
     image is tried alone so that one bad file costs only itself.
@@ -128,16 +129,7 @@ def decode_jpegs(data: list[torch.Tensor], size: int, device: torch.device) -> l
             except RuntimeError as error:
                 log.debug("GPU JPEG decoding failed (%s); the CPU loader takes the file", error)
                 decoded.append(None)
-    return [None if image is None else resize(image, size) for image in decoded]
-
-
-def resize(image: torch.Tensor, size: int) -> torch.Tensor:
-    """uint8 (3, H, W) → uint8 (3, size, size), bilinear with antialiasing (as Pillow's resize does)."""
-    if image.shape[-2:] == (size, size):
-        return image
-    x = F.interpolate(image.unsqueeze(0).float(), size=(size, size), mode="bilinear", antialias=True,
-                      align_corners=False)
-    return x.round_().clamp_(0, 255).to(torch.uint8)[0]
+    return [None if image is None else resize(image, config) for image in decoded]
 
 
 class _FedBatch(Protocol):
@@ -155,14 +147,15 @@ class _FedBatch(Protocol):
 LoadOnCpu = Callable[[int], tuple[int, "torch.Tensor | None", "int | None", "int | None", "str | None"]]
 
 
-def images_on_device(batch: _FedBatch, size: int, device: torch.device, load_on_cpu: LoadOnCpu) -> torch.Tensor:
-    """The batch's loaded images, in batch order, as uint8 (n_loaded, 3, size, size) on ``device``.
+def images_on_device(batch: _FedBatch, config: DataConfig, device: torch.device, load_on_cpu: LoadOnCpu
+                     ) -> torch.Tensor:
+    """The batch's loaded images, in batch order, as uint8 (n_loaded, 3, S, S) on ``device``.
 
     Pixels decoded by the workers are copied (non-blocking from pinned memory); the JPEG bytes are decoded on
     ``device`` in one call. A JPEG the decoder refuses is loaded by ``load_on_cpu(index)`` (the workers' own CPU
     path), and the batch's ``loaded``/``errors``/sizes are updated from it: a bad file is an error row as always.
     """
-    decoded = dict(zip(batch.jpegs, decode_jpegs(list(batch.jpegs.values()), size, device), strict=True))
+    decoded = dict(zip(batch.jpegs, decode_jpegs(list(batch.jpegs.values()), config, device), strict=True))
     pixels = iter(batch.images.to(device, non_blocking=True))
     images = []
     for position, index in enumerate(batch.indices):
@@ -181,5 +174,5 @@ def images_on_device(batch: _FedBatch, size: int, device: torch.device, load_on_
             image = cpu_image.to(device)
         images.append(image)
     if not images:
-        return torch.empty(0, 3, size, size, dtype=torch.uint8, device=device)
+        return torch.empty(0, 3, config.image_size, config.image_size, dtype=torch.uint8, device=device)
     return torch.stack(images)

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 # Pillow's own default (about 89.5 million pixels, a 9,460 × 9,460 picture); bigger images are refused.
@@ -149,16 +148,6 @@ def _to_uint8(values: np.ndarray) -> np.ndarray:
     else:
         scale = max(65535.0, top) if not floating else max(top, 1e-12)
     return np.clip(np.rint(values / scale * 255.0), 0, 255).astype(np.uint8)
-
-
-def resize_to_tensor(image: Image.Image, size: int) -> torch.Tensor:
-    """An RGB picture squashed to ``size`` × ``size`` (bilinear, antialiased) as a uint8 tensor (3, size, size).
-
-    Normalisation happens later, on the model's device, on whole batches (``satcli.transforms.normalise``).
-    """
-    if image.size != (size, size):
-        image = image.resize((size, size), Image.BILINEAR)
-    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
 def is_image_name(name: str) -> bool:

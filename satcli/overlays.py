@@ -246,12 +246,9 @@ def save_animation(frames: Sequence[Image.Image], path: Path, frame_ms: int = FR
     if not frames:
         raise ValueError("an animation needs at least one frame")
     paletted = [f.convert("P", palette=Image.Palette.ADAPTIVE, colors=255) for f in frames]
-    with _atomic(path) as tmp:
+    with atomic_path(path) as tmp:
         paletted[0].save(tmp, format="GIF", save_all=True, append_images=paletted[1:], duration=frame_ms, loop=0,
                          disposal=1, optimize=False)
-
-
-_atomic = atomic_path  # write beside the target, rename over it when the block succeeds
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -392,7 +389,7 @@ def write_overlays(results: str | Path, image_root: str | Path | None, out_dir: 
             name = overlay_name(row["path"])
             sheet = render_sheet(image, row["tokens"], attention, title=row["path"], panel=panel, aspect=aspect,
                                  token_logprobs=row["token_logprobs"])
-            with _atomic(out_dir / f"{name}.png") as tmp:
+            with atomic_path(out_dir / f"{name}.png") as tmp:
                 # A 256-colour palette keeps a sheet of photos about 3× smaller than true colour.
                 sheet.quantize(256, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE).save(
                     tmp, format="PNG", optimize=True)

@@ -22,16 +22,14 @@ from pathlib import Path
 from typing import TypeVar
 
 from PIL import Image
-from rich.console import Console
 from rich.table import Table
 
 from satcli import __version__, shapes
-from satcli.console import console as default_console
 from satcli.console import make_progress
-from satcli.datasets import CaptionFormat, DatasetKind, ImageRecord, SourceDataset, read_dataset
+from satcli.datasets import CaptionFormat, ImageRecord, SourceDataset, read_dataset
 from satcli.errors import SatcliError
 from satcli.images import ImageError, load_image
-from satcli.store import SPLITS, StoredImage, StoredObject, StoreWriter
+from satcli.store import SPLITS, DatasetKind, StoredImage, StoredObject, StoreWriter
 from satcli.text import tokenize
 from satcli.vocab import UNK_ID, Vocabulary
 
@@ -101,9 +99,9 @@ class PreprocessResult:
         return sum(s.n_unknown for s in self.splits.values()) / n_words if n_words else 0.0
 
 
-def run(options: PreprocessOptions, console: Console | None = None) -> PreprocessResult:
-    """Preprocess ``options.dataset`` into ``data_root/NAME/``; shows progress and a summary on ``console``."""
-    console = console or default_console
+def run(options: PreprocessOptions) -> PreprocessResult:
+    """Preprocess ``options.dataset`` into ``data_root/NAME/``, showing progress; :func:`summary_table` shows the
+    result."""
     _check(options)
     root = options.data_root / options.store_name
     images_dir, captions = _source_files(options, root)
@@ -144,7 +142,6 @@ def run(options: PreprocessOptions, console: Console | None = None) -> Preproces
         writer.commit(vocab, _meta(options, source, images_dir, result))
     if skipped:
         log.warning("Skipped %d images: %s", sum(skipped.values()), _reasons(skipped))
-    console.print(summary_table(result, options))
     return result
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from satcli.atomic import write_text
 from satcli.errors import SatcliError
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ class StepLog:
                     kept.append(line + "\n")
             except (ValueError, KeyError, TypeError):
                 continue  # a line cut short by a kill
-        self.path.write_text("".join(kept), encoding="utf-8")
+        write_text(self.path, "".join(kept))  # a kill while trimming leaves the old log, not half of it
 
     def step(self, epoch: int, step: int, loss: torch.Tensor, lrs: dict[str, float]) -> None:
         """Record one step (``loss`` a 0-d tensor, maybe on the GPU)."""

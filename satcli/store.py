@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from satcli.datasets import DatasetKind
+from satcli.atomic import move_into_place
 from satcli.errors import SatcliError, first_line
 from satcli.vocab import Vocabulary
 
@@ -61,6 +61,18 @@ TEXT_COLUMNS = ("image_id", "path", "captions", "token_ids")  # everything but t
 
 def split_file(split: str) -> str:
     return f"{split}.parquet"
+
+
+class DatasetKind(str, Enum):
+    """What ``satcli preprocess --dataset`` accepts: the kind of dataset a store is made from (its meta.json's
+    ``dataset``). The readers of each kind are in :mod:`satcli.datasets`."""
+
+    flickr8k = "flickr8k"
+    flickr30k = "flickr30k"
+    coco = "coco"
+    karpathy = "karpathy"
+    captions_csv = "captions-csv"
+    shapes = "shapes"
 
 
 @dataclass
@@ -167,7 +179,7 @@ class StoreWriter:
             if split not in splits:
                 (self.root / split_file(split)).unlink(missing_ok=True)
         for name in [VOCAB_FILE, *(split_file(s) for s in splits), META_FILE]:
-            os.replace(self.tmp / name, self.root / name)
+            move_into_place(self.tmp / name, self.root / name)  # synced, so meta.json never lands before its data
         shutil.rmtree(self.tmp, ignore_errors=True)
         self._committed = True
         return self.root

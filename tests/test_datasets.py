@@ -8,13 +8,13 @@ import pytest
 
 from satcli.datasets import (
     CaptionFormat,
-    DatasetKind,
     ImageRecord,
     detect_format,
     read_dataset,
     seeded_split,
 )
 from satcli.errors import SatcliError
+from satcli.store import DatasetKind
 
 # A miniature Flickr8k: five images, five captions each, one of them in no split file (as in the real data).
 CAPTIONS = {

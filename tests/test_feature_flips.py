@@ -38,9 +38,9 @@ def test_cli_feature_flips_reach_training(tmp_path, monkeypatch):
 
     from satcli.checkpoint import read_checkpoint
     from satcli.cli import app
-    from satcli.datasets import DatasetKind
     from satcli.preprocess import PreprocessOptions
     from satcli.preprocess import run as preprocess
+    from satcli.store import DatasetKind
 
     monkeypatch.setenv("SATCLI_STATE_DIR", str(tmp_path / "state"))
     data = tmp_path / "data"

@@ -12,6 +12,7 @@ from PIL import Image
 
 import satcli.caption
 import satcli.feed
+from models.data import DataConfig
 from satcli.caption import ImageFiles, _collate, run
 from satcli.feed import decode_jpegs, default_workers, images_on_device, read_jpeg
 from satcli.images import ImageError
@@ -25,6 +26,11 @@ photos, checkpoint, reference = test_caption.photos, test_caption.checkpoint, te
 CPU = torch.device("cpu")
 
 
+def _size(size: int) -> DataConfig:
+    """Images squashed to ``size`` with the models' filter (mean and std play no part in decoding)."""
+    return DataConfig(size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+
+
 def _photo(path, width=160, height=120, seed=0, **save):
     rng = np.random.default_rng(seed)
     smooth = np.kron(rng.integers(0, 255, (height // 8, width // 8, 3), dtype=np.uint8), np.ones((8, 8, 1),
@@ -34,16 +40,16 @@ def _photo(path, width=160, height=120, seed=0, **save):
 
 
 def _pillow(path, size):
-    """The reference: Pillow's full decode and antialiased bilinear resize."""
+    """The reference: Pillow's full decode and (antialiased) bilinear resize, the models' filter."""
     with Image.open(path) as im:
-        image = im.convert("RGB").resize((size, size), Image.BILINEAR)
+        image = im.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
     return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
 
 
 def test_batched_jpeg_decoding_matches_pillow(tmp_path):
     files = [_photo(tmp_path / f"p{i}.jpg", 160 + 16 * i, 120, seed=i) for i in range(3)]
     data = [read_jpeg(str(f), None).data for f in files]
-    decoded = decode_jpegs(data, 64, CPU)
+    decoded = decode_jpegs(data, _size(64), CPU)
     for file, image in zip(files, decoded, strict=True):
         assert image.shape == (3, 64, 64) and image.dtype == torch.uint8
         difference = (image.int() - _pillow(file, 64).int()).abs().float().mean()
@@ -82,13 +88,13 @@ def test_a_jpeg_the_decoder_refuses_is_loaded_on_the_cpu_in_batch_order(tmp_path
     png = tmp_path / "picture.png"
     Image.new("RGB", (30, 30), (200, 10, 10)).save(png)
     files = [str(good[0]), str(broken), str(png), str(good[1])]
-    dataset = ImageFiles(files, 32, None, jpeg_bytes=True)
+    dataset = ImageFiles(files, _size(32), None, jpeg_bytes=True)
     items = [dataset[0], (1, satcli.feed.JpegBytes(torch.frombuffer(bytearray(broken.read_bytes()),
                                                                   dtype=torch.uint8), 9, 9), 9, 9, None),
              dataset[2], dataset[3]]
     batch = _collate(items)
     assert sorted(batch.jpegs) == [0, 1, 3]  # the PNG was decoded by the "worker"
-    images = images_on_device(batch, 32, CPU, dataset.load)
+    images = images_on_device(batch, _size(32), CPU, dataset.load)
     reference = [dataset.load(i) for i in range(4)]
     assert batch.loaded == [True, False, True, True]
     assert batch.errors[1] == reference[1][4] and batch.errors[1].startswith(("not-an-image", "truncated"))
@@ -146,8 +152,8 @@ def test_gpu_jpeg_decoding_only_on_cuda_and_can_be_turned_off(monkeypatch):
 def test_nvjpeg_batch_matches_the_cpu_decoder(tmp_path):
     files = [_photo(tmp_path / f"p{i}.jpg", 320, 240, seed=i) for i in range(4)]
     data = [read_jpeg(str(f), None).data for f in files]
-    on_gpu = decode_jpegs(data, 64, torch.device("cuda"))
-    on_cpu = decode_jpegs(data, 64, CPU)
+    on_gpu = decode_jpegs(data, _size(64), torch.device("cuda"))
+    on_cpu = decode_jpegs(data, _size(64), CPU)
     for gpu, cpu in zip(on_gpu, on_cpu, strict=True):
         assert gpu.is_cuda
         assert (gpu.cpu().int() - cpu.int()).abs().float().mean() < 2.0
@@ -165,6 +171,6 @@ def test_cuda_batches_arrive_pinned_and_bad_jpegs_are_error_rows(photos, checkpo
     assert rows[str(broken)]["error"] is not None
     for path, row in expected.items():
         assert (rows[path]["error"] is None) == (row["error"] is None), path
-    dataset = ImageFiles([str(photos / "rgb.jpg"), str(photos / "grey.png")], 64, None)
+    dataset = ImageFiles([str(photos / "rgb.jpg"), str(photos / "grey.png")], _size(64), None)
     loader = torch.utils.data.DataLoader(dataset, batch_size=2, collate_fn=_collate, pin_memory=True)
     assert next(iter(loader)).images.is_pinned()

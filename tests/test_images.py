@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from satcli.images import ImageError, load_image, resize_to_tensor
+from models.data import DataConfig, resize
+from satcli.images import ImageError, load_image
 
 
 def _save(path, image, **kwargs):
@@ -102,7 +103,7 @@ def test_large_jpeg_decodes_reduced_but_reports_the_original_size(tmp_path):
     loaded = load_image(path, min_size=224)
     assert (loaded.width, loaded.height) == (1600, 1200)
     assert min(loaded.image.size) >= 224 and loaded.image.size[0] < 1600
-    assert resize_to_tensor(loaded.image, 224).shape == (3, 224, 224)
+    assert resize(loaded.image, DataConfig(224, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))).shape == (3, 224, 224)
 
 
 @pytest.mark.parametrize(("name", "content", "kind"), [

@@ -5,8 +5,9 @@ import logging
 
 import pytest
 
-from satcli.datasets import DatasetKind, read_dataset
+from satcli.datasets import read_dataset
 from satcli.errors import SatcliError
+from satcli.store import DatasetKind
 
 CAPTIONS = {
     "dog.jpg": ["A dog, brown and white, runs on the grass .", "A dog runs"],

@@ -6,13 +6,12 @@ import json
 import pytest
 from PIL import Image
 
-from satcli.datasets import DatasetKind
 from satcli.errors import SatcliError
 from satcli.instances import category_words, read_coco_instances
 from satcli.objects import build_lexicon, mentions, object_scores
 from satcli.preprocess import PreprocessOptions
 from satcli.preprocess import run as preprocess
-from satcli.store import StoredDataset
+from satcli.store import DatasetKind, StoredDataset
 from satcli.text import tokenize
 
 LRC, SBS, LRS, SBC = "large red circle", "small blue square", "large red square", "small blue circle"
@@ -189,6 +188,8 @@ def test_the_demo_prints_object_metrics_on_test_and_heldout(tmp_path, monkeypatc
     with console.capture() as captured:
         result = demo(DemoOptions(data_root=tmp_path / "data", out=tmp_path / "run", epochs=1, n_train=12, n_val=2,
                                   n_test=2, n_heldout=3))
+        for renderable in result.renderables():  # what `satcli demo` prints
+            console.print(renderable)
     printed = captured.get()
     assert "objects named" in printed and "exact set" in printed and "CHAIR-i" in printed
     assert "heldout (unseen look)" in printed

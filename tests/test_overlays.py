@@ -174,10 +174,9 @@ def shapes_and_model(tmp_path_factory):
 
     from models.captioner import Captioner
     from satcli.checkpoint import save_checkpoint
-    from satcli.datasets import DatasetKind
     from satcli.preprocess import PreprocessOptions
     from satcli.preprocess import run as preprocess
-    from satcli.store import StoredDataset
+    from satcli.store import DatasetKind, StoredDataset
     from tests.helpers import tiny_config
 
     root = tmp_path_factory.mktemp("data")

@@ -7,15 +7,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
-from rich.console import Console
 from typer.testing import CliRunner
 
 from satcli.cli import app
-from satcli.datasets import DatasetKind
 from satcli.errors import SatcliError
 from satcli.preprocess import PreprocessOptions, run
 from satcli.shapes import COLOURS, SHAPES
-from satcli.store import SCHEMA, StoredDataset
+from satcli.store import SCHEMA, DatasetKind, StoredDataset
 from satcli.text import tokenize
 from satcli.vocab import END_ID, START_ID, UNK_ID
 from tests.test_datasets import (
@@ -26,8 +24,6 @@ from tests.test_datasets import (
     write_split_files,
     write_token_file,
 )
-
-QUIET = Console(quiet=True)
 
 
 def write_photos(directory, names, size=(60, 40)):
@@ -85,7 +81,7 @@ def test_the_three_flickr8k_spellings_make_the_same_store(tmp_path):
     stores = {}
     for name, captions in files.items():
         run(PreprocessOptions(DatasetKind.flickr8k, images=photos, captions=captions, name=name,
-                              data_root=tmp_path / "data", min_word_freq=1, image_size=32), console=QUIET)
+                              data_root=tmp_path / "data", min_word_freq=1, image_size=32))
         stores[name] = StoredDataset.open(tmp_path / "data", name)
     tables = {name: {s: store.read(s, ["image_id", "path", "captions", "token_ids"]).to_pylist()
                      for s in store.splits} for name, store in stores.items()}
@@ -105,7 +101,7 @@ def test_missing_and_broken_images_are_skipped_counted_and_named(tmp_path, caplo
     options = PreprocessOptions(DatasetKind.flickr8k, images=photos, captions=captions, data_root=tmp_path / "data",
                                 min_word_freq=1, seed=3)
     with caplog.at_level(logging.WARNING, logger="satcli"):
-        result = run(options, console=QUIET)
+        result = run(options)
     reasons = {"missing": 2, "not-an-image": 1, "truncated": 1}
     assert result.skipped == reasons
     assert sum(r.n_images for r in result.splits.values()) == 1
@@ -121,7 +117,7 @@ def test_a_dataset_with_no_readable_image_is_an_error_and_leaves_no_store(tmp_pa
     captions = write_karpathy(tmp_path / "dataset_flickr8k.json")
     options = PreprocessOptions(DatasetKind.flickr8k, images=photos, captions=captions, data_root=tmp_path / "data")
     with pytest.raises(SatcliError, match=r"wrong_folder: none of the 4 listed images could be read \(4 missing\)"):
-        run(options, console=QUIET)
+        run(options)
     assert list((tmp_path / "data" / "flickr8k").iterdir()) == []
 
 
@@ -131,10 +127,9 @@ def test_image_paths_cannot_leave_the_images_directory(tmp_path):
     captions = tmp_path / "mine.csv"
     captions.write_text("image,caption\nok.jpg,fine\n../secret.jpg,sneaky\n")
     with pytest.raises(SatcliError, match=r"mine.csv: line 3: image path '../secret.jpg' leaves the images directory"):
-        run(PreprocessOptions(DatasetKind.captions_csv, images=photos, captions=captions, data_root=tmp_path / "data"),
-            console=QUIET)
+        run(PreprocessOptions(DatasetKind.captions_csv, images=photos, captions=captions, data_root=tmp_path / "data"))
     with pytest.raises(SatcliError, match="must be a plain directory name"):
-        run(PreprocessOptions(DatasetKind.shapes, name="../elsewhere", data_root=tmp_path / "data"), console=QUIET)
+        run(PreprocessOptions(DatasetKind.shapes, name="../elsewhere", data_root=tmp_path / "data"))
     assert not (tmp_path / "elsewhere").exists() and not (tmp_path / "data").exists()
 
 
@@ -150,8 +145,7 @@ def test_rare_words_long_captions_and_upright_sizes(tmp_path):
     captions.write_text("image,caption,split\n" + "\n".join(
         f"{r},{'test' if i == 9 else 'train'}" for i, r in enumerate(rows)) + "\n")
     result = run(PreprocessOptions(DatasetKind.captions_csv, images=photos, captions=captions, name="mine",
-                                   data_root=tmp_path / "data", min_word_freq=2, max_caption_length=8),
-                 console=QUIET)
+                                   data_root=tmp_path / "data", min_word_freq=2, max_caption_length=8))
     store = StoredDataset.open(tmp_path / "data", "mine")
     assert "dog" in store.vocab and "word3" not in store.vocab  # seen once: unknown
     assert result.n_truncated_captions == 1

@@ -160,9 +160,9 @@ def test_a_non_utf8_file_name_gets_an_error_row_and_the_rest_are_captioned(photo
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A shapes store and a one-epoch run on it."""
-    from satcli.datasets import DatasetKind
     from satcli.preprocess import PreprocessOptions
     from satcli.preprocess import run as preprocess
+    from satcli.store import DatasetKind
     from satcli.training import TrainOptions, train
 
     root = tmp_path_factory.mktemp("data")

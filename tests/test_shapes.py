@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from satcli.datasets import DatasetKind, read_dataset
+from satcli.datasets import read_dataset
 from satcli.shapes import BACKGROUNDS, COLOURS, SHAPES, SIZES, ShapesOptions, ensure_generated, generate, plural, render
+from satcli.store import DatasetKind
 from satcli.text import tokenize
 
 OPTIONS = ShapesOptions(n_train=150, n_val=0, n_test=0, seed=7)

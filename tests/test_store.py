@@ -11,13 +11,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
-from rich.console import Console
 
 import satcli.preprocess as preprocess
-from satcli.datasets import DatasetKind
 from satcli.errors import SatcliError
 from satcli.preprocess import PreprocessOptions
-from satcli.store import SCHEMA, StoredDataset, StoredImage, StoredObject, StoreWriter
+from satcli.store import SCHEMA, DatasetKind, StoredDataset, StoredImage, StoredObject, StoreWriter
 from satcli.vocab import Vocabulary
 
 VOCAB = Vocabulary.build([["a", "dog"], ["a", "cat"]], min_freq=1)
@@ -137,7 +135,7 @@ def test_rows_reach_the_file_in_row_groups_while_images_are_still_being_encoded(
     monkeypatch.setattr(preprocess, "_encode", watching_encode)
     options = PreprocessOptions(dataset=DatasetKind.captions_csv, images=images, captions=captions, name="pairs",
                                 data_root=tmp_path / "data", image_size=32, row_group_size=10, n_workers=1)
-    preprocess.run(options, console=Console(quiet=True))
+    preprocess.run(options)
 
     n_train = StoredDataset.open(tmp_path / "data", "pairs").n_images("train")
     assert pq.ParquetFile(tmp_path / "data" / "pairs" / "train.parquet").metadata.num_row_groups == -(-n_train // 10)
@@ -149,8 +147,7 @@ MEASURE = textwrap.dedent(r"""
     import json, re, sys, tracemalloc
     from pathlib import Path
     import pyarrow as pa
-    from rich.console import Console
-    from satcli.datasets import DatasetKind
+    from satcli.store import DatasetKind
     from satcli.preprocess import PreprocessOptions, run
 
     def status(field):  # kB -> bytes; VmHWM is this process's peak resident memory
@@ -160,7 +157,7 @@ MEASURE = textwrap.dedent(r"""
     rss_before = status("VmRSS")
     tracemalloc.start()
     run(PreprocessOptions(dataset=DatasetKind.captions_csv, images=root / "photos", captions=root / "pairs.csv",
-                          data_root=root / "data", image_size=128, min_word_freq=1), console=Console(quiet=True))
+                          data_root=root / "data", image_size=128, min_word_freq=1))
     print(json.dumps({"python_peak": tracemalloc.get_traced_memory()[1],
                       "arrow_peak": pa.default_memory_pool().max_memory(),
                       "rss_growth": status("VmHWM") - rss_before}))

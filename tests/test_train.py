@@ -11,11 +11,10 @@ import torch
 
 from models.decoding import decode
 from satcli.checkpoint import load_captioner, read_checkpoint
-from satcli.datasets import DatasetKind
 from satcli.errors import SatcliError
 from satcli.preprocess import PreprocessOptions
 from satcli.preprocess import run as preprocess
-from satcli.store import StoredDataset
+from satcli.store import DatasetKind, StoredDataset
 from satcli.training import TrainOptions
 from satcli.training import train as run
 from satcli.training.batches import FLIP_PAIRS, batch_plan, flip_table

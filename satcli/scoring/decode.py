@@ -16,6 +16,7 @@ import torch
 from rich.progress import Progress
 
 from models.captioner import Captioner
+from models.data import DataConfig
 from models.decoding import DecodingOptions, DecodingResult, decode
 from satcli.features import encode_split
 from satcli.metrics import CiderD, bleu
@@ -40,11 +41,11 @@ def feature_chunks(features: np.ndarray, batch_size: int,
 
 def split_chunks(dataset: StoredDataset, split: str, model: Captioner, device: torch.device, batch_size: int,
                  features: np.ndarray | None, progress: Progress | None = None,
-                 description: str = "encoding") -> Iterator[torch.Tensor]:
+                 description: str = "encoding", data: DataConfig | None = None) -> Iterator[torch.Tensor]:
     """The split's features in row order: the cached ``features`` when given, else the encoder run over its
-    images (a fine-tuned encoder no longer matches the cache)."""
+    images (a fine-tuned encoder no longer matches the cache), prepared as ``data`` says (default: the model's)."""
     if features is None:
-        return encode_split(dataset, split, model, device, batch_size, progress, description)
+        return encode_split(dataset, split, model, device, batch_size, progress, description, data)
     return feature_chunks(features, batch_size)
 
 

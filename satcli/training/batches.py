@@ -17,11 +17,10 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
-from satcli.checkpoint import Preprocessing
+from models.data import DataConfig, normalise, resize
 from satcli.errors import SatcliError
 from satcli.store import StoredDataset
 from satcli.training.distributed import Ranks
-from satcli.transforms import normalise
 from satcli.views import FeatureViews
 from satcli.vocab import Vocabulary
 
@@ -198,7 +197,7 @@ class FeatureShifts:
 
 
 def image_batches(dataset: StoredDataset, table: CaptionTable, plan: list[torch.Tensor], ranks: Ranks,
-                   preprocessing: Preprocessing, flip: torch.Tensor, seed: int, epoch: int
+                   preprocessing: DataConfig, flip: torch.Tensor, seed: int, epoch: int
                    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, int]]:
     """For encoder fine-tuning: (images, image index per caption, tokens, lengths, global captions, tokens).
 
@@ -230,8 +229,7 @@ def image_batches(dataset: StoredDataset, table: CaptionTable, plan: list[torch.
         pictures = []
         flips = torch.rand(len(rows), generator=generator) < 0.5
         for row, flipped in zip(rows.tolist(), flips.tolist(), strict=True):
-            image = dataset.decode_image(image_bytes(row)).resize((size, size))
-            pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+            pixels = resize(dataset.decode_image(image_bytes(row)), preprocessing)
             scale = 1.0 + 0.1 * (float(torch.rand(1, generator=generator)) - 0.5)
             shift = ((torch.rand(2, generator=generator) - 0.5) * 0.08 * size).round().int().tolist()
             pixels = jitter(pixels, scale, shift)

@@ -29,9 +29,9 @@ from models.captioner import (
     doubly_stochastic_penalties,
     hard_attention_loss,
 )
+from models.data import DataConfig
 from models.decoding import DecodingOptions
 from models.encoders import ENCODERS, PretrainedWeightsUnavailable
-from satcli.checkpoint import Preprocessing
 from satcli.console import console, make_progress
 from satcli.device import resolve_device
 from satcli.errors import SatcliError
@@ -203,7 +203,7 @@ class Supervised:
                                 for v in range(options.feature_views + 1)]
         self.train_features = self.train_views[0] if self.train_views else None
         self.flip = flip_table(run.vocab)
-        self.preprocessing = Preprocessing.for_config(model.config)
+        self.preprocessing = DataConfig.for_config(model.config)
         self.steps = StepLog(run.out, keep_epochs=start, tensorboard=options.tensorboard) if ranks.main else None
 
     def _batches(self, plan: list[torch.Tensor], epoch: int) -> Iterator[Any]:
