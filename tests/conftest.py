@@ -26,3 +26,13 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _loud_console():
+    """``-q`` silences satcli's shared console for the rest of the process (one command per process); a test that
+    runs ``satcli ... -q`` in-process must not silence the tests after it."""
+    yield
+    from satcli.console import set_quiet
+
+    set_quiet(False)
