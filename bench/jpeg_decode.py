@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 
 from bench.caption_throughput import make_photos
 from bench.common import command, machine
-from satcli.caption import ImageFiles, _collate
+from satcli.captioning.loading import ImageFiles, collate
 from satcli.device import resolve_device
 from satcli.feed import decode_jpegs, default_workers, images_on_device, read_jpeg
 
@@ -51,7 +51,7 @@ def one_process(files: list[str], size: int) -> float:
 def workers_rate(files: list[str], size: int, workers: int, device: torch.device, on_device: bool) -> float:
     """Images/s out of a DataLoader like caption's; ``on_device``: JPEG bytes decoded on ``device`` per batch."""
     dataset = ImageFiles(files, size, None, jpeg_bytes=on_device)
-    loader = DataLoader(dataset, batch_size=BATCH, num_workers=workers, collate_fn=_collate,
+    loader = DataLoader(dataset, batch_size=BATCH, num_workers=workers, collate_fn=collate,
                         pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None)
     start, n = time.perf_counter(), 0
     for batch in loader:

@@ -141,7 +141,7 @@ def resize(image: torch.Tensor, size: int) -> torch.Tensor:
 
 
 class _FedBatch(Protocol):
-    """What :func:`images_on_device` reads and updates (``satcli.caption``'s batches)."""
+    """What :func:`images_on_device` reads and updates (``satcli.captioning``'s batches)."""
 
     indices: list[int]
     images: torch.Tensor

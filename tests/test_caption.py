@@ -17,12 +17,16 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-import satcli.caption
-from satcli.caption import CaptionOptions, find_images, run
+import satcli.captioning.state
+import satcli.commands.caption
+from satcli.captioning.inputs import find_images
+from satcli.captioning.options import CaptionOptions, CaptionSummary
 from satcli.cli import app
+from satcli.commands.caption import run
 from satcli.defaults import default_model, remember_model
 from satcli.errors import SatcliError
-from satcli.results import SCHEMA, CaptionRow, merge_results, read_attention, read_metadata, write_results
+from satcli.formats.results import SCHEMA, CaptionRow, read_attention, read_metadata, write_results
+from satcli.formats.results_merge import merge_results
 from tests.helpers import picture_sensitive_checkpoint
 
 runner = CliRunner()
@@ -336,7 +340,7 @@ def test_merge_refuses_parts_made_with_other_options(photos, checkpoint, tmp_pat
 
 def test_a_lost_chunk_is_never_finished_over(photos, checkpoint, tmp_path, monkeypatch):
     written = []
-    original = satcli.caption.RunState.write_chunk
+    original = satcli.captioning.state.RunState.write_chunk
 
     def lose_the_second(self, rows, metadata):
         written.append(rows)
@@ -344,7 +348,7 @@ def test_a_lost_chunk_is_never_finished_over(photos, checkpoint, tmp_path, monke
             return None  # as if the chunk had vanished from the disk
         return original(self, rows, metadata)
 
-    monkeypatch.setattr(satcli.caption.RunState, "write_chunk", lose_the_second)
+    monkeypatch.setattr(satcli.captioning.state.RunState, "write_chunk", lose_the_second)
     output = tmp_path / "c.parquet"
     with pytest.raises(SatcliError, match="4 images are missing"):  # the second batch of 4
         run(_options(photos, checkpoint, output))
@@ -391,9 +395,9 @@ def test_cli_wiring(monkeypatch, tmp_path):
 
     def fake_run(options):
         seen["options"] = options
-        return satcli.caption.CaptionSummary(options.output, 0)
+        return CaptionSummary(options.output, 0)
 
-    monkeypatch.setattr(satcli.caption, "run", fake_run)
+    monkeypatch.setattr(satcli.commands.caption, "run", fake_run)
     result = runner.invoke(app, [
         "caption", "a.jpg", "photos", "*.png", "--model", "m.pt", "-o", "out.parquet", "--beam-size", "5",
         "--batch-size", "7", "--max-length", "12", "--length-penalty", "0.5", "--workers", "3", "--device", "cpu",
@@ -431,7 +435,7 @@ def test_cuda_run_with_autocast_gives_a_row_per_image(reference, photos, checkpo
 
 def test_unk_is_never_written_unless_allowed():
     from models.decoding import decode
-    from satcli.caption import decoding_options
+    from satcli.captioning.options import decoding_options
     from satcli.vocab import UNK_ID
     from tests.helpers import random_features, tiny_captioner
 

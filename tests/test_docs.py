@@ -11,14 +11,14 @@ from typer.testing import CliRunner
 
 from models.captioner import Captioner
 from satcli import overlays
-from satcli.caption import CaptionOptions
-from satcli.caption import run as caption
+from satcli.captioning.options import CaptionOptions
 from satcli.checkpoint import save_checkpoint
 from satcli.cli import app
+from satcli.commands.caption import run as caption
 from satcli.defaults import MODEL_ENV, STATE_ENV
 from satcli.demo import closing_hint
 from satcli.features import cache_bytes
-from satcli.results import read_metadata
+from satcli.formats.results import read_metadata
 from satcli.vocab import SPECIALS, Vocabulary
 from tests.helpers import tiny_config
 
