@@ -21,6 +21,7 @@ import satcli.captioning.state
 import satcli.commands.caption
 from satcli.captioning.inputs import find_images
 from satcli.captioning.options import CaptionOptions, CaptionSummary
+from satcli.captioning.shards import find_parts, part_number, part_path, partial_dir
 from satcli.cli import app
 from satcli.commands.caption import run
 from satcli.defaults import default_model, remember_model
@@ -321,6 +322,32 @@ def test_torchrun_rank_picks_the_shard(photos, checkpoint, tmp_path, monkeypatch
     everything = [s.path for s in find_images([str(photos)], photos)]
     assert summary.output.name == "c.part-2-of-3.parquet"
     assert pq.read_table(summary.output).column("path").to_pylist() == everything[2::3]
+
+
+def test_the_checkpoint_is_read_once_per_run(photos, checkpoint, tmp_path, monkeypatch):
+    """A caption run reads its checkpoint file (a torch.load of the whole model) once, not once for the fingerprint
+    and again for the model; the rerun that finds nothing to do reads it once as well."""
+    loads = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *args, **kwargs: loads.append(args[0]) or real_load(*args, **kwargs))
+    options = _options(photos, checkpoint, tmp_path / "c.parquet")
+    run(options)
+    assert loads == [checkpoint]
+    run(options)
+    assert loads == [checkpoint, checkpoint]
+
+
+def test_every_part_name_is_made_and_read_by_one_rule(tmp_path):
+    """The part a shard writes is the one merge finds and numbers; other files beside it are not parts."""
+    for output in (tmp_path / "captions.parquet", tmp_path / "run.v2.parquet", tmp_path / "plain"):
+        parts = [part_path(output, k, 3) for k in range(3)]
+        assert [part_number(p) for p in parts] == [(0, 3), (1, 3), (2, 3)]
+        for part in parts:
+            part.write_bytes(b"")
+        (tmp_path / f"other.part-0-of-3{output.suffix}").write_bytes(b"")
+        assert find_parts(output) == parts
+        assert part_path(output, 0, 1) == output and part_number(output) is None
+        assert partial_dir(parts[1]).name == parts[1].name + ".partial"
 
 
 def test_merge_refuses_a_missing_part(photos, checkpoint, tmp_path):
