@@ -101,6 +101,7 @@ def decoding_options(options: CaptionOptions) -> DecodingOptions:
 
 
 def check_options(options: CaptionOptions) -> None:
+    """Refuse, as one-line errors, options no run could use."""
     if options.batch_size < 1:
         raise SatcliError(f"--batch-size must be at least 1, got {options.batch_size}")
     if options.workers is not None and options.workers < 0:
