@@ -6,10 +6,10 @@
 Same model, same images (camera-sized 1600×1200 JPEGs made from scikit-image's photos with random crops,
 flips and colour jitter), three ways, at each beam size:
 
-(a) ``satcli caption``: ``satcli.caption.run`` in-process, timed from the call to its return — finding the
+(a) ``satcli caption``: ``satcli.commands.caption.run`` in-process, timed from the call to its return — finding the
     files, loading the checkpoint, worker processes decoding JPEGs, batched encoder + beam search, the writer
     thread, and the final merge into one Parquet file.
-(b) the model-only floor: the same encoder and batched beam search (``satcli.caption.caption_batch``, same
+(b) the model-only floor: the same encoder and batched beam search (``satcli.captioning.model.caption_batch``, same
     batch size) over uint8 image tensors already in memory. Nothing is read or written.
 (c) one image at a time, as scripts built on the paper's code do: load → preprocess → encode → beam search
     with a batch of 1, in one process. It uses satcli's own image loader, so all three prepare the same pixels.
@@ -45,8 +45,12 @@ from bench.common import OtherLoad, command, cpu_seconds, machine, write_section
 from models.captioner import Captioner, CaptionerConfig
 from models.data import resize
 from models.decoding import DecodingOptions
-from satcli.caption import CaptionOptions, ImageFiles, caption_batch, default_workers, prepare_model, run
+from satcli.captioning.loading import ImageFiles
+from satcli.captioning.model import caption_batch, prepare_model
+from satcli.captioning.options import CaptionOptions
 from satcli.checkpoint import load_captioner, save_checkpoint
+from satcli.commands.caption import run
+from satcli.feed import default_workers
 from satcli.images import load_image
 from satcli.vocab import SPECIALS, Vocabulary
 
@@ -305,7 +309,7 @@ def throughput_table(rows: list[Row], other_load: float, args: argparse.Namespac
         f"{args.batch_size}, {workers} DataLoader workers, max length {args.max_length} (a random decoder "
         "rarely emits `<end>`, so every caption is that long), decoder 512/512/512 with 2,500 words, random "
         "init. EfficientNet-Lite0 has its ImageNet weights; ResNet-101 is random-init (timing only). "
-        "(a) is timed from the call of `satcli.caption.run` to its return (files found, checkpoint loaded, "
+        "(a) is timed from the call of `satcli.commands.caption.run` to its return (files found, checkpoint loaded, "
         f"{decoders}, results written and merged); (b) is the same encoder and batched beam "
         f"search on uint8 tensors already in {'memory' if device.type == 'cpu' else 'GPU memory'}; "
         "(c) loads, preprocesses, encodes and searches one image "

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 from bench.caption_throughput import make_photos
 from bench.common import command, machine
 from models.data import DataConfig
-from satcli.caption import ImageFiles, _collate
+from satcli.captioning.loading import ImageFiles, collate
 from satcli.device import resolve_device
 from satcli.feed import decode_jpegs, default_workers, images_on_device, read_jpeg
 
@@ -58,7 +58,7 @@ def workers_rate(files: list[str], size: int, workers: int, device: torch.device
     """Images/s out of a DataLoader like caption's; ``on_device``: JPEG bytes decoded on ``device`` per batch."""
     config = _resizing(size)
     dataset = ImageFiles(files, config, None, jpeg_bytes=on_device)
-    loader = DataLoader(dataset, batch_size=BATCH, num_workers=workers, collate_fn=_collate,
+    loader = DataLoader(dataset, batch_size=BATCH, num_workers=workers, collate_fn=collate,
                         pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None)
     start, n = time.perf_counter(), 0
     for batch in loader:

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from models.decoding import DecodingOptions
-from satcli.caption import ImageFiles, caption_batch, prepare_model
+from satcli.captioning.loading import ImageFiles
+from satcli.captioning.model import caption_batch, prepare_model
 from satcli.checkpoint import LoadedCheckpoint, load_captioner
 from satcli.defaults import default_model
 from satcli.device import resolve_device

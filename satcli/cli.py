@@ -251,13 +251,14 @@ def caption(
 
     Files that are not readable images become rows with an error; the run goes on.
     """
-    from satcli import caption as step
+    from satcli.captioning.shards import parse_shard
+    from satcli.commands import caption as step
 
     summary = step.run(step.CaptionOptions(
         inputs=tuple(inputs), model=model, output=output, overwrite=overwrite, batch_size=batch_size,
         beam_size=beam_size, max_length=max_length, length_penalty=length_penalty, n_best=n_best,
         no_repeat_ngram_size=no_repeat_ngram, min_length=min_length, allow_unk=allow_unk, workers=workers,
-        device=device, shard=None if shard is None else step.parse_shard(shard), root=root,
+        device=device, shard=None if shard is None else parse_shard(shard), root=root,
         max_pixels=max_pixels, overlays=overlays,
     ))
     _print_captions(summary.output, summary.n_images, as_json)
@@ -296,7 +297,7 @@ def merge(
     quiet: QuietOption = False,
 ) -> None:
     """Merge the parts written by sharded caption runs (--shard K/N, torchrun) into one results file."""
-    from satcli import merge as step
+    from satcli.commands import merge as step
 
     summary = step.run(step.MergeOptions(parts=tuple(parts or ()), output=output, remove_parts=remove_parts))
     human.print(summary.table())

@@ -19,8 +19,8 @@ from rich.console import RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from satcli.caption import CaptionOptions
-from satcli.caption import run as caption
+from satcli.captioning.options import CaptionOptions
+from satcli.captioning.pipeline import caption_images
 from satcli.console import console
 from satcli.errors import SatcliError
 from satcli.evaluate import BeamResult, EvaluateOptions
@@ -120,9 +120,9 @@ def run(options: DemoOptions) -> DemoResult:
     source = options.data_root / "shapes" / "source"
     test_images = _split_images(source, "test")
     results = options.out / "test_captions.parquet"
-    caption(CaptionOptions(inputs=tuple(str(p) for p in test_images), model=result.best, output=results,
-                           overwrite=True, beam_size=options.beam_size, root=source / "images", device=options.device,
-                           workers=0 if torch.get_num_threads() <= 2 else None))
+    caption_images(CaptionOptions(inputs=tuple(str(p) for p in test_images), model=result.best, output=results,
+                                  overwrite=True, beam_size=options.beam_size, root=source / "images",
+                                  device=options.device, workers=0 if torch.get_num_threads() <= 2 else None))
     drawn = write_overlays(results, source / "images", options.out / "overlays", limit=N_OVERLAYS)
     page = build_report(ReportOptions(results, options.out / "report.html", image_root=source / "images")).output
     seconds = time.perf_counter() - started

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,16 +30,16 @@ from rich.table import Table
 from models.decoding import DecodingOptions, DecodingResult
 from satcli import __version__
 from satcli.atomic import write_text
-from satcli.checkpoint import checkpoint_sha256, load_captioner
+from satcli.checkpoint import LoadedCheckpoint, checkpoint_sha256, load_captioner
 from satcli.console import make_progress
 from satcli.defaults import default_model
 from satcli.device import resolve_device
 from satcli.errors import SatcliError
 from satcli.features import cached_features
+from satcli.formats.results import result_row, results_metadata, write_results
 from satcli.grounding import GroundingScores, grounding_scores, objects_from_store
 from satcli.metrics import bleu, coco_metrics
 from satcli.objects import Lexicon, ObjectScores, build_lexicon, object_scores
-from satcli.results import CaptionRow, write_results
 from satcli.scoring.decode import Decoded, decode_split, split_chunks
 from satcli.store import StoredDataset
 from satcli.text import detokenize, tokenize
@@ -199,6 +199,7 @@ def run(options: EvaluateOptions) -> EvaluateResult:
     raw_references = table.column("captions").to_pylist()
     references = [[tokenize(c) for c in captions] for captions in raw_references]
     result = EvaluateResult(out / REPORT, [], n_images)
+    model_sha256 = checkpoint_sha256(model_path)  # recorded in every predictions file
     for decoding, decoded in zip(decodings, outputs, strict=True):
         beam = BeamResult(decoding.beam_size, seconds=decoded.seconds)
         captions = [[words[i] for i in r.tokens] for r in decoded.results]
@@ -216,14 +217,9 @@ def run(options: EvaluateOptions) -> EvaluateResult:
             beam.objects = object_scores(
                 ((tokens, [o["label"] for o in rows or ()])
                  for tokens, rows in zip(captions, table.column("objects").to_pylist(), strict=True)), lexicon)
-        alternatives = None
-        if decoding.n_best > 1:  # the runners-up, as `satcli caption --n-best` stores them
-            alternatives = [[(detokenize([words[i] for i in h.tokens]), h.sum_logprob, h.finished)
-                             for h in r.hypotheses[1:]] for r in decoded.results]
         beam.predictions = _write_predictions(out / f"predictions-{options.split}-beam{decoding.beam_size}.parquet",
-                                              table, captions, decoded.results, _metadata(
-                                                  loaded, model_path, decoding, dataset, options.split),
-                                              alternatives)
+                                              table, decoded.results, words, decoding.n_best,
+                                              _metadata(loaded, model_sha256, decoding, dataset, options.split))
         result.beams.append(beam)
     _write_report(result, options, dataset, loaded, model_path, decodings, time.perf_counter() - started)
     return result
@@ -250,28 +246,20 @@ def _decode_split(options: EvaluateOptions, dataset: StoredDataset, loaded: Any,
         return decode_split(loaded.model, chunks, decodings, device, lambda n: progress.advance(task, n))
 
 
-def _metadata(loaded: Any, model_path: Path, decoding: DecodingOptions, dataset: StoredDataset,
+def _metadata(loaded: LoadedCheckpoint, model_sha256: str, decoding: DecodingOptions, dataset: StoredDataset,
               split: str) -> dict[str, Any]:
-    return {
-        "satcli.version": __version__,
-        "satcli.model": {"path": str(model_path.absolute()), "sha256": checkpoint_sha256(model_path),
-                         "encoder": loaded.model.config.encoder, "vocab_size": loaded.model.config.vocab_size,
-                         "config": loaded.model.config.to_dict(), "train_options": loaded.train_options,
-                         "metrics": loaded.metrics},
-        "satcli.decoding": asdict(decoding),
-        "satcli.dataset": {"name": dataset.name, "split": split, "root": str(dataset.root.absolute())},
-        # The folder the store's image paths start from, as `satcli caption` records its --root.
-        "satcli.images": {"root": (dataset.meta.get("source") or {}).get("images")},
-    }
+    """A predictions file's metadata: that of any results file (``satcli.images``' root is the folder the store's
+    image paths start from, as caption's --root), plus the dataset and split it was made on."""
+    return results_metadata(loaded, model_sha256, decoding,
+                            image_root=(dataset.meta.get("source") or {}).get("images"),
+                            dataset={"name": dataset.name, "split": split, "root": str(dataset.root.absolute())})
 
 
-def _write_predictions(path: Path, table: Any, captions: list[list[str]], results: list[DecodingResult],
-                       metadata: dict[str, Any], alternatives: list[Any] | None = None) -> Path:
+def _write_predictions(path: Path, table: Any, results: list[DecodingResult], words: list[str], n_best: int,
+                       metadata: dict[str, Any]) -> Path:
+    """One results row per image of the split (as ``satcli caption`` writes them), sorted by path."""
     paths, widths, heights = (table.column(c).to_pylist() for c in ("path", "width", "height"))
-    rows = [CaptionRow(p, detokenize(words), words, r.best.sum_logprob, r.best.finished,
-                       r.best.attention.float().numpy(), w, h, alternatives=alt, token_logprobs=r.best.token_logprobs)
-            for p, w, h, words, r, alt in zip(paths, widths, heights, captions, results,
-                                              alternatives or [None] * len(results), strict=True)]
+    rows = [result_row(p, r, words, n_best, w, h) for p, w, h, r in zip(paths, widths, heights, results, strict=True)]
     rows.sort(key=lambda row: row.path)  # satcli results files are sorted by path
     return write_results(path, rows, metadata)
 

@@ -133,7 +133,7 @@ def decode_jpegs(data: list[torch.Tensor], config: DataConfig, device: torch.dev
 
 
 class _FedBatch(Protocol):
-    """What :func:`images_on_device` reads and updates (``satcli.caption``'s batches)."""
+    """What :func:`images_on_device` reads and updates (``satcli.captioning``'s batches)."""
 
     indices: list[int]
     images: torch.Tensor

@@ -23,20 +23,18 @@ import logging
 import os
 import re
 import stat
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from satcli.atomic import atomic_path, disk_error
 from satcli.console import make_progress
-from satcli.errors import SatcliError, first_line
-from satcli.results import read_attention, read_metadata, read_schema
+from satcli.errors import SatcliError
+from satcli.formats.results import attention_of, count_rows, iter_results, recorded_image_root
 
 log = logging.getLogger(__name__)
 
@@ -263,14 +261,6 @@ def overlay_name(path: str) -> str:
     return f"{safe}-{hashlib.sha1(path.encode('utf-8', 'surrogateescape')).hexdigest()[:8]}"
 
 
-def recorded_image_root(results: str | Path) -> Path | None:
-    """The folder a results file's relative paths start from, as recorded when it was written (``satcli caption``'s
-    ``--root``, ``satcli evaluate``'s dataset images); None when not recorded or no longer there (then the
-    current directory is the best guess)."""
-    root = (read_metadata(results).get("satcli.images") or {}).get("root")
-    return Path(root) if isinstance(root, str) and os.path.isdir(root) else None
-
-
 def resolve_image(path: str, image_root: Path | None) -> Path:
     """Where the image of a result row lies: absolute paths as they are, relative ones under ``image_root``."""
     return Path(path) if os.path.isabs(path) or image_root is None else Path(image_root) / path
@@ -315,40 +305,6 @@ class OverlaySummary:
 
 _COLUMNS = ["path", "tokens", "attention", "grid_height", "grid_width", "image_width", "image_height", "error",
             "token_logprobs"]
-
-
-def count_rows(results: Path) -> int:
-    """How many rows a results file holds. Raises SatcliError if it is not one."""
-    read_schema(results)
-    return pq.ParquetFile(results).metadata.num_rows
-
-
-def iter_results(results: Path, columns: Sequence[str], batch_size: int = 256) -> Iterator[dict]:
-    """The rows of a results file as dicts, a batch at a time (bounded memory). Raises SatcliError if unreadable.
-
-    A column the file predates (see ``results._LATER_COLUMNS``) reads as None.
-    """
-    names = read_schema(results).names
-    present = [c for c in columns if c in names]
-    absent = dict.fromkeys(c for c in columns if c not in names)
-    try:
-        file = pq.ParquetFile(results)
-        for batch in file.iter_batches(batch_size=batch_size, columns=present):
-            for row in batch.to_pylist():
-                row.update(absent)
-                yield row
-    except (OSError, pa.ArrowException) as error:
-        raise SatcliError(f"cannot read results ({first_line(error)})", results) from error
-
-
-def attention_of(row: dict, results: Path) -> np.ndarray:
-    """:func:`~satcli.results.read_attention` of a row, or a one-line SatcliError naming the file when the row's
-    grids do not fit its ``grid_height × grid_width`` (a file satcli did not write)."""
-    try:
-        return read_attention(row)
-    except (ValueError, TypeError) as error:
-        raise SatcliError(f"the attention of {row['path']} does not fit its {row['grid_height']} × "
-                          f"{row['grid_width']} grid; satcli did not write this file", results) from error
 
 
 def write_overlays(results: str | Path, image_root: str | Path | None, out_dir: str | Path, limit: int | None = None,

@@ -31,19 +31,8 @@ from satcli import __version__
 from satcli.atomic import disk_error, write_text
 from satcli.console import make_progress
 from satcli.errors import SatcliError
-from satcli.overlays import (
-    BLEND_FLOOR,
-    BLEND_GAIN,
-    attention_of,
-    colormap_lut,
-    count_rows,
-    iter_results,
-    open_image,
-    overlay_name,
-    recorded_image_root,
-    resolve_image,
-)
-from satcli.results import read_metadata
+from satcli.formats.results import attention_of, count_rows, iter_results, read_metadata, recorded_image_root
+from satcli.overlays import BLEND_FLOOR, BLEND_GAIN, colormap_lut, open_image, overlay_name, resolve_image
 
 log = logging.getLogger(__name__)
 

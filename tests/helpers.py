@@ -44,7 +44,7 @@ def peaked_attention(n_tokens: int, height: int, width: int, peaks: list[tuple[i
 
 def write_results_file(path, rows, metadata=None):
     """CaptionRows → a results Parquet at ``path`` (the real writer)."""
-    from satcli.results import write_results
+    from satcli.formats.results import write_results
 
     return write_results(path, rows, metadata)
 

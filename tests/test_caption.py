@@ -17,12 +17,17 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-import satcli.caption
-from satcli.caption import CaptionOptions, find_images, run
+import satcli.captioning.state
+import satcli.commands.caption
+from satcli.captioning.inputs import find_images
+from satcli.captioning.options import CaptionOptions, CaptionSummary
+from satcli.captioning.shards import find_parts, part_number, part_path, partial_dir
 from satcli.cli import app
+from satcli.commands.caption import run
 from satcli.defaults import default_model, remember_model
 from satcli.errors import SatcliError
-from satcli.results import SCHEMA, CaptionRow, merge_results, read_attention, read_metadata, write_results
+from satcli.formats.results import SCHEMA, CaptionRow, read_attention, read_metadata, write_results
+from satcli.formats.results_merge import merge_results
 from tests.helpers import picture_sensitive_checkpoint
 
 runner = CliRunner()
@@ -319,6 +324,32 @@ def test_torchrun_rank_picks_the_shard(photos, checkpoint, tmp_path, monkeypatch
     assert pq.read_table(summary.output).column("path").to_pylist() == everything[2::3]
 
 
+def test_the_checkpoint_is_read_once_per_run(photos, checkpoint, tmp_path, monkeypatch):
+    """A caption run reads its checkpoint file (a torch.load of the whole model) once, not once for the fingerprint
+    and again for the model; the rerun that finds nothing to do reads it once as well."""
+    loads = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *args, **kwargs: loads.append(args[0]) or real_load(*args, **kwargs))
+    options = _options(photos, checkpoint, tmp_path / "c.parquet")
+    run(options)
+    assert loads == [checkpoint]
+    run(options)
+    assert loads == [checkpoint, checkpoint]
+
+
+def test_every_part_name_is_made_and_read_by_one_rule(tmp_path):
+    """The part a shard writes is the one merge finds and numbers; other files beside it are not parts."""
+    for output in (tmp_path / "captions.parquet", tmp_path / "run.v2.parquet", tmp_path / "plain"):
+        parts = [part_path(output, k, 3) for k in range(3)]
+        assert [part_number(p) for p in parts] == [(0, 3), (1, 3), (2, 3)]
+        for part in parts:
+            part.write_bytes(b"")
+        (tmp_path / f"other.part-0-of-3{output.suffix}").write_bytes(b"")
+        assert find_parts(output) == parts
+        assert part_path(output, 0, 1) == output and part_number(output) is None
+        assert partial_dir(parts[1]).name == parts[1].name + ".partial"
+
+
 def test_merge_refuses_a_missing_part(photos, checkpoint, tmp_path):
     run(_options(photos, checkpoint, tmp_path / "c.parquet", shard=(0, 2)))
     result = runner.invoke(app, ["merge", "-o", str(tmp_path / "c.parquet")])
@@ -336,7 +367,7 @@ def test_merge_refuses_parts_made_with_other_options(photos, checkpoint, tmp_pat
 
 def test_a_lost_chunk_is_never_finished_over(photos, checkpoint, tmp_path, monkeypatch):
     written = []
-    original = satcli.caption.RunState.write_chunk
+    original = satcli.captioning.state.RunState.write_chunk
 
     def lose_the_second(self, rows, metadata):
         written.append(rows)
@@ -344,7 +375,7 @@ def test_a_lost_chunk_is_never_finished_over(photos, checkpoint, tmp_path, monke
             return None  # as if the chunk had vanished from the disk
         return original(self, rows, metadata)
 
-    monkeypatch.setattr(satcli.caption.RunState, "write_chunk", lose_the_second)
+    monkeypatch.setattr(satcli.captioning.state.RunState, "write_chunk", lose_the_second)
     output = tmp_path / "c.parquet"
     with pytest.raises(SatcliError, match="4 images are missing"):  # the second batch of 4
         run(_options(photos, checkpoint, output))
@@ -391,9 +422,9 @@ def test_cli_wiring(monkeypatch, tmp_path):
 
     def fake_run(options):
         seen["options"] = options
-        return satcli.caption.CaptionSummary(options.output, 0)
+        return CaptionSummary(options.output, 0)
 
-    monkeypatch.setattr(satcli.caption, "run", fake_run)
+    monkeypatch.setattr(satcli.commands.caption, "run", fake_run)
     result = runner.invoke(app, [
         "caption", "a.jpg", "photos", "*.png", "--model", "m.pt", "-o", "out.parquet", "--beam-size", "5",
         "--batch-size", "7", "--max-length", "12", "--length-penalty", "0.5", "--workers", "3", "--device", "cpu",
@@ -431,7 +462,7 @@ def test_cuda_run_with_autocast_gives_a_row_per_image(reference, photos, checkpo
 
 def test_unk_is_never_written_unless_allowed():
     from models.decoding import decode
-    from satcli.caption import decoding_options
+    from satcli.captioning.options import decoding_options
     from satcli.vocab import UNK_ID
     from tests.helpers import random_features, tiny_captioner
 

@@ -15,7 +15,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
 from models.data import DataConfig, image_to_tensor, resize
-from satcli.caption import ImageFiles
+from satcli.captioning.loading import ImageFiles
 from satcli.checkpoint import checkpoint_dict, load_captioner, read_checkpoint, save_checkpoint
 from satcli.errors import SatcliError
 from satcli.features import encode_split

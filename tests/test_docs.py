@@ -11,14 +11,13 @@ from typer.testing import CliRunner
 
 from models.captioner import Captioner
 from satcli import overlays
-from satcli.caption import CaptionOptions
-from satcli.caption import run as caption
+from satcli.captioning.options import CaptionOptions
 from satcli.checkpoint import save_checkpoint
 from satcli.cli import app
+from satcli.commands.caption import run as caption
 from satcli.defaults import MODEL_ENV, STATE_ENV
 from satcli.demo import closing_hint
 from satcli.features import cache_bytes
-from satcli.results import read_metadata
 from satcli.vocab import SPECIALS, Vocabulary
 from tests.helpers import tiny_config
 
@@ -40,26 +39,6 @@ def results_file(tmp_path_factory) -> Path:
     caption(CaptionOptions(inputs=(str(root / "grey.png"),), model=checkpoint, output=output, workers=0,
                            root=root, progress=False))
     return output
-
-
-def _metadata_rows() -> dict[str, str]:
-    """formats.md's key-value metadata table: key → the description cell."""
-    section = DOCS["formats.md"].split("### Key-value metadata", 1)[1].split("\n\n`satcli.results", 1)[0]
-    return dict(re.findall(r"^\| `(satcli\.[\w.]+)` \| (.*) \|$", section, re.M))
-
-
-def test_formats_md_names_exactly_the_metadata_keys_a_results_file_has(results_file):
-    metadata = read_metadata(results_file)
-    rows = _metadata_rows()
-    assert set(rows) == set(metadata)
-    for key in ("satcli.model", "satcli.decoding", "satcli.images", "satcli.shard"):
-        named = set(re.findall(r"`([A-Za-z_]\w*)`(?!s)", rows[key]))  # not "`path`s": the column
-        fields = set(metadata[key])
-        nested = {k for value in metadata[key].values() if isinstance(value, dict) for k in value}
-        missing = fields - named
-        assert not missing, f"{key}: formats.md does not name {missing}"
-        invented = named - fields - nested - {"merged_from"}  # merged_from: written by satcli merge
-        assert not invented, f"{key}: formats.md names {invented}, which the file does not have"
 
 
 def test_token_logprobs_and_the_pictures_agree():

@@ -10,10 +10,10 @@ from models.captioner import Captioner
 from satcli import evaluate as evaluate_step
 from satcli.checkpoint import save_checkpoint
 from satcli.cli import app
+from satcli.formats.results import SCHEMA, read_attention, read_metadata
 from satcli.metrics import bleu
 from satcli.preprocess import PreprocessOptions
 from satcli.preprocess import run as preprocess
-from satcli.results import SCHEMA, read_attention, read_metadata
 from satcli.store import DatasetKind, StoredDataset
 from satcli.text import tokenize
 from tests.helpers import tiny_config

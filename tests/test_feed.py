@@ -10,10 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-import satcli.caption
+import satcli.captioning.pipeline
 import satcli.feed
 from models.data import DataConfig
-from satcli.caption import ImageFiles, _collate, run
+from satcli.captioning.loading import ImageFiles, collate
+from satcli.commands.caption import run
 from satcli.feed import decode_jpegs, default_workers, images_on_device, read_jpeg
 from satcli.images import ImageError
 from tests import test_caption
@@ -92,7 +93,7 @@ def test_a_jpeg_the_decoder_refuses_is_loaded_on_the_cpu_in_batch_order(tmp_path
     items = [dataset[0], (1, satcli.feed.JpegBytes(torch.frombuffer(bytearray(broken.read_bytes()),
                                                                   dtype=torch.uint8), 9, 9), 9, 9, None),
              dataset[2], dataset[3]]
-    batch = _collate(items)
+    batch = collate(items)
     assert sorted(batch.jpegs) == [0, 1, 3]  # the PNG was decoded by the "worker"
     images = images_on_device(batch, _size(32), CPU, dataset.load)
     reference = [dataset.load(i) for i in range(4)]
@@ -107,10 +108,10 @@ def test_a_jpeg_the_decoder_refuses_is_loaded_on_the_cpu_in_batch_order(tmp_path
 def test_jpegs_decoded_on_the_device_give_the_same_rows(photos, checkpoint, reference, tmp_path, monkeypatch):
     """The whole caption run with JPEGs decoded in the main process (the CPU standing in for the GPU): every
     file once, the same error rows, the same sizes, and identical captions for what the workers decoded."""
-    monkeypatch.setattr(satcli.caption, "jpeg_decode_device", lambda device: device)
+    monkeypatch.setattr(satcli.captioning.pipeline, "jpeg_decode_device", lambda device: device)
     calls = []
-    real = satcli.caption.images_on_device
-    monkeypatch.setattr(satcli.caption, "images_on_device",
+    real = satcli.captioning.pipeline.images_on_device
+    monkeypatch.setattr(satcli.captioning.pipeline, "images_on_device",
                         lambda batch, *args: calls.append(sorted(batch.jpegs)) or real(batch, *args))
     broken = tmp_path / "broken.jpg"  # a JPEG to the worker, garbage to the decoder
     broken.write_bytes(b"\xff\xd8\xff" + bytes(500) + b"\xff\xd9")
@@ -172,5 +173,5 @@ def test_cuda_batches_arrive_pinned_and_bad_jpegs_are_error_rows(photos, checkpo
     for path, row in expected.items():
         assert (rows[path]["error"] is None) == (row["error"] is None), path
     dataset = ImageFiles([str(photos / "rgb.jpg"), str(photos / "grey.png")], _size(64), None)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=2, collate_fn=_collate, pin_memory=True)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=2, collate_fn=collate, pin_memory=True)
     assert next(iter(loader)).images.is_pinned()

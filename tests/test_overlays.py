@@ -7,8 +7,8 @@ import pytest
 from PIL import Image
 
 from satcli.errors import SatcliError
+from satcli.formats.results import CaptionRow
 from satcli.overlays import heat_panel, overlay_name, render_frames, render_sheet, upsample, write_overlays
-from satcli.results import CaptionRow
 from tests.helpers import peaked_attention, write_results_file
 
 

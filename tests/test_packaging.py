@@ -33,7 +33,7 @@ def test_installed_encoder_weights_are_the_recorded_files(variant):
 
 def test_caption_imports_without_fcntl():
     """Windows has no fcntl: importing the CLI and the caption step must not need it."""
-    code = "import sys; sys.modules['fcntl'] = None; import satcli.caption, satcli.cli; print('ok')"
+    code = "import sys; sys.modules['fcntl'] = None; import satcli.commands.caption, satcli.cli; print('ok')"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300,
                           env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
     assert done.stdout.strip() == "ok", done.stderr

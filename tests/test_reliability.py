@@ -20,13 +20,13 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-import satcli.caption
-import satcli.results
+import satcli.formats.results
 from models.captioner import Captioner
 from satcli.atomic import remove_stale_temps, temp_path, write_bytes
-from satcli.caption import CaptionOptions, run
+from satcli.captioning.options import CaptionOptions
 from satcli.checkpoint import save_checkpoint
 from satcli.cli import app
+from satcli.commands.caption import run
 from satcli.errors import SatcliError
 from satcli.vocab import SPECIALS, Vocabulary
 from tests.helpers import tiny_config
@@ -255,7 +255,7 @@ def _results_with(tmp_path: Path, rows) -> Path:
 
 
 def test_report_and_overlays_finish_when_an_image_path_is_a_fifo(tmp_path):
-    from satcli.results import CaptionRow
+    from satcli.formats.results import CaptionRow
     from tests.helpers import peaked_attention
 
     os.mkfifo(tmp_path / "pipe.jpg")  # nothing ever writes into it: opening it to read would wait forever
@@ -275,7 +275,7 @@ def test_report_and_overlays_finish_when_an_image_path_is_a_fifo(tmp_path):
 
 
 def test_attention_that_does_not_fit_its_grid_is_one_line(tmp_path):
-    from satcli.results import CaptionRow, to_table
+    from satcli.formats.results import CaptionRow, to_table
     from tests.helpers import peaked_attention
 
     rows = [CaptionRow("a.jpg", "a b", ["a", "b"], -1.0, True, peaked_attention(2, 3, 3, [(0, 0), (1, 1)]), 9, 9)]
@@ -349,10 +349,10 @@ class _FullDisk:
     """A ParquetWriter whose writes fail as on a full disk, for files named ``target``."""
 
     def __init__(self, monkeypatch, target: str, code: int = errno.ENOSPC):
-        original = satcli.results.pq.ParquetWriter
+        original = satcli.formats.results.pq.ParquetWriter
         outer = self
 
-        original_temp_path = getattr(satcli.results, "temp_path", None)
+        original_temp_path = getattr(satcli.formats.results, "temp_path", None)
 
         class Writer(original):
             def write_table(self, table, *args, **kwargs):
@@ -370,8 +370,8 @@ class _FullDisk:
             return outer.last_temp
 
         self.target, self.code, self.last_temp = target, code, None
-        monkeypatch.setattr(satcli.results.pq, "ParquetWriter", Writer)
-        monkeypatch.setattr(satcli.results, "temp_path", recording_temp_path, raising=False)
+        monkeypatch.setattr(satcli.formats.results.pq, "ParquetWriter", Writer)
+        monkeypatch.setattr(satcli.formats.results, "temp_path", recording_temp_path, raising=False)
 
 
 def _add_photo(photos: Path) -> None:
@@ -446,7 +446,7 @@ def test_merge_on_a_full_disk_and_parts_on_a_read_only_one(photos, checkpoint, t
 
 
 def test_report_and_overlays_on_a_full_disk(tmp_path, monkeypatch):
-    from satcli.results import CaptionRow
+    from satcli.formats.results import CaptionRow
     from tests.helpers import peaked_attention
 
     Image.new("RGB", (30, 30), (200, 30, 30)).save(tmp_path / "red.png")
@@ -519,12 +519,12 @@ def test_a_checkpoint_write_on_a_full_disk_keeps_the_old_one(checkpoint, tmp_pat
 
 def test_other_os_errors_are_not_hidden(tmp_path, monkeypatch):
     """Only disk faults become one line: a bug keeps its traceback."""
-    import satcli.merge
+    import satcli.commands.merge
 
     def broken(options):
         raise OSError(errno.EBADF, "Bad file descriptor")
 
-    monkeypatch.setattr(satcli.merge, "run", broken)
+    monkeypatch.setattr(satcli.commands.merge, "run", broken)
     result = runner.invoke(app, ["merge", "-o", str(tmp_path / "x.parquet")])
     assert isinstance(result.exception, OSError) and result.exception.errno == errno.EBADF
 
@@ -583,7 +583,7 @@ def test_the_atomic_helper_writes_bytes_and_cleans_only_dead_writers(tmp_path):
 def test_a_slow_disk_never_leaves_more_than_two_batches_unsaved():
     import threading
 
-    from satcli.caption import UNSAVED_BATCHES, ChunkWriter, _Done
+    from satcli.captioning.writer import UNSAVED_BATCHES, CaptionedBatch, ChunkWriter
 
     release = threading.Event()
     written = []
@@ -597,10 +597,10 @@ def test_a_slow_disk_never_leaves_more_than_two_batches_unsaved():
 
     metadata = {"satcli.decoding": {"n_best": 1}}
     writer = ChunkWriter(SlowDisk(), metadata, words=[])
-    batches = [_Done([f"img{i}"], [1], [1], ["empty: x"], [None]) for i in range(4)]
+    batches = [CaptionedBatch([f"img{i}"], [1], [1], ["empty: x"], [None]) for i in range(4)]
     captioned = []
 
-    def caption_all():  # the captioning loop of satcli.caption._caption
+    def caption_all():  # the captioning loop of satcli.captioning.pipeline
         for batch in batches:
             writer.reserve()
             captioned.append(batch)

@@ -13,9 +13,9 @@ import pytest
 from PIL import Image
 
 from satcli.errors import SatcliError
+from satcli.formats.results import CaptionRow
 from satcli.overlays import overlay_name
 from satcli.report import ReportOptions, run
-from satcli.results import CaptionRow
 from tests.helpers import peaked_attention, write_results_file
 
 CHROMIUM = os.environ.get("SATCLI_CHROMIUM") or "/usr/bin/chromium"

@@ -24,7 +24,7 @@ from satcli.cli import app
 from satcli.console import LineProgress
 from satcli.device import resolve_device
 from satcli.errors import SatcliError
-from satcli.results import read_attention
+from satcli.formats.results import read_attention
 from tests.helpers import picture_sensitive_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -225,11 +225,11 @@ def test_devices_that_are_not_there_fail_clearly(monkeypatch):
 
 
 def test_the_cli_passes_cuda_n_and_mps_through(monkeypatch, tmp_path):
-    import satcli.caption
+    import satcli.commands.caption
 
     seen = []
-    monkeypatch.setattr(satcli.caption, "run", lambda options: seen.append(options) or
-                        satcli.caption.CaptionSummary(options.output, 0))
+    monkeypatch.setattr(satcli.commands.caption, "run", lambda options: seen.append(options) or
+                        satcli.commands.caption.CaptionSummary(options.output, 0))
     for device in ("cuda:1", "mps"):
         assert runner.invoke(app, ["caption", "x.jpg", "--device", device]).exit_code == 0
     assert [o.device for o in seen] == ["cuda:1", "mps"]

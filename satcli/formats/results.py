@@ -1,40 +1,17 @@
-"""Caption results as Parquet: the schema, defined once, and the only code that writes or merges such files.
+"""Results files: one Parquet row per image, the schema defined once, and the only code that builds, writes and
+reads such rows and their metadata (``satcli caption`` and ``satcli evaluate`` both use it).
 
-One row per input image (docs/formats.md shows how to read it with pandas, pyarrow and duckdb):
-
-===============  ===========================  =====================================================================
-column           type                         meaning
-===============  ===========================  =====================================================================
-path             string                       the image, as named on the command line (relative when possible)
-caption          string                       the caption (null when ``error`` is set)
-tokens           list<string>                 its words, one per attention grid
-sum_logprob      float                        log-probability of the caption (words and ``<end>``)
-finished         bool                         false when the caption was cut at ``max_length`` without ``<end>``
-attention        list<list<float>>            one row-major ``grid_height × grid_width`` grid per token, sums to 1
-grid_height      int32                        rows of the encoder's feature grid
-grid_width       int32                        columns of the encoder's feature grid
-image_width      int32                        the original image's width after EXIF orientation
-image_height     int32                        the original image's height after EXIF orientation
-error            string                       null, or ``kind: reason`` when the image could not be captioned
-alternatives     list<struct<caption,         with ``--n-best N`` > 1: the 2nd … Nth best captions, best first, with
-                 sum_logprob, finished>>      their log-probabilities (no attention); null otherwise
-token_logprobs   list<float>                  log-probability of each word given the words before it, one per
-                                              token; ``sum_logprob`` minus their sum is ``<end>``'s. Null in files
-                                              written before this column
-===============  ===========================  =====================================================================
-
-The file's key-value metadata holds ``satcli.version``, ``satcli.schema_version``, ``satcli.model`` and
-``satcli.decoding`` (JSON) and more; :func:`read_metadata` returns it parsed.
+docs/formats.md documents every column and metadata key (a test checks that a caption results file and an
+evaluate predictions file hold exactly those); :func:`read_metadata` returns the metadata parsed.
 """
 
 from __future__ import annotations
 
 import contextlib
-import heapq
 import json
 import os
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +20,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from satcli.atomic import disk_error, fsync_directory, remove_stale_temps, temp_path
+from models.decoding import DecodingOptions, DecodingResult
+from satcli import __version__
+from satcli.atomic import disk_error, fsync_directory, temp_path
+from satcli.checkpoint import LoadedCheckpoint
 from satcli.errors import SatcliError, first_line
+from satcli.text import detokenize
 
 SCHEMA_VERSION = 1
 
@@ -86,6 +67,58 @@ class CaptionRow:
     error: str | None = None
     alternatives: list[tuple[str, float, bool]] | None = None  # (caption, sum_logprob, finished): 2nd … Nth
     token_logprobs: list[float] | None = None  # one per token: log P(word | words before it)
+
+
+def result_row(path: str, result: DecodingResult | None, words: Sequence[str], n_best: int = 1,
+               width: int | None = None, height: int | None = None, error: str | None = None) -> CaptionRow:
+    """One image's row: the best caption of ``result`` (with ``n_best`` > 1 the runners-up go to
+    ``alternatives``), or, when ``result`` is None, a row holding only the image size and ``error``."""
+    if result is None:
+        return CaptionRow(path, image_width=width, image_height=height, error=error)
+    best = result.best
+    tokens = [words[i] for i in best.tokens]
+    alternatives = None
+    if n_best > 1:
+        alternatives = [(detokenize([words[i] for i in h.tokens]), h.sum_logprob, h.finished)
+                        for h in result.hypotheses[1:]]
+    return CaptionRow(path, detokenize(tokens), tokens, best.sum_logprob, best.finished,
+                      best.attention.float().numpy(), width, height, alternatives=alternatives,
+                      token_logprobs=best.token_logprobs)
+
+
+def results_metadata(loaded: LoadedCheckpoint, model_sha256: str, decoding: DecodingOptions, *,
+                     image_root: str | None, max_pixels: int | None = None, shard: tuple[int, int] | None = None,
+                     fingerprint: dict[str, Any] | None = None,
+                     dataset: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The key-value metadata of a results file (docs/formats.md): the model, the decoding and where the images
+    are, for every file; ``satcli.shard`` and ``satcli.fingerprint`` from caption runs, ``satcli.dataset`` from
+    evaluate."""
+    config = loaded.model.config
+    pre = loaded.preprocessing
+    metadata: dict[str, Any] = {
+        "satcli.version": __version__,
+        "satcli.model": {
+            "path": None if loaded.path is None else str(loaded.path.absolute()),
+            "sha256": model_sha256,
+            "encoder": config.encoder,
+            "vocab_size": config.vocab_size,
+            "config": config.to_dict(),
+            "preprocessing": {"image_size": int(pre.image_size), "mean": [float(v) for v in pre.mean],
+                              "std": [float(v) for v in pre.std]},
+            "train_options": loaded.train_options,
+            "metrics": loaded.metrics,
+        },
+        "satcli.decoding": asdict(decoding),
+        # root: where the relative result paths start, so report and overlays find the images from anywhere.
+        "satcli.images": {"max_pixels": max_pixels, "root": image_root},
+    }
+    if dataset is not None:
+        metadata["satcli.dataset"] = dataset
+    if shard is not None:
+        metadata["satcli.shard"] = {"index": shard[0], "count": shard[1]}
+    if fingerprint is not None:
+        metadata["satcli.fingerprint"] = fingerprint
+    return metadata
 
 
 def to_table(rows: Sequence[CaptionRow], metadata: dict[str, str] | None = None) -> pa.Table:
@@ -302,11 +335,6 @@ def conform(table: pa.Table) -> pa.Table:
         raise ValueError(f"not a satcli results table: {first_line(error)}") from error
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Merging sorted files with bounded memory
-# ---------------------------------------------------------------------------------------------------------------
-
-
 def read_column(path: str | Path, column: str) -> list[Any]:
     """One column of a results file as Python values (used to learn which paths a file holds)."""
     try:
@@ -315,106 +343,43 @@ def read_column(path: str | Path, column: str) -> list[Any]:
         raise SatcliError(f"not a readable results file ({first_line(error)})", path) from error
 
 
-class _Cursor:
-    """Reads rows of one source in increasing order, one row group at a time."""
-
-    def __init__(self, path: Path):
-        self.file = pq.ParquetFile(path)
-        self.starts = np.cumsum([0] + [self.file.metadata.row_group(g).num_rows
-                                       for g in range(self.file.num_row_groups)])
-        self.group = -1
-        self.table: pa.Table | None = None
-
-    def take(self, start: int, length: int) -> Iterator[pa.Table]:
-        """Rows ``start`` … ``start + length - 1`` as slices of the row groups holding them."""
-        while length > 0:
-            group = int(np.searchsorted(self.starts, start, side="right")) - 1
-            if group != self.group:
-                self.table, self.group = conform(self.file.read_row_group(group)), group
-            assert self.table is not None
-            offset = start - int(self.starts[group])
-            n = min(length, self.table.num_rows - offset)
-            yield self.table.slice(offset, n)
-            start, length = start + n, length - n
-
-    def release(self) -> None:
-        self.table, self.group = None, -1
+def count_rows(results: Path) -> int:
+    """How many rows a results file holds. Raises SatcliError if it is not one."""
+    read_schema(results)
+    return pq.ParquetFile(results).metadata.num_rows
 
 
-def merge_results(sources: Sequence[str | Path], destination: str | Path, metadata: dict[str, Any] | None = None,
-                  keep: Iterable[str] | None = None, on_duplicate: str = "first") -> dict[str, int]:
-    """Merge results files into one sorted by path, atomically, holding one row group per source in memory.
+def iter_results(results: Path, columns: Sequence[str], batch_size: int = 256) -> Iterator[dict]:
+    """The rows of a results file as dicts, a batch at a time (bounded memory). Raises SatcliError if unreadable.
 
-    Each source must be sorted by path (every file satcli writes is). A path found in several sources is
-    written once, from the earliest source (``on_duplicate="first"``) or refused (``"error"``: a SatcliError
-    naming both files). ``keep``: write only these paths. Returns counts: ``rows`` and rows per error kind.
+    A column the file predates (see ``_LATER_COLUMNS``) reads as None.
     """
-    sources = [Path(s) for s in sources]
-    wanted = None if keep is None else set(keep)
-    streams = []
-    for index, source in enumerate(sources):
-        read_schema(source)
-        paths = read_column(source, "path")
-        if any(a > b for a, b in zip(paths, paths[1:], strict=False)):
-            raise SatcliError("results file is not sorted by path; satcli did not write it", source)
-        streams.append([(p, index, row) for row, p in enumerate(paths) if wanted is None or p in wanted])
-    remaining = [len(s) for s in streams]
-    cursors: dict[int, _Cursor] = {}
-    counts: dict[str, int] = {"rows": 0}
-    pending: list[pa.Table] = []
-    n_pending = 0
-    last_path: str | None = None
-    last_source = -1
-    run: list[int] = []  # [source, first row, length] of the run of consecutive rows being gathered
+    names = read_schema(results).names
+    present = [c for c in columns if c in names]
+    absent = dict.fromkeys(c for c in columns if c not in names)
+    try:
+        file = pq.ParquetFile(results)
+        for batch in file.iter_batches(batch_size=batch_size, columns=present):
+            for row in batch.to_pylist():
+                row.update(absent)
+                yield row
+    except (OSError, pa.ArrowException) as error:
+        raise SatcliError(f"cannot read results ({first_line(error)})", results) from error
 
-    remove_stale_temps(destination)  # a merge into it that was killed left its temporary file
-    with ResultsWriter(destination, metadata) as writer:
-        def flush_run() -> None:
-            nonlocal n_pending
-            if not run:
-                return
-            source, start, length = run
-            cursor = cursors.setdefault(source, _Cursor(sources[source]))
-            for piece in cursor.take(start, length):
-                pending.append(piece)
-                n_pending += piece.num_rows
-            remaining[source] -= length
-            if remaining[source] == 0:
-                cursors.pop(source).release()
-            run.clear()
 
-        def flush_pending() -> None:
-            nonlocal n_pending
-            if pending:
-                table = pa.concat_tables(pending)
-                for error in table.column("error").to_pylist():
-                    if error is not None:
-                        kind = error.split(":", 1)[0]
-                        counts[kind] = counts.get(kind, 0) + 1
-                writer.write(table)
-                pending.clear()
-                n_pending = 0
+def attention_of(row: dict, results: Path) -> np.ndarray:
+    """:func:`read_attention` of a row, or a one-line SatcliError naming the file when the row's grids do not fit
+    its ``grid_height × grid_width`` (a file satcli did not write)."""
+    try:
+        return read_attention(row)
+    except (ValueError, TypeError) as error:
+        raise SatcliError(f"the attention of {row['path']} does not fit its {row['grid_height']} × "
+                          f"{row['grid_width']} grid; satcli did not write this file", results) from error
 
-        for path, source, row in heapq.merge(*streams):
-            if path == last_path:
-                if on_duplicate == "error" and source != last_source:
-                    raise SatcliError(f"{path} is also in {sources[last_source]}; parts must not overlap",
-                                      sources[source])
-                flush_run()
-                remaining[source] -= 1  # a duplicate is skipped, but its source still moves on
-                if remaining[source] == 0 and source in cursors:
-                    cursors.pop(source).release()
-                continue
-            last_path, last_source = path, source
-            counts["rows"] += 1
-            if run and run[0] == source and run[1] + run[2] == row:
-                run[2] += 1
-            else:
-                flush_run()
-                run.extend([source, row, 1])
-            if n_pending + (run[2] if run else 0) >= ROW_GROUP_SIZE:
-                flush_run()
-                flush_pending()
-        flush_run()
-        flush_pending()
-    return counts
+
+def recorded_image_root(results: str | Path) -> Path | None:
+    """The folder a results file's relative paths start from, as recorded when it was written (``satcli caption``'s
+    ``--root``, ``satcli evaluate``'s dataset images); None when not recorded or no longer there (then the
+    current directory is the best guess)."""
+    root = (read_metadata(results).get("satcli.images") or {}).get("root")
+    return Path(root) if isinstance(root, str) and os.path.isdir(root) else None

@@ -1,0 +1,20 @@
+"""``satcli caption``: photos → one results Parquet row each (caption, words, attention), then, when asked, the
+attention pictures. The work is :mod:`satcli.captioning`'s; cli.py prints the returned summary."""
+
+from __future__ import annotations
+
+from satcli.captioning.options import CaptionOptions, CaptionSummary
+from satcli.captioning.pipeline import caption_images
+from satcli.overlays import write_overlays
+
+__all__ = ["CaptionOptions", "CaptionSummary", "run"]
+
+
+def run(options: CaptionOptions) -> CaptionSummary:
+    """Caption every image named by ``options.inputs`` into ``options.output`` (or this shard's part), then
+    draw the attention pictures into ``options.overlays`` when asked (after the Parquet: the captioning loop
+    never waits for them, and an interrupted run keeps its captions)."""
+    summary = caption_images(options)
+    if options.overlays is not None:
+        summary.overlays = write_overlays(summary.output, options.root, options.overlays, progress=options.progress)
+    return summary
