@@ -29,7 +29,6 @@ class CaptionFormat(str, Enum):
     pairs_jsonl = "pairs-jsonl"
 
 
-
 @dataclass
 class ObjectBox:
     """An object drawn in an image: ``box`` is ``(x0, y0, x1, y1)`` in pixels of the source image."""
