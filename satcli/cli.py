@@ -7,41 +7,51 @@ User mistakes arrive here as :class:`~satcli.errors.SatcliError` and leave as on
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import os
-from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, NoReturn
+from typing import Annotated, NoReturn
 
 import click
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
-from rich.markup import escape
 from rich.table import Table
 
 from satcli import __version__
 from satcli.atomic import disk_error
+from satcli.cli_options import (
+    AllowUnkOption,
+    Attention,
+    BatchSizeOption,
+    BeamSizeOption,
+    DataRootOption,
+    DeviceOption,
+    FeatureFlipsOption,
+    FeatureShiftsOption,
+    FeatureViewsOption,
+    JsonOption,
+    LengthPenaltyOption,
+    MaxLengthOption,
+    MinLengthOption,
+    ModelOption,
+    NBestOption,
+    NoRepeatNgramOption,
+    OverlaysOption,
+    QuietOption,
+    ResultsOption,
+    WorkersOption,
+)
+from satcli.cli_output import print_captions, print_drawn, print_evaluated, print_reported, print_trained
 from satcli.console import console as human
 from satcli.console import out_console, set_quiet
 from satcli.errors import SatcliError
 from satcli.store import DatasetKind
 
-if TYPE_CHECKING:
-    from satcli.training import TrainResult
-
 console = out_console  # results a script reads (captions, --json, tables a command exists to print)
 err_console = Console(stderr=True)  # errors: never silenced by --quiet
 log = logging.getLogger("satcli")
 EXIT_FAILED_IMAGES = 3  # caption --strict when some images could not be captioned
-FEW_IMAGES = 20  # caption prints `path → caption` lines up to this many images, the summary alone above it
-
-# Options shared by several commands, declared once.
-DataRootOption = Annotated[
-    Path,
-    typer.Option("--data-root", envvar="SATCLI_DATA", help="Where preprocessed datasets live.", show_default=True),
-]
 
 
 class _Group(typer.core.TyperGroup):
@@ -84,20 +94,6 @@ def _show_version(value: bool) -> None:
     if value:
         console.print(f"satcli {__version__}")
         raise typer.Exit()
-
-
-def _quiet(value: bool) -> None:
-    if value:
-        set_quiet(True)
-        logging.getLogger().setLevel(logging.WARNING)
-
-
-# -q is accepted before the command (`satcli -q caption ...`) and after it (`satcli caption ... -q`).
-QuietOption = Annotated[bool, typer.Option(
-    "--quiet", "-q", callback=_quiet, expose_value=False,
-    help="Only results, warnings and errors: no progress, tables or notes.")]
-JsonOption = Annotated[bool, typer.Option(
-    "--json", help="Machine-readable results on stdout (human text stays on stderr).")]
 
 
 @app.callback()
@@ -172,41 +168,6 @@ def preprocess(
     human.print(step.summary_table(step.run(options), options))
 
 
-class Attention(str, Enum):
-    """Attention kinds of the captioner."""
-
-    soft = "soft"
-    hard = "hard"
-
-
-# Options shared by the commands that caption images (caption now; evaluate reuses them), declared once.
-ModelOption = Annotated[Path | None, typer.Option(
-    "--model", "-m", dir_okay=False, show_default=False,
-    help="Model checkpoint. Default: $SATCLI_MODEL, else the model of the most recent `satcli train`.")]
-BeamSizeOption = Annotated[int, typer.Option("--beam-size", min=1, help="Captions kept per step (1: greedy).")]
-MaxLengthOption = Annotated[int, typer.Option("--max-length", min=1, help="Most words per caption, <end> included.")]
-LengthPenaltyOption = Annotated[float, typer.Option(
-    "--length-penalty", min=0.0, help="Rank captions by sum of log-probabilities / length ** this (0: no penalty).")]
-NBestOption = Annotated[int, typer.Option(
-    "--n-best", min=1, help="Captions kept per image, best first (at most --beam-size); the runners-up go to the "
-    "results' `alternatives` column.")]
-NoRepeatNgramOption = Annotated[int, typer.Option(
-    "--no-repeat-ngram", min=0, help="Never write the same N words twice in one caption (0: off).")]
-MinLengthOption = Annotated[int, typer.Option("--min-length", min=0, help="Fewest words before a caption may end.")]
-AllowUnkOption = Annotated[bool, typer.Option(
-    "--allow-unk", help="Let captions contain <unk> (the out-of-vocabulary token; never written by default).")]
-BatchSizeOption = Annotated[int, typer.Option("--batch-size", min=1, help="Images per batch on the device.")]
-DeviceOption = Annotated[str, typer.Option(
-    "--device", metavar="auto|cpu|cuda|cuda:N|mps", help="auto: a CUDA GPU when there is one, else the CPU.")]
-WorkersOption = Annotated[int | None, typer.Option(
-    "--workers", min=0, show_default=False,
-    help="Processes decoding images (0: in the main one). Default: min(4, CPUs); on a GPU up to 8, one CPU left free.")]
-ResultsOption = Annotated[Path, typer.Option("--output", "-o", dir_okay=False, help="Results Parquet file.")]
-OverlaysOption = Annotated[Path | None, typer.Option(
-    "--overlays", file_okay=False, show_default=False,
-    help="Also draw where the model looked: a PNG (a panel per word) and a GIF per image, in this folder.")]
-
-
 @app.command()
 def caption(
     inputs: Annotated[list[str], typer.Argument(
@@ -261,31 +222,12 @@ def caption(
         device=device, shard=None if shard is None else parse_shard(shard), root=root,
         max_pixels=max_pixels, overlays=overlays,
     ))
-    _print_captions(summary.output, summary.n_images, as_json)
+    print_captions(summary.output, summary.n_images, as_json)
     human.print(summary.table())
     if strict and summary.n_errors:
         err_console.print(f"[bold red]error:[/] {summary.n_errors:,} of {summary.n_images:,} images could not be "
                           f"captioned (see the error column of {summary.output})", highlight=False, soft_wrap=True)
         raise typer.Exit(EXIT_FAILED_IMAGES)
-
-
-def _print_captions(results: Path, n_images: int, as_json: bool) -> None:
-    """stdout: a JSON line per image (--json), the caption alone (one image), `path → caption` lines (a few);
-    failed images are named on stderr."""
-    from satcli.printing import result_records
-
-    if n_images == 0 or (not as_json and n_images > FEW_IMAGES):
-        return
-    for record in result_records(results):
-        if as_json:
-            typer.echo(json.dumps(record, ensure_ascii=False))
-        elif record["error"] is not None:
-            human.print(f"{escape(record['path'])}: [yellow]{escape(record['error'])}[/]", highlight=False,
-                        soft_wrap=True)
-        elif n_images == 1:
-            typer.echo(record["caption"])
-        else:
-            typer.echo(f"{record['path']} → {record['caption']}")
 
 
 @app.command()
@@ -344,15 +286,9 @@ def train(
     fine_tune_after: Annotated[int, typer.Option(min=0, help="Start fine-tuning after this many epochs.")] = 0,
     fine_tune_blocks: Annotated[int, typer.Option(
         help="Encoder blocks to fine-tune from the top (-1: all, the stem included).")] = 6,
-    feature_flips: Annotated[bool, typer.Option(
-        "--feature-flips", help="Frozen encoder: mirror half the cached feature grids left-right each epoch, "
-        "swapping the words left/right with them.")] = False,
-    feature_shifts: Annotated[bool, typer.Option(
-        "--feature-shifts", help="Frozen encoder: move the cached feature grids by up to one cell each epoch "
-        "(what a small crop does).")] = False,
-    feature_views: Annotated[int, typer.Option(
-        min=0, help="Frozen encoder: also encode this many augmented views of the training pictures (turned up to "
-        "25°, zoomed, relit; cached) and let each caption read a random one each epoch.")] = 0,
+    feature_flips: FeatureFlipsOption = False,
+    feature_shifts: FeatureShiftsOption = False,
+    feature_views: FeatureViewsOption = 0,
     val_beam_size: Annotated[int, typer.Option(min=1, help="Beam size of validation decoding.")] = 1,
     scst: Annotated[bool, typer.Option(
         "--scst", help="Self-critical fine-tuning of --init with a CIDEr-D reward and the greedy caption as "
@@ -385,17 +321,7 @@ def train(
     params = {name: value for name, value in ctx.params.items() if name not in ("as_json", "quiet")}
     result = step.run(step.TrainOptions(**{**params, "attention": attention.value, "given": _given(ctx)}))
     if int(os.environ.get("RANK", "0") or 0) == 0:  # torchrun: rank 0 says what the run did
-        _print_trained(result, as_json)
-
-
-def _print_trained(result: TrainResult, as_json: bool) -> None:
-    """The run's epochs and best score on stderr; with ``--json``, the result on stdout."""
-    human.print(result.table())
-    human.print(result.closing_line())
-    if as_json:
-        typer.echo(json.dumps({"out": str(result.out), "best": str(result.best), "last": str(result.last),
-                               "epochs": result.epochs, "best_val_bleu4": result.best_bleu4,
-                               "history": result.history}, ensure_ascii=False))
+        print_trained(result, as_json)
 
 
 def _given(ctx: click.Context) -> frozenset[str]:
@@ -452,27 +378,14 @@ def evaluate(
         length_penalty=length_penalty, n_best=n_best, no_repeat_ngram_size=no_repeat_ngram, min_length=min_length,
         allow_unk=allow_unk, batch_size=batch_size, device=device,
     ))
-    if as_json:
-        typer.echo(json.dumps(json.loads(result.report.read_text(encoding="utf-8")), ensure_ascii=False))
-    human.print(result.table(f"{dataset}/{split}, {result.n_images} images (scores 0–100)"))
-    for name, why in result.skipped.items():
-        human.print(f"[yellow]{name.upper()} skipped:[/] {why}", highlight=False)
-    human.print(f"report:      {result.report}")
-    for beam in result.beams:
-        human.print(f"predictions: {beam.predictions}")
+    print_evaluated(result, f"{dataset}/{split}", as_json)
     if overlays is not None:
         from satcli.overlays import dataset_images, write_overlays
 
         images = dataset_images(data_root, dataset)
         for beam in result.beams:
             folder = overlays if len(result.beams) == 1 else overlays / f"beam{beam.beam_size}"
-            _drawn(write_overlays(beam.predictions, images, folder))
-
-
-def _drawn(summary) -> None:
-    human.print(f"attention pictures: {summary.n_written:,} in {summary.directory}")
-    if summary.n_missing_images:
-        human.print(f"[yellow]{summary.n_missing_images:,} images not found[/] (drawn grey)", highlight=False)
+            print_drawn(write_overlays(beam.predictions, images, folder))
 
 
 @app.command()
@@ -499,13 +412,11 @@ def report(
 
     summary = step.run(step.ReportOptions(results=results, output=output, image_root=image_root,
                                           thumb_size=thumb_size))
-    human.print(f"report: {summary.output} ({summary.n_rows:,} images, {summary.n_errors:,} errors)")
-    if summary.n_missing_images:
-        human.print(f"[yellow]{summary.n_missing_images:,} images not found[/]: pass --image-root")
+    print_reported(summary)
     if overlays is not None:
         from satcli.overlays import write_overlays
 
-        _drawn(write_overlays(results, image_root, overlays))
+        print_drawn(write_overlays(results, image_root, overlays))
 
 
 @app.command()

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from satcli.datasets import ImageRecord, ObjectBox
+from satcli.datasets_records import ImageRecord, ObjectBox
 from satcli.errors import SatcliError
 
 # Category → other words captions use for it (singular; plurals are added). Names with spaces are phrases.

@@ -26,7 +26,8 @@ from rich.table import Table
 
 from satcli import __version__, shapes
 from satcli.console import make_progress
-from satcli.datasets import CaptionFormat, ImageRecord, SourceDataset, read_dataset
+from satcli.datasets import read_dataset
+from satcli.datasets_records import CaptionFormat, ImageRecord, SourceDataset
 from satcli.errors import SatcliError
 from satcli.images import ImageError, load_image
 from satcli.store import SPLITS, DatasetKind, StoredImage, StoredObject, StoreWriter

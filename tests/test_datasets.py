@@ -6,13 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from satcli.datasets import (
-    CaptionFormat,
-    ImageRecord,
-    detect_format,
-    read_dataset,
-    seeded_split,
-)
+from satcli.datasets import detect_format, read_dataset, seeded_split
+from satcli.datasets_records import CaptionFormat, ImageRecord
 from satcli.errors import SatcliError
 from satcli.store import DatasetKind
 

@@ -7,7 +7,8 @@ import numpy as np
 from PIL import Image
 
 from satcli.datasets import read_dataset
-from satcli.shapes import COLOURS, HELDOUT_SPLIT, ShapesOptions, generate, render
+from satcli.shapes import HELDOUT_SPLIT, ShapesOptions, generate, render
+from satcli.shapes_scene import COLOURS
 from satcli.store import DatasetKind
 
 OPTIONS = ShapesOptions(n_train=60, n_val=0, n_test=0, n_heldout=40, seed=5)

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from satcli.cli import app
 from satcli.errors import SatcliError
 from satcli.preprocess import PreprocessOptions, run
-from satcli.shapes import COLOURS, SHAPES
+from satcli.shapes_scene import COLOURS, SHAPES
 from satcli.store import SCHEMA, DatasetKind, StoredDataset
 from satcli.text import tokenize
 from satcli.vocab import END_ID, START_ID, UNK_ID

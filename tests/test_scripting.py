@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 
 import satcli
 import satcli.cli
+import satcli.cli_output
 from satcli.cli import app
 from satcli.console import LineProgress
 from satcli.device import resolve_device
@@ -110,7 +111,7 @@ def test_a_few_images_give_path_caption_lines_many_give_the_summary_alone(model_
     assert sorted(lines) == sorted(f"{p} → {c}" for p, c in expected.items() if c is not None)
     assert "broken.jpg: not-an-image" in result.stderr and "captioned" in result.stderr
 
-    monkeypatch.setattr(satcli.cli, "FEW_IMAGES", 2)
+    monkeypatch.setattr(satcli.cli_output, "FEW_IMAGES", 2)
     result = runner.invoke(app, ["caption", str(photos), "--model", str(model_path), "--workers", "0"])
     assert result.exit_code == 0 and result.stdout == "" and "captioned" in result.stderr
 

@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from satcli.datasets import read_dataset
-from satcli.shapes import BACKGROUNDS, COLOURS, SHAPES, SIZES, ShapesOptions, ensure_generated, generate, plural, render
+from satcli.shapes import ShapesOptions, ensure_generated, generate, render
+from satcli.shapes_scene import BACKGROUNDS, COLOURS, SHAPES, SIZES, plural
 from satcli.store import DatasetKind
 from satcli.text import tokenize
 

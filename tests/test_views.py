@@ -54,9 +54,9 @@ def test_cli_feature_views_cache_each_view_once_and_change_training(tmp_path, mo
 
     from satcli.checkpoint import read_checkpoint
     from satcli.cli import app
-    from satcli.datasets import DatasetKind
     from satcli.preprocess import PreprocessOptions
     from satcli.preprocess import run as preprocess
+    from satcli.store import DatasetKind
 
     monkeypatch.setenv("SATCLI_STATE_DIR", str(tmp_path / "state"))
     data = tmp_path / "data"
