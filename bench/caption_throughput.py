@@ -48,11 +48,11 @@ from models.decoding import DecodingOptions
 from satcli.captioning.loading import ImageFiles
 from satcli.captioning.model import caption_batch, prepare_model
 from satcli.captioning.options import CaptionOptions
-from satcli.checkpoint import load_captioner, save_checkpoint
 from satcli.commands.caption import run
-from satcli.feed import default_workers
-from satcli.images import load_image
-from satcli.vocab import SPECIALS, Vocabulary
+from satcli.data.feed import default_workers
+from satcli.data.images import load_image
+from satcli.data.vocab import SPECIALS, Vocabulary
+from satcli.formats.checkpoint import load_captioner, save_checkpoint
 
 log = logging.getLogger("bench.caption_throughput")
 

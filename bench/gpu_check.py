@@ -71,7 +71,7 @@ def _python(*args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
 def step_env(args: argparse.Namespace) -> str:
     import torch
 
-    from satcli.feed import default_workers
+    from satcli.data.feed import default_workers
 
     device = torch.device(args.device)
     lines = ["| | |", "|---|---|", f"| Python | {platform.python_version()} |",
@@ -142,7 +142,7 @@ def step_train(args: argparse.Namespace) -> str:
 def step_demo(args: argparse.Namespace) -> str:
     import logging
 
-    from satcli.demo import DemoOptions, run
+    from satcli.commands.demo import DemoOptions, run
     from satcli.training.run import METRICS
 
     logging.basicConfig(level=logging.WARNING)

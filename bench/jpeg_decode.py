@@ -29,8 +29,8 @@ from bench.caption_throughput import make_photos
 from bench.common import command, machine
 from models.data import DataConfig
 from satcli.captioning.loading import ImageFiles, collate
-from satcli.device import resolve_device
-from satcli.feed import decode_jpegs, default_workers, images_on_device, read_jpeg
+from satcli.core.device import resolve_device
+from satcli.data.feed import decode_jpegs, default_workers, images_on_device, read_jpeg
 
 log = logging.getLogger("bench.jpeg_decode")
 BATCH = 32

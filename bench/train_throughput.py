@@ -26,11 +26,11 @@ import torch
 from bench.common import OtherLoad, command, machine, write_section
 from models.captioner import Captioner
 from models.data import DataConfig, normalise, resize
-from satcli.device import resolve_device
-from satcli.features import cached_features
-from satcli.preprocess import PreprocessOptions
-from satcli.preprocess import run as preprocess
-from satcli.store import DatasetKind, StoredDataset
+from satcli.commands.preprocess import run as preprocess
+from satcli.core.device import resolve_device
+from satcli.data.features import cached_features
+from satcli.data.preprocess import PreprocessOptions
+from satcli.data.store import DatasetKind, StoredDataset
 from satcli.training.batches import CaptionTable, batch_plan, feature_batches, prefetch
 from satcli.training.distributed import Ranks
 from satcli.training.options import TrainOptions

@@ -3,12 +3,7 @@
 From Python: ``satcli.load("runs/x/best.pt").caption(["a.jpg", "b.png"], beam_size=3)`` (see :mod:`satcli.api`).
 """
 
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    __version__ = version("satcli")
-except PackageNotFoundError:  # running from a source tree that was not installed
-    __version__ = "0.0.0+unknown"
+from satcli.core.version import __version__
 
 __all__ = ["__version__", "load"]
 

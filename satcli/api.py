@@ -17,12 +17,12 @@ import torch
 from models.decoding import DecodingOptions
 from satcli.captioning.loading import ImageFiles
 from satcli.captioning.model import caption_batch, prepare_model
-from satcli.checkpoint import LoadedCheckpoint, load_captioner
-from satcli.defaults import default_model
-from satcli.device import resolve_device
-from satcli.errors import SatcliError
-from satcli.images import DEFAULT_MAX_PIXELS
-from satcli.text import detokenize
+from satcli.core.defaults import default_model
+from satcli.core.device import resolve_device
+from satcli.core.errors import SatcliError
+from satcli.data.images import DEFAULT_MAX_PIXELS
+from satcli.data.text import detokenize
+from satcli.formats.checkpoint import LoadedCheckpoint, load_captioner
 
 
 @dataclass

@@ -33,6 +33,6 @@ def _loud_console():
     """``-q`` silences satcli's shared console for the rest of the process (one command per process); a test that
     runs ``satcli ... -q`` in-process must not silence the tests after it."""
     yield
-    from satcli.console import set_quiet
+    from satcli.core.console import set_quiet
 
     set_quiet(False)

@@ -53,8 +53,8 @@ def picture_sensitive_checkpoint(folder):
     """A tiny captioner checkpoint whose captions depend on the picture: a random-init encoder maps every image to
     nearly the same features, so this one has the real EfficientNet-Lite0 weights and a decoder with larger
     weights. Written to ``folder / "tiny.pt"``; returns that path."""
-    from satcli.checkpoint import save_checkpoint
-    from satcli.vocab import SPECIALS, Vocabulary
+    from satcli.data.vocab import SPECIALS, Vocabulary
+    from satcli.formats.checkpoint import save_checkpoint
 
     torch.manual_seed(0)
     model = Captioner(tiny_config(image_size=64), pretrained_encoder=True)

@@ -1,4 +1,4 @@
-"""Every file satcli rewrites goes through satcli.atomic: synced to disk before it replaces the old one, and a disk
+"""Every file satcli rewrites goes through satcli.core.atomic: synced to disk before it replaces the old one, and a disk
 that fails at that moment leaves the old file and one clear error naming the file (not a traceback, not a torn or
 unsynced file). The failure is simulated where the helper syncs: ``os.fsync`` raising ENOSPC.
 """
@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from satcli.defaults import STATE_ENV, remember_model
-from satcli.errors import SatcliError
-from satcli.features import cached_features
-from satcli.steplog import StepLog
-from satcli.store import StoredDataset
+from satcli.core.defaults import STATE_ENV, remember_model
+from satcli.core.errors import SatcliError
+from satcli.core.steplog import StepLog
+from satcli.data.features import cached_features
+from satcli.data.store import StoredDataset
 from tests.helpers import tiny_captioner
 from tests.test_data_config import OneImageStore, blocky_picture
 from tests.test_store import row, write_store
@@ -75,8 +75,8 @@ def test_a_store_is_committed_through_synced_files(tmp_path, full_disk):
 
 
 def test_the_store_does_not_import_the_dataset_readers():
-    # the store's "run satcli preprocess" hint once imported satcli.datasets for the names of dataset kinds
-    code = "import sys, satcli.store; print('satcli.datasets' in sys.modules)"
+    # the store's "run satcli preprocess" hint once imported satcli.data.datasets for the names of dataset kinds
+    code = "import sys, satcli.data.store; print('satcli.data.datasets' in sys.modules)"
     root = str(Path(__file__).parents[1])
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root,
                           env={**os.environ, "PYTHONPATH": root})

@@ -24,8 +24,8 @@ from satcli.captioning.options import CaptionOptions, CaptionSummary
 from satcli.captioning.shards import find_parts, part_number, part_path, partial_dir
 from satcli.cli import app
 from satcli.commands.caption import run
-from satcli.defaults import default_model, remember_model
-from satcli.errors import SatcliError
+from satcli.core.defaults import default_model, remember_model
+from satcli.core.errors import SatcliError
 from satcli.formats.results import SCHEMA, CaptionRow, read_attention, read_metadata, write_results
 from satcli.formats.results_merge import merge_results
 from tests.helpers import picture_sensitive_checkpoint
@@ -154,7 +154,7 @@ def test_schema_metadata_and_attention_helper(reference, checkpoint, photos):
     assert metadata["satcli.model"]["encoder"] == "efficientnet-lite0"
     assert metadata["satcli.model"]["preprocessing"]["image_size"] == 64
     assert metadata["satcli.version"]
-    assert metadata["satcli.images"]["root"] == str(photos)  # where report and overlays look for the images
+    assert metadata["satcli.data.images"]["root"] == str(photos)  # where report and overlays look for the images
     for row in table.to_pylist():
         if row["error"] is not None:
             assert row["token_logprobs"] is None
@@ -463,7 +463,7 @@ def test_cuda_run_with_autocast_gives_a_row_per_image(reference, photos, checkpo
 def test_unk_is_never_written_unless_allowed():
     from models.decoding import decode
     from satcli.captioning.options import decoding_options
-    from satcli.vocab import UNK_ID
+    from satcli.data.vocab import UNK_ID
     from tests.helpers import random_features, tiny_captioner
 
     model = tiny_captioner().eval()

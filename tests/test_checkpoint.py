@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from models.decoding import decode
-from satcli.checkpoint import load_captioner, read_checkpoint, save_checkpoint
-from satcli.errors import SatcliError
-from satcli.vocab import Vocabulary
+from satcli.core.errors import SatcliError
+from satcli.data.vocab import Vocabulary
+from satcli.formats.checkpoint import load_captioner, read_checkpoint, save_checkpoint
 from tests.helpers import random_features, tiny_captioner
 
 

@@ -1,9 +1,9 @@
 import pytest
 from typer.testing import CliRunner
 
-from satcli import __version__
 from satcli.cli import app
-from satcli.errors import SatcliError
+from satcli.core.errors import SatcliError
+from satcli.core.version import __version__
 
 runner = CliRunner()
 

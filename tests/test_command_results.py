@@ -4,9 +4,10 @@ the command writing tables to the terminal, and ``satcli <command>`` still shows
 from typer.testing import CliRunner
 
 from satcli.cli import app
-from satcli.console import console
-from satcli.preprocess import PreprocessOptions, run, summary_table
-from satcli.store import DatasetKind
+from satcli.commands.preprocess import run
+from satcli.core.console import console
+from satcli.data.preprocess import PreprocessOptions, summary_table
+from satcli.data.store import DatasetKind
 
 
 def test_preprocess_returns_its_summary_and_only_the_cli_prints_it(tmp_path):

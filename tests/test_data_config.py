@@ -16,10 +16,10 @@ from torchvision.transforms import functional as TF
 
 from models.data import DataConfig, image_to_tensor, resize
 from satcli.captioning.loading import ImageFiles
-from satcli.checkpoint import checkpoint_dict, load_captioner, read_checkpoint, save_checkpoint
-from satcli.errors import SatcliError
-from satcli.features import encode_split
-from satcli.vocab import SPECIALS, Vocabulary
+from satcli.core.errors import SatcliError
+from satcli.data.features import encode_split
+from satcli.data.vocab import SPECIALS, Vocabulary
+from satcli.formats.checkpoint import checkpoint_dict, load_captioner, read_checkpoint, save_checkpoint
 from tests.helpers import tiny_captioner
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

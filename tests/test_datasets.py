@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from satcli.datasets import detect_format, read_dataset, seeded_split
-from satcli.datasets_records import CaptionFormat, ImageRecord
-from satcli.errors import SatcliError
-from satcli.store import DatasetKind
+from satcli.core.errors import SatcliError
+from satcli.data.datasets import detect_format, read_dataset, seeded_split
+from satcli.data.datasets_records import CaptionFormat, ImageRecord
+from satcli.data.store import DatasetKind
 
 # A miniature Flickr8k: five images, five captions each, one of them in no split file (as in the real data).
 CAPTIONS = {

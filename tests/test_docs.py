@@ -10,15 +10,15 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from models.captioner import Captioner
-from satcli import overlays
 from satcli.captioning.options import CaptionOptions
-from satcli.checkpoint import save_checkpoint
 from satcli.cli import app
 from satcli.commands.caption import run as caption
-from satcli.defaults import MODEL_ENV, STATE_ENV
-from satcli.demo import closing_hint
-from satcli.features import cache_bytes
-from satcli.vocab import SPECIALS, Vocabulary
+from satcli.commands.demo import closing_hint
+from satcli.core.defaults import MODEL_ENV, STATE_ENV
+from satcli.data.features import cache_bytes
+from satcli.data.vocab import SPECIALS, Vocabulary
+from satcli.formats.checkpoint import save_checkpoint
+from satcli.pictures import overlays
 from tests.helpers import tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,7 +57,7 @@ def test_overlay_panel_size_and_columns_match_the_code():
 
 def test_report_default_image_root_and_thumb_size_are_what_the_cli_says(tmp_path, results_file):
     text = DOCS["formats.md"]
-    assert "(report; default:\nthe folder the results file records in `satcli.images`" in text
+    assert "(report; default:\nthe folder the results file records in `satcli.data.images`" in text
     help_text = runner.invoke(app, ["report", "-h"]).output
     assert "--thumb-size" in help_text and "--image-root" in help_text
     result = runner.invoke(app, ["report", str(results_file), "-o", str(tmp_path / "r.html"), "--thumb-size", "8"])
@@ -85,10 +85,10 @@ def test_feature_cache_sizes_in_the_docs_follow_from_the_cache_format(tmp_path):
 
 
 def test_feature_cache_format_is_float16_cells_by_dim():
-    import satcli.features
+    import satcli.data.features
 
-    assert "float16 array (n_images, n_pixels, dim)" in satcli.features.__doc__
-    assert "to(torch.float16)" in Path(satcli.features.__file__).read_text()
+    assert "float16 array (n_images, n_pixels, dim)" in satcli.data.features.__doc__
+    assert "to(torch.float16)" in Path(satcli.data.features.__file__).read_text()
 
 
 def test_environment_variables_are_documented():

@@ -7,15 +7,15 @@ import torch
 from typer.testing import CliRunner
 
 from models.captioner import Captioner
-from satcli import evaluate as evaluate_step
-from satcli.checkpoint import save_checkpoint
 from satcli.cli import app
+from satcli.commands import evaluate as evaluate_step
+from satcli.commands.preprocess import run as preprocess
+from satcli.data.preprocess import PreprocessOptions
+from satcli.data.store import DatasetKind, StoredDataset
+from satcli.data.text import tokenize
+from satcli.formats.checkpoint import save_checkpoint
 from satcli.formats.results import SCHEMA, read_attention, read_metadata
-from satcli.metrics import bleu
-from satcli.preprocess import PreprocessOptions
-from satcli.preprocess import run as preprocess
-from satcli.store import DatasetKind, StoredDataset
-from satcli.text import tokenize
+from satcli.scoring.metrics import bleu
 from tests.helpers import tiny_config
 
 runner = CliRunner()
@@ -87,8 +87,8 @@ def test_evaluate_writes_the_report_and_one_results_file_per_beam_size(shapes_ro
         metadata = read_metadata(out / entry["predictions"])
         assert metadata["satcli.decoding"]["beam_size"] == entry["beam_size"]
         # report and overlays find the dataset's pictures from anywhere
-        assert metadata["satcli.images"]["root"] == store.meta["source"]["images"]
-        assert all((Path(metadata["satcli.images"]["root"]) / row["path"]).is_file() for row in rows)
+        assert metadata["satcli.data.images"]["root"] == store.meta["source"]["images"]
+        assert all((Path(metadata["satcli.data.images"]["root"]) / row["path"]).is_file() for row in rows)
         for row in rows:  # each word's log-probability; with <end>'s they make the caption's
             assert len(row["token_logprobs"]) == len(row["tokens"]) and all(lp <= 0 for lp in row["token_logprobs"])
             assert sum(row["token_logprobs"]) >= row["sum_logprob"] - 1e-4
@@ -147,8 +147,8 @@ def test_an_unknown_dataset_is_a_one_line_error(shapes_root, checkpoint, tmp_pat
 
 
 def test_coco_scores_compare_like_with_like_hyphens_and_unk():
-    from satcli.evaluate import coco_scores
-    from satcli.metrics import coco_metrics
+    from satcli.scoring.evaluate import coco_scores
+    from satcli.scoring.metrics import coco_metrics
 
     # the vocabulary spells "t-shirt" as "t shirt": a caption identical to its reference scores as identical
     references = [["a man in a red t-shirt stands on the grass"], ["two dogs run across a wide field"]]

@@ -2,8 +2,8 @@
 
 import torch
 
+from satcli.data.vocab import Vocabulary
 from satcli.training.batches import FeatureFlips, flip_table
-from satcli.vocab import Vocabulary
 
 
 def test_flipped_captions_see_the_mirrored_grid_and_say_right_for_left():
@@ -36,11 +36,11 @@ def test_flipped_captions_see_the_mirrored_grid_and_say_right_for_left():
 def test_cli_feature_flips_reach_training(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
-    from satcli.checkpoint import read_checkpoint
     from satcli.cli import app
-    from satcli.preprocess import PreprocessOptions
-    from satcli.preprocess import run as preprocess
-    from satcli.store import DatasetKind
+    from satcli.commands.preprocess import run as preprocess
+    from satcli.data.preprocess import PreprocessOptions
+    from satcli.data.store import DatasetKind
+    from satcli.formats.checkpoint import read_checkpoint
 
     monkeypatch.setenv("SATCLI_STATE_DIR", str(tmp_path / "state"))
     data = tmp_path / "data"

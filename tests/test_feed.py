@@ -11,12 +11,12 @@ import torch
 from PIL import Image
 
 import satcli.captioning.pipeline
-import satcli.feed
+import satcli.data.feed
 from models.data import DataConfig
 from satcli.captioning.loading import ImageFiles, collate
 from satcli.commands.caption import run
-from satcli.feed import decode_jpegs, default_workers, images_on_device, read_jpeg
-from satcli.images import ImageError
+from satcli.data.feed import decode_jpegs, default_workers, images_on_device, read_jpeg
+from satcli.data.images import ImageError
 from tests import test_caption
 from tests.test_caption import _options
 
@@ -90,7 +90,7 @@ def test_a_jpeg_the_decoder_refuses_is_loaded_on_the_cpu_in_batch_order(tmp_path
     Image.new("RGB", (30, 30), (200, 10, 10)).save(png)
     files = [str(good[0]), str(broken), str(png), str(good[1])]
     dataset = ImageFiles(files, _size(32), None, jpeg_bytes=True)
-    items = [dataset[0], (1, satcli.feed.JpegBytes(torch.frombuffer(bytearray(broken.read_bytes()),
+    items = [dataset[0], (1, satcli.data.feed.JpegBytes(torch.frombuffer(bytearray(broken.read_bytes()),
                                                                   dtype=torch.uint8), 9, 9), 9, 9, None),
              dataset[2], dataset[3]]
     batch = collate(items)
@@ -134,19 +134,19 @@ def test_jpegs_decoded_on_the_device_give_the_same_rows(photos, checkpoint, refe
 
 
 def test_more_decode_workers_when_the_model_is_on_a_gpu(monkeypatch):
-    monkeypatch.setattr(satcli.feed, "n_cpus", lambda: 16)
+    monkeypatch.setattr(satcli.data.feed, "n_cpus", lambda: 16)
     assert default_workers(torch.device("cuda", 0)) == 8
     assert default_workers(CPU) == default_workers() == 4
-    monkeypatch.setattr(satcli.feed, "n_cpus", lambda: 2)
+    monkeypatch.setattr(satcli.data.feed, "n_cpus", lambda: 2)
     assert default_workers(torch.device("cuda", 0)) == 2
 
 
 def test_gpu_jpeg_decoding_only_on_cuda_and_can_be_turned_off(monkeypatch):
     cuda = torch.device("cuda", 0)
-    assert satcli.feed.jpeg_decode_device(CPU) is None
-    assert satcli.feed.jpeg_decode_device(cuda) == cuda
+    assert satcli.data.feed.jpeg_decode_device(CPU) is None
+    assert satcli.data.feed.jpeg_decode_device(cuda) == cuda
     monkeypatch.setenv("SATCLI_GPU_JPEG", "0")
-    assert satcli.feed.jpeg_decode_device(cuda) is None
+    assert satcli.data.feed.jpeg_decode_device(cuda) is None
 
 
 @pytest.mark.cuda

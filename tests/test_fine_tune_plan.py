@@ -27,9 +27,9 @@ def test_each_picture_is_in_exactly_one_batch_with_all_its_captions():
 
 
 def test_a_fine_tuning_epoch_decodes_each_picture_once(tmp_path, monkeypatch):
-    from satcli.preprocess import PreprocessOptions
-    from satcli.preprocess import run as preprocess
-    from satcli.store import DatasetKind, StoredDataset
+    from satcli.commands.preprocess import run as preprocess
+    from satcli.data.preprocess import PreprocessOptions
+    from satcli.data.store import DatasetKind, StoredDataset
     from satcli.training import TrainOptions
     from satcli.training import train as run
 

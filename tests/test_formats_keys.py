@@ -12,17 +12,17 @@ from PIL import Image
 
 from models.captioner import Captioner
 from satcli.captioning.options import CaptionOptions
-from satcli.checkpoint import save_checkpoint
 from satcli.commands.caption import run as caption
+from satcli.commands.evaluate import run as evaluate
 from satcli.commands.merge import MergeOptions
 from satcli.commands.merge import run as merge
-from satcli.datasets import DatasetKind
-from satcli.evaluate import EvaluateOptions
-from satcli.evaluate import run as evaluate
+from satcli.commands.preprocess import run as preprocess
+from satcli.data.datasets import DatasetKind
+from satcli.data.preprocess import PreprocessOptions
+from satcli.data.store import StoredDataset
+from satcli.formats.checkpoint import save_checkpoint
 from satcli.formats.results import read_metadata
-from satcli.preprocess import PreprocessOptions
-from satcli.preprocess import run as preprocess
-from satcli.store import StoredDataset
+from satcli.scoring.evaluate import EvaluateOptions
 from tests.helpers import tiny_config
 
 FORMATS = (Path(__file__).resolve().parents[1] / "docs" / "formats.md").read_text()

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from satcli.grounding import GroundedObject, box_coverage, grounding_scores, objects_from_store
+from satcli.scoring.grounding import GroundedObject, box_coverage, grounding_scores, objects_from_store
 
 RED_CIRCLE = GroundedObject((0.0, 0.0, 0.5, 0.5), ("large", "red", "circle"))  # the top-left quarter
 BLUE_SQUARE = GroundedObject((0.5, 0.5, 1.0, 1.0), ("small", "blue", "square"))  # the bottom-right quarter

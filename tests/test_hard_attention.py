@@ -7,8 +7,8 @@ import torch
 
 from models.captioner import Captioner, caption_loss, hard_attention_loss
 from models.decoding import decode
-from satcli.checkpoint import load_captioner, save_checkpoint
-from satcli.vocab import SPECIALS, Vocabulary
+from satcli.data.vocab import SPECIALS, Vocabulary
+from satcli.formats.checkpoint import load_captioner, save_checkpoint
 from tests.helpers import caption_batch, random_features, tiny_config
 
 

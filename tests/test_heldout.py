@@ -6,10 +6,10 @@ import json
 import numpy as np
 from PIL import Image
 
-from satcli.datasets import read_dataset
-from satcli.shapes import HELDOUT_SPLIT, ShapesOptions, generate, render
-from satcli.shapes_scene import COLOURS
-from satcli.store import DatasetKind
+from satcli.data.datasets import read_dataset
+from satcli.data.shapes import HELDOUT_SPLIT, ShapesOptions, generate, render
+from satcli.data.shapes_scene import COLOURS
+from satcli.data.store import DatasetKind
 
 OPTIONS = ShapesOptions(n_train=60, n_val=0, n_test=0, n_heldout=40, seed=5)
 

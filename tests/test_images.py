@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from models.data import DataConfig, resize
-from satcli.images import ImageError, load_image
+from satcli.data.images import ImageError, load_image
 
 
 def _save(path, image, **kwargs):

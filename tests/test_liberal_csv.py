@@ -5,9 +5,9 @@ import logging
 
 import pytest
 
-from satcli.datasets import read_dataset
-from satcli.errors import SatcliError
-from satcli.store import DatasetKind
+from satcli.core.errors import SatcliError
+from satcli.data.datasets import read_dataset
+from satcli.data.store import DatasetKind
 
 CAPTIONS = {
     "dog.jpg": ["A dog, brown and white, runs on the grass .", "A dog runs"],

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from nltk.translate.bleu_score import corpus_bleu
 
-from satcli.metrics import CiderD, bleu, cider_d, coco_bleu, ptb_tokenize, rouge_l, rouge_l_scores
+from satcli.scoring.metrics import CiderD, bleu, cider_d, coco_bleu, ptb_tokenize, rouge_l, rouge_l_scores
 
 # Captions with repeats, shared n-grams, different lengths, an empty hypothesis and one with no overlap at all.
 REFERENCES = [
@@ -121,7 +121,7 @@ def test_python_tokenizer_without_java():
 
 
 def test_coco_metrics_without_java_say_meteor_was_skipped_and_why(monkeypatch):
-    from satcli import metrics
+    from satcli.scoring import metrics
 
     raw_references = [[r.capitalize() + "." for r in refs] for refs in REFERENCES]
     result = metrics.coco_metrics(raw_references, HYPOTHESES, java=False)
@@ -140,7 +140,7 @@ def test_coco_metrics_without_java_say_meteor_was_skipped_and_why(monkeypatch):
 @pytest.mark.skipif(shutil.which("java") is None, reason="METEOR needs Java")
 def test_coco_metrics_with_java_agree_with_the_java_free_path():
     pytest.importorskip("pycocoevalcap")
-    from satcli.metrics import coco_metrics
+    from satcli.scoring.metrics import coco_metrics
 
     official = coco_metrics(REFERENCES, HYPOTHESES)
     ours = coco_metrics(REFERENCES, HYPOTHESES, java=False)

@@ -6,13 +6,13 @@ import json
 import pytest
 from PIL import Image
 
-from satcli.errors import SatcliError
-from satcli.instances import category_words, read_coco_instances
-from satcli.objects import build_lexicon, mentions, object_scores
-from satcli.preprocess import PreprocessOptions
-from satcli.preprocess import run as preprocess
-from satcli.store import DatasetKind, StoredDataset
-from satcli.text import tokenize
+from satcli.commands.preprocess import run as preprocess
+from satcli.core.errors import SatcliError
+from satcli.data.instances import category_words, read_coco_instances
+from satcli.data.preprocess import PreprocessOptions
+from satcli.data.store import DatasetKind, StoredDataset
+from satcli.data.text import tokenize
+from satcli.scoring.objects import build_lexicon, mentions, object_scores
 
 LRC, SBS, LRS, SBC = "large red circle", "small blue square", "large red square", "small blue circle"
 
@@ -137,8 +137,8 @@ def test_cli_evaluate_objects_prints_and_reports_them(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
     from models.captioner import Captioner
-    from satcli.checkpoint import save_checkpoint
     from satcli.cli import app
+    from satcli.formats.checkpoint import save_checkpoint
     from tests.helpers import tiny_config
 
     monkeypatch.setenv("SATCLI_STATE_DIR", str(tmp_path / "state"))
@@ -167,7 +167,7 @@ def test_cli_evaluate_objects_prints_and_reports_them(tmp_path, monkeypatch):
 
 
 def test_every_reference_caption_of_the_shapes_dataset_names_exactly_its_objects():
-    from satcli.shapes import ShapesOptions, render
+    from satcli.data.shapes import ShapesOptions, render
 
     options = ShapesOptions(n_train=150, n_val=0, n_test=0, n_heldout=30, seed=11)
     images = [render(i, options)[1] for i in range(options.n_images)]
@@ -180,9 +180,9 @@ def test_every_reference_caption_of_the_shapes_dataset_names_exactly_its_objects
 
 
 def test_the_demo_prints_object_metrics_on_test_and_heldout(tmp_path, monkeypatch):
-    from satcli.console import console
-    from satcli.demo import DemoOptions
-    from satcli.demo import run as demo
+    from satcli.commands.demo import DemoOptions
+    from satcli.commands.demo import run as demo
+    from satcli.core.console import console
 
     monkeypatch.setenv("SATCLI_STATE_DIR", str(tmp_path / "state"))
     with console.capture() as captured:

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from satcli.errors import SatcliError
+from satcli.core.errors import SatcliError
 from satcli.formats.results import CaptionRow
-from satcli.overlays import heat_panel, overlay_name, render_frames, render_sheet, upsample, write_overlays
+from satcli.pictures.overlays import heat_panel, overlay_name, render_frames, render_sheet, upsample, write_overlays
 from tests.helpers import peaked_attention, write_results_file
 
 
@@ -151,7 +151,7 @@ def test_overlays_find_images_under_the_root_the_file_records(tmp_path, monkeypa
     _image(root / "one.png")
     rows = [CaptionRow("one.png", "a", ["a"], -1.0, True, peaked_attention(1, 7, 7, [(1, 1)]), 96, 64,
                        token_logprobs=[-0.2])]
-    results = write_results_file(tmp_path / "r.parquet", rows, {"satcli.images": {"root": str(root)}})
+    results = write_results_file(tmp_path / "r.parquet", rows, {"satcli.data.images": {"root": str(root)}})
     monkeypatch.chdir(tmp_path)  # one.png is not in the current directory
     assert write_overlays(results, None, tmp_path / "ov", progress=False).n_missing_images == 0
     assert write_overlays(results, tmp_path, tmp_path / "ov2", progress=False).n_missing_images == 1  # given wins
@@ -173,10 +173,10 @@ def shapes_and_model(tmp_path_factory):
     import torch
 
     from models.captioner import Captioner
-    from satcli.checkpoint import save_checkpoint
-    from satcli.preprocess import PreprocessOptions
-    from satcli.preprocess import run as preprocess
-    from satcli.store import DatasetKind, StoredDataset
+    from satcli.commands.preprocess import run as preprocess
+    from satcli.data.preprocess import PreprocessOptions
+    from satcli.data.store import DatasetKind, StoredDataset
+    from satcli.formats.checkpoint import save_checkpoint
     from tests.helpers import tiny_config
 
     root = tmp_path_factory.mktemp("data")

@@ -10,12 +10,13 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from satcli.cli import app
-from satcli.errors import SatcliError
-from satcli.preprocess import PreprocessOptions, run
-from satcli.shapes_scene import COLOURS, SHAPES
-from satcli.store import SCHEMA, DatasetKind, StoredDataset
-from satcli.text import tokenize
-from satcli.vocab import END_ID, START_ID, UNK_ID
+from satcli.commands.preprocess import run
+from satcli.core.errors import SatcliError
+from satcli.data.preprocess import PreprocessOptions
+from satcli.data.shapes_scene import COLOURS, SHAPES
+from satcli.data.store import SCHEMA, DatasetKind, StoredDataset
+from satcli.data.text import tokenize
+from satcli.data.vocab import END_ID, START_ID, UNK_ID
 from tests.test_datasets import (
     CAPTIONS,
     SPLIT_OF,

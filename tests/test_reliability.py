@@ -22,13 +22,13 @@ from typer.testing import CliRunner
 
 import satcli.formats.results
 from models.captioner import Captioner
-from satcli.atomic import remove_stale_temps, temp_path, write_bytes
 from satcli.captioning.options import CaptionOptions
-from satcli.checkpoint import save_checkpoint
 from satcli.cli import app
 from satcli.commands.caption import run
-from satcli.errors import SatcliError
-from satcli.vocab import SPECIALS, Vocabulary
+from satcli.core.atomic import remove_stale_temps, temp_path, write_bytes
+from satcli.core.errors import SatcliError
+from satcli.data.vocab import SPECIALS, Vocabulary
+from satcli.formats.checkpoint import save_checkpoint
 from tests.helpers import tiny_config
 
 runner = CliRunner()
@@ -160,9 +160,9 @@ def test_a_non_utf8_file_name_gets_an_error_row_and_the_rest_are_captioned(photo
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A shapes store and a one-epoch run on it."""
-    from satcli.preprocess import PreprocessOptions
-    from satcli.preprocess import run as preprocess
-    from satcli.store import DatasetKind
+    from satcli.commands.preprocess import run as preprocess
+    from satcli.data.preprocess import PreprocessOptions
+    from satcli.data.store import DatasetKind
     from satcli.training import TrainOptions, train
 
     root = tmp_path_factory.mktemp("data")
@@ -251,7 +251,7 @@ def test_checkpoints_with_malformed_values_are_refused_in_one_line(checkpoint, p
 def _results_with(tmp_path: Path, rows) -> Path:
     from tests.helpers import write_results_file
 
-    return write_results_file(tmp_path / "r.parquet", rows, {"satcli.images": {"root": str(tmp_path)}})
+    return write_results_file(tmp_path / "r.parquet", rows, {"satcli.data.images": {"root": str(tmp_path)}})
 
 
 def test_report_and_overlays_finish_when_an_image_path_is_a_fifo(tmp_path):
@@ -327,7 +327,7 @@ def test_json_python_cannot_hold_is_one_line_naming_the_file(tmp_path, text, wor
 
 
 def test_a_karpathy_json_nested_too_deeply_is_one_line(tmp_path):
-    from satcli.datasets_readers import read_karpathy
+    from satcli.data.datasets_readers import read_karpathy
 
     path = tmp_path / "dataset_x.json"
     path.write_text("[" * 100_000 + "]" * 100_000)
@@ -536,7 +536,7 @@ def _killed_while_writing(target: Path) -> Path:
     """Run a process that starts an atomic write of ``target`` and is SIGKILLed in the middle of it; return the
     temporary file it left."""
     script = ("import os, signal, sys\n"
-              "from satcli.atomic import write_with\n"
+              "from satcli.core.atomic import write_with\n"
               "def half(tmp):\n"
               "    tmp.write_bytes(b'half a file')\n"
               "    os.kill(os.getpid(), signal.SIGKILL)\n"

@@ -20,11 +20,11 @@ from typer.testing import CliRunner
 
 import satcli
 import satcli.cli
-import satcli.cli_output
+import satcli.cli.output
 from satcli.cli import app
-from satcli.console import LineProgress
-from satcli.device import resolve_device
-from satcli.errors import SatcliError
+from satcli.core.console import LineProgress
+from satcli.core.device import resolve_device
+from satcli.core.errors import SatcliError
 from satcli.formats.results import read_attention
 from tests.helpers import picture_sensitive_checkpoint
 
@@ -38,7 +38,7 @@ def _isolated_state(tmp_path, monkeypatch):
     monkeypatch.delenv("SATCLI_MODEL", raising=False)
     monkeypatch.delenv("SATCLI_PROGRESS_INTERVAL", raising=False)
     yield
-    satcli.console.set_quiet(False)  # -q sets a process-wide flag; later tests expect the default
+    satcli.core.console.set_quiet(False)  # -q sets a process-wide flag; later tests expect the default
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +111,7 @@ def test_a_few_images_give_path_caption_lines_many_give_the_summary_alone(model_
     assert sorted(lines) == sorted(f"{p} → {c}" for p, c in expected.items() if c is not None)
     assert "broken.jpg: not-an-image" in result.stderr and "captioned" in result.stderr
 
-    monkeypatch.setattr(satcli.cli_output, "FEW_IMAGES", 2)
+    monkeypatch.setattr(satcli.cli.output, "FEW_IMAGES", 2)
     result = runner.invoke(app, ["caption", str(photos), "--model", str(model_path), "--workers", "0"])
     assert result.exit_code == 0 and result.stdout == "" and "captioned" in result.stderr
 
@@ -135,7 +135,7 @@ def test_quiet_keeps_results_and_drops_the_rest(model_path, photos, tmp_path, mo
         assert result.exit_code == 0, result.output
         assert result.stdout.strip() == _parquet_captions(tmp_path / "captions.parquet")[str(photos / "a.jpg")]
         assert result.stderr == ""
-        satcli.console.set_quiet(False)
+        satcli.core.console.set_quiet(False)
 
 
 @pytest.mark.parametrize("command", ["caption", "train", "evaluate", "preprocess", "report", "merge", "demo",
@@ -158,14 +158,14 @@ def test_shell_completion_script_and_completions(monkeypatch):
 
 
 def test_evaluate_and_train_json_go_to_stdout(monkeypatch, tmp_path):
+    import satcli.commands.evaluate
     import satcli.commands.train
-    import satcli.evaluate
-    from satcli.evaluate import BeamResult, EvaluateResult
+    from satcli.scoring.evaluate import BeamResult, EvaluateResult
     from satcli.training import TrainResult
 
     report = tmp_path / "report.json"
     report.write_text(json.dumps({"beams": {"3": {"bleu4": 0.25}}, "split": "test"}))
-    monkeypatch.setattr(satcli.evaluate, "run", lambda options: EvaluateResult(
+    monkeypatch.setattr(satcli.commands.evaluate, "run", lambda options: EvaluateResult(
         report, [BeamResult(3, {"bleu1": 0.5, "bleu4": 0.25}, predictions=tmp_path / "p.parquet")], 12))
     result = runner.invoke(app, ["evaluate", "--dataset", "shapes", "--model", "m.pt", "--bleu", "--json"])
     assert result.exit_code == 0, result.output
@@ -189,7 +189,7 @@ def test_evaluate_and_train_json_go_to_stdout(monkeypatch, tmp_path):
 
 def test_progress_lines_carry_count_rate_and_eta_when_not_a_terminal(monkeypatch):
     clock = iter([0.0, 10.0, 20.0, 30.0, 40.0])  # add_task, then one tick per advance
-    monkeypatch.setattr("satcli.console.time.monotonic", lambda: next(clock))
+    monkeypatch.setattr("satcli.core.console.time.monotonic", lambda: next(clock))
     stream = io.StringIO()
     progress = LineProgress(console=Console(file=stream, width=200), interval=15.0)
     with progress:
@@ -216,10 +216,10 @@ def test_devices_that_are_not_there_fail_clearly(monkeypatch):
     assert resolve_device("cuda:1") == torch.device("cuda", 1)
     with pytest.raises(SatcliError, match=r"cuda:2 names a GPU that is not there: this machine has 2 \(cuda:0 to"):
         resolve_device("cuda:2")
-    monkeypatch.setattr("satcli.device._mps_available", lambda: False)
+    monkeypatch.setattr("satcli.core.device._mps_available", lambda: False)
     with pytest.raises(SatcliError, match="Metal \\(MPS\\) backend is not available"):
         resolve_device("mps")
-    monkeypatch.setattr("satcli.device._mps_available", lambda: True)
+    monkeypatch.setattr("satcli.core.device._mps_available", lambda: True)
     assert resolve_device("mps") == torch.device("mps")
     with pytest.raises(SatcliError, match="unknown device 'gpu'; use auto, cpu, cuda, cuda:N or mps"):
         resolve_device("gpu")

@@ -10,12 +10,12 @@ from typer.testing import CliRunner
 
 import satcli.training.scst
 from models.decoding import sample
-from satcli.checkpoint import load_captioner, read_checkpoint
 from satcli.cli import app
-from satcli.metrics import CiderD
-from satcli.preprocess import PreprocessOptions
-from satcli.preprocess import run as preprocess
-from satcli.store import DatasetKind
+from satcli.commands.preprocess import run as preprocess
+from satcli.data.preprocess import PreprocessOptions
+from satcli.data.store import DatasetKind
+from satcli.formats.checkpoint import load_captioner, read_checkpoint
+from satcli.scoring.metrics import CiderD
 from satcli.training import TrainOptions
 from satcli.training import train as run
 from satcli.training.scst import policy_loss, scst_rewards

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from satcli.datasets import read_dataset
-from satcli.shapes import ShapesOptions, ensure_generated, generate, render
-from satcli.shapes_scene import BACKGROUNDS, COLOURS, SHAPES, SIZES, plural
-from satcli.store import DatasetKind
-from satcli.text import tokenize
+from satcli.data.datasets import read_dataset
+from satcli.data.shapes import ShapesOptions, ensure_generated, generate, render
+from satcli.data.shapes_scene import BACKGROUNDS, COLOURS, SHAPES, SIZES, plural
+from satcli.data.store import DatasetKind
+from satcli.data.text import tokenize
 
 OPTIONS = ShapesOptions(n_train=150, n_val=0, n_test=0, seed=7)
 SHAPE_OF = {form: shape for shape, words in SHAPES.items() for word in words for form in (word, plural(word))}

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from satcli.errors import SatcliError
-from satcli.preprocess import PreprocessOptions
-from satcli.preprocess import run as preprocess
-from satcli.steplog import StepLog
-from satcli.store import DatasetKind
+from satcli.commands.preprocess import run as preprocess
+from satcli.core.errors import SatcliError
+from satcli.core.steplog import StepLog
+from satcli.data.preprocess import PreprocessOptions
+from satcli.data.store import DatasetKind
 from satcli.training import TrainOptions
 from satcli.training import train as run
 

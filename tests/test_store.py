@@ -12,11 +12,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-import satcli.preprocess as preprocess
-from satcli.errors import SatcliError
-from satcli.preprocess import PreprocessOptions
-from satcli.store import SCHEMA, DatasetKind, StoredDataset, StoredImage, StoredObject, StoreWriter
-from satcli.vocab import Vocabulary
+import satcli.data.preprocess as preprocess
+from satcli.core.errors import SatcliError
+from satcli.data.preprocess import PreprocessOptions
+from satcli.data.store import SCHEMA, DatasetKind, StoredDataset, StoredImage, StoredObject, StoreWriter
+from satcli.data.vocab import Vocabulary
 
 VOCAB = Vocabulary.build([["a", "dog"], ["a", "cat"]], min_freq=1)
 
@@ -135,7 +135,7 @@ def test_rows_reach_the_file_in_row_groups_while_images_are_still_being_encoded(
     monkeypatch.setattr(preprocess, "_encode", watching_encode)
     options = PreprocessOptions(dataset=DatasetKind.captions_csv, images=images, captions=captions, name="pairs",
                                 data_root=tmp_path / "data", image_size=32, row_group_size=10, n_workers=1)
-    preprocess.run(options)
+    preprocess.preprocess(options)
 
     n_train = StoredDataset.open(tmp_path / "data", "pairs").n_images("train")
     assert pq.ParquetFile(tmp_path / "data" / "pairs" / "train.parquet").metadata.num_row_groups == -(-n_train // 10)
@@ -147,8 +147,9 @@ MEASURE = textwrap.dedent(r"""
     import json, re, sys, tracemalloc
     from pathlib import Path
     import pyarrow as pa
-    from satcli.store import DatasetKind
-    from satcli.preprocess import PreprocessOptions, run
+    from satcli.data.store import DatasetKind
+    from satcli.commands.preprocess import run
+    from satcli.data.preprocess import PreprocessOptions
 
     def status(field):  # kB -> bytes; VmHWM is this process's peak resident memory
         return int(re.search(field + r":\s+(\d+) kB", open("/proc/self/status").read()).group(1)) * 1024

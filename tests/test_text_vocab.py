@@ -1,7 +1,7 @@
 import pytest
 
-from satcli.text import detokenize, tokenize
-from satcli.vocab import END_ID, PAD_ID, START_ID, UNK_ID, Vocabulary
+from satcli.data.text import detokenize, tokenize
+from satcli.data.vocab import END_ID, PAD_ID, START_ID, UNK_ID, Vocabulary
 
 
 @pytest.mark.parametrize("raw, tokens", [

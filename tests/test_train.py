@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from models.decoding import decode
-from satcli.checkpoint import load_captioner, read_checkpoint
-from satcli.errors import SatcliError
-from satcli.preprocess import PreprocessOptions
-from satcli.preprocess import run as preprocess
-from satcli.store import DatasetKind, StoredDataset
+from satcli.commands.preprocess import run as preprocess
+from satcli.core.errors import SatcliError
+from satcli.data.preprocess import PreprocessOptions
+from satcli.data.store import DatasetKind, StoredDataset
+from satcli.formats.checkpoint import load_captioner, read_checkpoint
 from satcli.training import TrainOptions
 from satcli.training import train as run
 from satcli.training.batches import FLIP_PAIRS, batch_plan, flip_table
@@ -208,7 +208,7 @@ def test_the_training_step_loss_is_caption_loss_at_the_same_lambda():
 
 
 def test_the_demo_trains_with_the_default_lambda():
-    from satcli.demo import DemoOptions, demo_train_options
+    from satcli.commands.demo import DemoOptions, demo_train_options
     from satcli.training import TrainOptions
 
     assert demo_train_options(DemoOptions()).doubly_stochastic == TrainOptions(dataset="x").doubly_stochastic == 1.0
@@ -325,7 +325,7 @@ def test_the_feature_cache_never_serves_one_encoders_features_to_another(shapes_
     import numpy as np
 
     from models.captioner import Captioner
-    from satcli.features import cached_features, encode_split
+    from satcli.data.features import cached_features, encode_split
 
     dataset = StoredDataset.open(shapes_root, "shapes")
     config = _options(shapes_root, None).model_config(len(dataset.vocab))

@@ -5,7 +5,7 @@ import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
 
-from satcli.views import FeatureViews, ViewAugment, augment
+from satcli.data.views import FeatureViews, ViewAugment, augment
 
 
 def _only(**changes) -> ViewAugment:
@@ -52,11 +52,11 @@ def test_each_caption_reads_its_picture_from_its_chosen_view():
 def test_cli_feature_views_cache_each_view_once_and_change_training(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
-    from satcli.checkpoint import read_checkpoint
     from satcli.cli import app
-    from satcli.preprocess import PreprocessOptions
-    from satcli.preprocess import run as preprocess
-    from satcli.store import DatasetKind
+    from satcli.commands.preprocess import run as preprocess
+    from satcli.data.preprocess import PreprocessOptions
+    from satcli.data.store import DatasetKind
+    from satcli.formats.checkpoint import read_checkpoint
 
     monkeypatch.setenv("SATCLI_STATE_DIR", str(tmp_path / "state"))
     data = tmp_path / "data"

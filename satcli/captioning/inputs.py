@@ -9,8 +9,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from satcli.errors import SatcliError
-from satcli.images import is_image_name
+from satcli.core.errors import SatcliError
+from satcli.data.images import is_image_name
 
 log = logging.getLogger(__name__)
 

@@ -13,14 +13,14 @@ from torch.utils.data import Dataset
 
 from models.data import DataConfig, resize
 from satcli.captioning.inputs import BAD_NAME, utf8_name
-from satcli.feed import JpegBytes, read_jpeg
-from satcli.images import ImageError, load_image
+from satcli.data.feed import JpegBytes, read_jpeg
+from satcli.data.images import ImageError, load_image
 
 
 class ImageFiles(Dataset):
     """Image files → ``(index, uint8 (3, S, S) or None, width, height, error)``.
 
-    With ``jpeg_bytes``, plain JPEGs come back undecoded (:class:`satcli.feed.JpegBytes`) for the GPU decoder.
+    With ``jpeg_bytes``, plain JPEGs come back undecoded (:class:`satcli.data.feed.JpegBytes`) for the GPU decoder.
     File names live in one Arrow array, not a Python list: forked workers then share its pages instead of
     copying them one reference count at a time (which makes DataLoader memory grow with the number of files).
     """

@@ -8,10 +8,10 @@ from pathlib import Path
 from rich.table import Table
 
 from models.decoding import DecodingOptions
-from satcli.errors import SatcliError
-from satcli.images import DEFAULT_MAX_PIXELS, HARD_MAX_PIXELS
-from satcli.overlays import OverlaySummary
-from satcli.vocab import banned_words
+from satcli.core.errors import SatcliError
+from satcli.data.images import DEFAULT_MAX_PIXELS, HARD_MAX_PIXELS
+from satcli.data.vocab import banned_words
+from satcli.pictures.overlays import OverlaySummary
 
 DEFAULT_OUTPUT = Path("captions.parquet")
 

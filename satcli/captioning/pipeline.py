@@ -24,12 +24,12 @@ from satcli.captioning.options import CaptionOptions, CaptionSummary, check_opti
 from satcli.captioning.shards import part_path, resolve_shard
 from satcli.captioning.state import RunState
 from satcli.captioning.writer import CaptionedBatch, ChunkWriter
-from satcli.checkpoint import LoadedCheckpoint, checkpoint_sha256, load_captioner
-from satcli.console import make_progress
-from satcli.defaults import default_model
-from satcli.device import resolve_device
-from satcli.errors import SatcliError
-from satcli.feed import default_workers, images_on_device, jpeg_decode_device
+from satcli.core.console import make_progress
+from satcli.core.defaults import default_model
+from satcli.core.device import resolve_device
+from satcli.core.errors import SatcliError
+from satcli.data.feed import default_workers, images_on_device, jpeg_decode_device
+from satcli.formats.checkpoint import LoadedCheckpoint, checkpoint_sha256, load_captioner
 from satcli.formats.results import read_column, read_metadata, results_metadata
 from satcli.formats.results_merge import merge_results
 

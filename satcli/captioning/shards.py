@@ -13,7 +13,7 @@ import os
 import re
 from pathlib import Path
 
-from satcli.errors import SatcliError
+from satcli.core.errors import SatcliError
 from satcli.formats.results import read_metadata
 from satcli.formats.results_merge import merge_results
 

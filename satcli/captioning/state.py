@@ -14,11 +14,11 @@ import re
 from pathlib import Path
 from typing import Any
 
-from satcli import __version__
-from satcli.atomic import disk_error, write_text
 from satcli.captioning.fingerprint import difference
 from satcli.captioning.shards import partial_dir
-from satcli.errors import SatcliError
+from satcli.core.atomic import disk_error, write_text
+from satcli.core.errors import SatcliError
+from satcli.core.version import __version__
 from satcli.formats.results import CaptionRow, read_column, to_table, write_results
 
 log = logging.getLogger(__name__)

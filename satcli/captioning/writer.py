@@ -10,7 +10,7 @@ from typing import Any
 
 from models.decoding import DecodingResult
 from satcli.captioning.state import RunState
-from satcli.errors import SatcliError
+from satcli.core.errors import SatcliError
 from satcli.formats.results import CaptionRow, result_row
 
 # Batches between the start of their captioning and the end of their write: the one being written and the one on

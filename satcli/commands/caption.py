@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from satcli.captioning.options import CaptionOptions, CaptionSummary
 from satcli.captioning.pipeline import caption_images
-from satcli.overlays import write_overlays
+from satcli.pictures.overlays import write_overlays
 
 __all__ = ["CaptionOptions", "CaptionSummary", "run"]
 

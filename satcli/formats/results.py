@@ -21,11 +21,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from models.decoding import DecodingOptions, DecodingResult
-from satcli import __version__
-from satcli.atomic import disk_error, fsync_directory, temp_path
-from satcli.checkpoint import LoadedCheckpoint
-from satcli.errors import SatcliError, first_line
-from satcli.text import detokenize
+from satcli.core.atomic import disk_error, fsync_directory, temp_path
+from satcli.core.errors import SatcliError, first_line
+from satcli.core.version import __version__
+from satcli.data.text import detokenize
+from satcli.formats.checkpoint import LoadedCheckpoint
 
 SCHEMA_VERSION = 1
 
@@ -110,7 +110,7 @@ def results_metadata(loaded: LoadedCheckpoint, model_sha256: str, decoding: Deco
         },
         "satcli.decoding": asdict(decoding),
         # root: where the relative result paths start, so report and overlays find the images from anywhere.
-        "satcli.images": {"max_pixels": max_pixels, "root": image_root},
+        "satcli.data.images": {"max_pixels": max_pixels, "root": image_root},
     }
     if dataset is not None:
         metadata["satcli.dataset"] = dataset
@@ -381,5 +381,5 @@ def recorded_image_root(results: str | Path) -> Path | None:
     """The folder a results file's relative paths start from, as recorded when it was written (``satcli caption``'s
     ``--root``, ``satcli evaluate``'s dataset images); None when not recorded or no longer there (then the
     current directory is the best guess)."""
-    root = (read_metadata(results).get("satcli.images") or {}).get("root")
+    root = (read_metadata(results).get("satcli.data.images") or {}).get("root")
     return Path(root) if isinstance(root, str) and os.path.isdir(root) else None

@@ -11,8 +11,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from satcli.atomic import remove_stale_temps
-from satcli.errors import SatcliError
+from satcli.core.atomic import remove_stale_temps
+from satcli.core.errors import SatcliError
 from satcli.formats.results import ROW_GROUP_SIZE, ResultsWriter, conform, read_column, read_schema
 
 

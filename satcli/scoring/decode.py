@@ -18,9 +18,9 @@ from rich.progress import Progress
 from models.captioner import Captioner
 from models.data import DataConfig
 from models.decoding import DecodingOptions, DecodingResult, decode
-from satcli.features import encode_split
-from satcli.metrics import CiderD, bleu
-from satcli.store import StoredDataset
+from satcli.data.features import encode_split
+from satcli.data.store import StoredDataset
+from satcli.scoring.metrics import CiderD, bleu
 
 
 @dataclass

@@ -18,11 +18,11 @@ import torch
 import torch.nn.functional as F
 
 from models.data import DataConfig, normalise, resize
-from satcli.errors import SatcliError
-from satcli.store import StoredDataset
+from satcli.core.errors import SatcliError
+from satcli.data.store import StoredDataset
+from satcli.data.views import FeatureViews
+from satcli.data.vocab import Vocabulary
 from satcli.training.distributed import Ranks
-from satcli.views import FeatureViews
-from satcli.vocab import Vocabulary
 
 
 @dataclass

@@ -12,9 +12,9 @@ from rich.table import Table
 
 from models.captioner import CaptionerConfig
 from models.encoders import DEFAULT_ENCODER, ENCODERS
-from satcli.errors import SatcliError
-from satcli.store import StoredDataset
-from satcli.vocab import Vocabulary
+from satcli.core.errors import SatcliError
+from satcli.data.store import StoredDataset
+from satcli.data.vocab import Vocabulary
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class TrainOptions:
     fine_tune_blocks: int = 6
     feature_flips: bool = False  # frozen encoder: mirror half the cached feature grids, swapping left/right words
     feature_shifts: bool = False  # frozen encoder: move cached feature grids by up to a cell (a small crop)
-    feature_views: int = 0  # frozen encoder: also cache this many augmented views of train (satcli.views)
+    feature_views: int = 0  # frozen encoder: also cache this many augmented views of train (satcli.data.views)
     val_beam_size: int = 1
     val_max_length: int = 30
     # self-critical fine-tuning (satcli.training.scst): CIDEr-D reward, greedy baseline

@@ -19,14 +19,14 @@ from typing import Any, Protocol
 import torch
 
 from models.captioner import Captioner
-from satcli.atomic import write_text
-from satcli.checkpoint import read_checkpoint, save_checkpoint
-from satcli.defaults import remember_model
-from satcli.errors import SatcliError
-from satcli.steplog import STEPS
+from satcli.core.atomic import write_text
+from satcli.core.defaults import remember_model
+from satcli.core.errors import SatcliError
+from satcli.core.steplog import STEPS
+from satcli.data.vocab import Vocabulary
+from satcli.formats.checkpoint import read_checkpoint, save_checkpoint
 from satcli.training.distributed import Ranks, barrier, broadcast, gather
 from satcli.training.options import TrainOptions, TrainResult, resume_options, resumed_options
-from satcli.vocab import Vocabulary
 
 log = logging.getLogger(__name__)
 

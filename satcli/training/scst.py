@@ -29,20 +29,20 @@ from rich.progress import TextColumn
 
 from models.captioner import Captioner, CaptionerConfig
 from models.decoding import DecodingOptions, decode, sample
-from satcli.checkpoint import read_checkpoint
-from satcli.console import console, make_progress
-from satcli.device import resolve_device
-from satcli.errors import SatcliError, first_line
-from satcli.features import cached_features
-from satcli.metrics import CiderD
+from satcli.core.console import console, make_progress
+from satcli.core.device import resolve_device
+from satcli.core.errors import SatcliError, first_line
+from satcli.data.features import cached_features
+from satcli.data.store import StoredDataset
+from satcli.data.text import tokenize
+from satcli.data.vocab import Vocabulary
+from satcli.formats.checkpoint import read_checkpoint
 from satcli.scoring.decode import decode_split, feature_chunks, validation_scores
-from satcli.store import StoredDataset
-from satcli.text import tokenize
+from satcli.scoring.metrics import CiderD
 from satcli.training.batches import image_features, image_plan
 from satcli.training.distributed import Ranks
 from satcli.training.options import TrainOptions, TrainResult
 from satcli.training.run import LAST, Run, Trained, open_run, plateau_scheduler, restore, run_epochs, run_folder
-from satcli.vocab import Vocabulary
 
 
 @dataclass

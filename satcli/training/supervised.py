@@ -1,6 +1,6 @@
 """Cross-entropy training (teacher forcing), the job of a plain ``satcli train`` run.
 
-- Frozen encoder (the default): every image is encoded once into the feature cache (:mod:`satcli.features`)
+- Frozen encoder (the default): every image is encoded once into the feature cache (:mod:`satcli.data.features`)
   and training costs decoder time only. ``--fine-tune-encoder`` (from epoch ``fine_tune_after``) runs the
   encoder in the loop on augmented images instead.
 - Batches are bucketed by caption length (shuffled chunks sorted by length), so padding costs nothing.
@@ -32,14 +32,16 @@ from models.captioner import (
 from models.data import DataConfig
 from models.decoding import DecodingOptions
 from models.encoders import ENCODERS, PretrainedWeightsUnavailable
-from satcli.console import console, make_progress
-from satcli.device import resolve_device
-from satcli.errors import SatcliError
-from satcli.features import cached_features
+from satcli.core.console import console, make_progress
+from satcli.core.device import resolve_device
+from satcli.core.errors import SatcliError
+from satcli.core.steplog import StepLog, require_tensorboard
+from satcli.data.features import cached_features
+from satcli.data.store import StoredDataset
+from satcli.data.text import tokenize
+from satcli.data.views import FeatureViews
+from satcli.data.vocab import Vocabulary
 from satcli.scoring.decode import decode_split, split_chunks, validation_scores
-from satcli.steplog import StepLog, require_tensorboard
-from satcli.store import StoredDataset
-from satcli.text import tokenize
 from satcli.training.batches import (
     CaptionTable,
     FeatureFlips,
@@ -54,8 +56,6 @@ from satcli.training.batches import (
 from satcli.training.distributed import Ranks, all_reduce, barrier, distributed
 from satcli.training.options import TrainOptions, TrainResult, check_grid, check_resume_vocabulary
 from satcli.training.run import LAST, Run, Trained, open_run, plateau_scheduler, restore, run_epochs, run_folder
-from satcli.views import FeatureViews
-from satcli.vocab import Vocabulary
 
 
 class Stepper:

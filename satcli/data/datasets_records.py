@@ -13,9 +13,9 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from satcli.errors import SatcliError, first_line
-from satcli.store import SPLITS
-from satcli.text import tokenize
+from satcli.core.errors import SatcliError, first_line
+from satcli.data.store import SPLITS
+from satcli.data.text import tokenize
 
 
 class CaptionFormat(str, Enum):

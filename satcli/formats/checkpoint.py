@@ -18,10 +18,10 @@ import torch
 
 from models.captioner import Captioner, CaptionerConfig
 from models.data import DEFAULT_INTERPOLATION, INTERPOLATIONS, DataConfig
-from satcli import __version__
-from satcli.atomic import remove_stale_temps, write_with
-from satcli.errors import SatcliError, first_line
-from satcli.vocab import Vocabulary
+from satcli.core.atomic import remove_stale_temps, write_with
+from satcli.core.errors import SatcliError, first_line
+from satcli.core.version import __version__
+from satcli.data.vocab import Vocabulary
 
 FORMAT = "satcli-checkpoint"
 FORMAT_VERSION = 1
@@ -66,7 +66,7 @@ def checkpoint_dict(model: Captioner, vocab: Vocabulary, train_options: dict[str
 def save_checkpoint(path: str | Path, model: Captioner, vocab: Vocabulary,
                     train_options: dict[str, Any] | None = None, metrics: dict[str, Any] | None = None,
                     **extra: Any) -> Path:
-    """Write atomically (:mod:`satcli.atomic`): a temporary file in the same directory, flushed to disk, then
+    """Write atomically (:mod:`satcli.core.atomic`): a temporary file in the same directory, flushed to disk, then
     renamed over ``path``. A crash at any moment leaves either the old file or the new one, never a torn one; a
     full disk or read-only folder leaves the old one and raises SatcliError naming ``path`` and the cause.
     """

@@ -9,8 +9,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from satcli.atomic import write_text
-from satcli.errors import SatcliError
+from satcli.core.atomic import write_text
+from satcli.core.errors import SatcliError
 
 MODEL_ENV = "SATCLI_MODEL"
 STATE_ENV = "SATCLI_STATE_DIR"

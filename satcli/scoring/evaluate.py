@@ -4,9 +4,9 @@
 - ``--coco``: the COCO caption metrics (BLEU-1..4, METEOR, ROUGE-L, CIDEr-D) through pycocoevalcap, or, without
   Java or the package, our equal BLEU / ROUGE-L / CIDEr-D with METEOR skipped and the reason said.
 - ``--grounding``: pointing game and attention mass in the referred objects' boxes, beside chance
-  (:mod:`satcli.grounding`), on datasets that store object boxes.
+  (:mod:`satcli.scoring.grounding`), on datasets that store object boxes.
 - ``--objects``: does the caption name the objects in the picture? Object precision/recall, exact-set rate and
-  CHAIR-i/-s (:mod:`satcli.objects`), on datasets that store objects with their words.
+  CHAIR-i/-s (:mod:`satcli.scoring.objects`), on datasets that store objects with their words.
 - ``--beam-sizes 1,3,5``: one sweep; every image is encoded (or read from the feature cache) once and decoded at
   every beam size.
 
@@ -28,22 +28,22 @@ import torch
 from rich.table import Table
 
 from models.decoding import DecodingOptions, DecodingResult
-from satcli import __version__
-from satcli.atomic import write_text
-from satcli.checkpoint import LoadedCheckpoint, checkpoint_sha256, load_captioner
-from satcli.console import make_progress
-from satcli.defaults import default_model
-from satcli.device import resolve_device
-from satcli.errors import SatcliError
-from satcli.features import cached_features
+from satcli.core.atomic import write_text
+from satcli.core.console import make_progress
+from satcli.core.defaults import default_model
+from satcli.core.device import resolve_device
+from satcli.core.errors import SatcliError
+from satcli.core.version import __version__
+from satcli.data.features import cached_features
+from satcli.data.store import StoredDataset
+from satcli.data.text import detokenize, tokenize
+from satcli.data.vocab import UNK, banned_words
+from satcli.formats.checkpoint import LoadedCheckpoint, checkpoint_sha256, load_captioner
 from satcli.formats.results import result_row, results_metadata, write_results
-from satcli.grounding import GroundingScores, grounding_scores, objects_from_store
-from satcli.metrics import bleu, coco_metrics
-from satcli.objects import Lexicon, ObjectScores, build_lexicon, object_scores
 from satcli.scoring.decode import Decoded, decode_split, split_chunks
-from satcli.store import StoredDataset
-from satcli.text import detokenize, tokenize
-from satcli.vocab import UNK, banned_words
+from satcli.scoring.grounding import GroundingScores, grounding_scores, objects_from_store
+from satcli.scoring.metrics import bleu, coco_metrics
+from satcli.scoring.objects import Lexicon, ObjectScores, build_lexicon, object_scores
 
 log = logging.getLogger(__name__)
 REPORT = "report.json"
@@ -142,7 +142,7 @@ def _cell(value: float | None) -> str:
 
 def coco_scores(raw_references: list[list[str]], captions: list[list[str]], java: bool = True) -> Any:
     """COCO metrics of vocabulary-word captions, scored like with like: the references go through the rule
-    that built the vocabulary (:func:`satcli.text.tokenize`, which splits ``t-shirt`` into ``t shirt``) before
+    that built the vocabulary (:func:`satcli.data.text.tokenize`, which splits ``t-shirt`` into ``t shirt``) before
     the PTB tokenizer both sides share, so a caption can match what its vocabulary can spell; ``<unk>`` is one
     word that matches nothing (PTB would split it into ``< unk >``)."""
     references = [[detokenize(tokenize(c)) for c in captions_of_image] for captions_of_image in raw_references]
@@ -161,7 +161,7 @@ def parse_beam_sizes(text: str) -> tuple[int, ...]:
     return tuple(dict.fromkeys(sizes))
 
 
-def run(options: EvaluateOptions) -> EvaluateResult:
+def evaluate(options: EvaluateOptions) -> EvaluateResult:
     """Decode ``options.split`` at every beam size, score it, and write the report and the predictions."""
     started = time.perf_counter()
     if not options.beam_sizes or min(options.beam_sizes) < 1:
@@ -248,7 +248,7 @@ def _decode_split(options: EvaluateOptions, dataset: StoredDataset, loaded: Any,
 
 def _metadata(loaded: LoadedCheckpoint, model_sha256: str, decoding: DecodingOptions, dataset: StoredDataset,
               split: str) -> dict[str, Any]:
-    """A predictions file's metadata: that of any results file (``satcli.images``' root is the folder the store's
+    """A predictions file's metadata: that of any results file (``satcli.data.images``' root is the folder the store's
     image paths start from, as caption's --root), plus the dataset and split it was made on."""
     return results_metadata(loaded, model_sha256, decoding,
                             image_root=(dataset.meta.get("source") or {}).get("images"),

@@ -27,12 +27,12 @@ from typing import Any
 
 import numpy as np
 
-from satcli import __version__
-from satcli.atomic import disk_error, write_text
-from satcli.console import make_progress
-from satcli.errors import SatcliError
+from satcli.core.atomic import disk_error, write_text
+from satcli.core.console import make_progress
+from satcli.core.errors import SatcliError
+from satcli.core.version import __version__
 from satcli.formats.results import attention_of, count_rows, iter_results, read_metadata, recorded_image_root
-from satcli.overlays import BLEND_FLOOR, BLEND_GAIN, colormap_lut, open_image, overlay_name, resolve_image
+from satcli.pictures.overlays import BLEND_FLOOR, BLEND_GAIN, colormap_lut, open_image, overlay_name, resolve_image
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ def _rows(options: ReportOptions, root: Path, thumbs: Path, summary: ReportSumma
         yield from drain()
 
 
-def run(options: ReportOptions) -> ReportSummary:
+def build_report(options: ReportOptions) -> ReportSummary:
     """Write the report for ``options.results``; returns where it went and what it holds."""
     results = Path(options.results)
     if options.thumb_size < 16:

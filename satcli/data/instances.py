@@ -12,8 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from satcli.datasets_records import ImageRecord, ObjectBox
-from satcli.errors import SatcliError
+from satcli.core.errors import SatcliError
+from satcli.data.datasets_records import ImageRecord, ObjectBox
 
 # Category → other words captions use for it (singular; plurals are added). Names with spaces are phrases.
 SYNONYMS: dict[str, tuple[str, ...]] = {

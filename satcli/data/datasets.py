@@ -1,5 +1,5 @@
 """Reading every caption format satcli knows into the same list of :class:`ImageRecord`: detect the format,
-read it (:mod:`satcli.datasets_readers`) and split it.
+read it (:mod:`satcli.data.datasets_readers`) and split it.
 
 Formats (see docs/datasets.md for where each comes from):
 
@@ -28,14 +28,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from satcli.datasets_readers import (
+from satcli.core.errors import SatcliError
+from satcli.data.datasets_readers import (
     read_coco_annotations,
     read_flickr_captions_txt,
     read_flickr_token,
     read_karpathy,
     read_pairs,
 )
-from satcli.datasets_records import (
+from satcli.data.datasets_records import (
     CaptionFormat,
     ImageRecord,
     SourceDataset,
@@ -44,8 +45,7 @@ from satcli.datasets_records import (
     read_text,
     safe_image_path,
 )
-from satcli.errors import SatcliError
-from satcli.store import DatasetKind
+from satcli.data.store import DatasetKind
 
 log = logging.getLogger(__name__)
 

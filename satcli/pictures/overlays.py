@@ -31,9 +31,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from satcli.atomic import atomic_path, disk_error
-from satcli.console import make_progress
-from satcli.errors import SatcliError
+from satcli.core.atomic import atomic_path, disk_error
+from satcli.core.console import make_progress
+from satcli.core.errors import SatcliError
 from satcli.formats.results import attention_of, count_rows, iter_results, recorded_image_root
 
 log = logging.getLogger(__name__)
@@ -268,7 +268,7 @@ def resolve_image(path: str, image_root: Path | None) -> Path:
 
 def dataset_images(data_root: Path, name: str) -> Path | None:
     """The folder the image paths of a preprocessed dataset (and of ``satcli evaluate``'s results) start from."""
-    from satcli.store import StoredDataset
+    from satcli.data.store import StoredDataset
 
     images = (StoredDataset.open(data_root, name).meta.get("source") or {}).get("images")
     return Path(images) if images else None

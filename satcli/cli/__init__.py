@@ -1,6 +1,6 @@
 """The ``satcli`` command line. Commands stay thin: arguments → an options dataclass → ``<step>.run(options)``.
 
-User mistakes arrive here as :class:`~satcli.errors.SatcliError` and leave as one red line and exit code 1;
+User mistakes arrive here as :class:`~satcli.core.errors.SatcliError` and leave as one red line and exit code 1;
 ``--verbose`` adds the traceback.
 """
 
@@ -18,9 +18,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
-from satcli import __version__
-from satcli.atomic import disk_error
-from satcli.cli_options import (
+from satcli.cli.options import (
     AllowUnkOption,
     Attention,
     BatchSizeOption,
@@ -42,11 +40,13 @@ from satcli.cli_options import (
     ResultsOption,
     WorkersOption,
 )
-from satcli.cli_output import print_captions, print_drawn, print_evaluated, print_reported, print_trained
-from satcli.console import console as human
-from satcli.console import out_console, set_quiet
-from satcli.errors import SatcliError
-from satcli.store import DatasetKind
+from satcli.cli.output import print_captions, print_drawn, print_evaluated, print_reported, print_trained
+from satcli.core.atomic import disk_error
+from satcli.core.console import console as human
+from satcli.core.console import out_console, set_quiet
+from satcli.core.errors import SatcliError
+from satcli.core.version import __version__
+from satcli.data.store import DatasetKind
 
 console = out_console  # results a script reads (captions, --json, tables a command exists to print)
 err_console = Console(stderr=True)  # errors: never silenced by --quiet
@@ -158,7 +158,7 @@ def preprocess(
     quiet: QuietOption = False,
 ) -> None:
     """Read a captioned image dataset (or draw the shapes one) into a store under the data root for training."""
-    from satcli import preprocess as step
+    from satcli.commands import preprocess as step
 
     options = step.PreprocessOptions(
         dataset=dataset, images=images, captions=captions, splits=splits, name=name, data_root=data_root,
@@ -369,7 +369,7 @@ def evaluate(
 
     With --json, report.json's content goes to stdout as one line (scores on the 0–1 scale).
     """
-    from satcli import evaluate as step
+    from satcli.commands import evaluate as step
 
     result = step.run(step.EvaluateOptions(
         dataset=dataset, model=model, data_root=data_root, split=split,
@@ -380,7 +380,7 @@ def evaluate(
     ))
     print_evaluated(result, f"{dataset}/{split}", as_json)
     if overlays is not None:
-        from satcli.overlays import dataset_images, write_overlays
+        from satcli.pictures.overlays import dataset_images, write_overlays
 
         images = dataset_images(data_root, dataset)
         for beam in result.beams:
@@ -408,13 +408,13 @@ def report(
 
     The page works offline from disk; keep the thumbnail folder beside it.
     """
-    from satcli import report as step
+    from satcli.commands import report as step
 
     summary = step.run(step.ReportOptions(results=results, output=output, image_root=image_root,
                                           thumb_size=thumb_size))
     print_reported(summary)
     if overlays is not None:
-        from satcli.overlays import write_overlays
+        from satcli.pictures.overlays import write_overlays
 
         print_drawn(write_overlays(results, image_root, overlays))
 
@@ -429,7 +429,7 @@ def demo(
 ) -> None:
     """The whole job on the built-in shapes dataset: draw → preprocess → train → evaluate → caption, on CPU in
     minutes."""
-    from satcli import demo as step
+    from satcli.commands import demo as step
 
     result = step.run(step.DemoOptions(data_root=data_root, out=out, epochs=epochs, device=device))
     for renderable in result.renderables():

@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from satcli.errors import SatcliError
+from satcli.core.errors import SatcliError
 
 CHOICES = "auto, cpu, cuda, cuda:N or mps"
 

@@ -21,16 +21,16 @@ from rich.text import Text
 
 from satcli.captioning.options import CaptionOptions
 from satcli.captioning.pipeline import caption_images
-from satcli.console import console
-from satcli.errors import SatcliError
-from satcli.evaluate import BeamResult, EvaluateOptions
-from satcli.evaluate import run as evaluate
-from satcli.overlays import write_overlays
-from satcli.preprocess import PreprocessOptions, summary_table
-from satcli.preprocess import run as preprocess
-from satcli.report import ReportOptions
-from satcli.report import run as build_report
-from satcli.store import DatasetKind, StoredDataset
+from satcli.core.console import console
+from satcli.core.errors import SatcliError
+from satcli.data.preprocess import PreprocessOptions, summary_table
+from satcli.data.preprocess import preprocess as preprocess
+from satcli.data.store import DatasetKind, StoredDataset
+from satcli.pictures.overlays import write_overlays
+from satcli.pictures.report import ReportOptions
+from satcli.pictures.report import build_report as build_report
+from satcli.scoring.evaluate import BeamResult, EvaluateOptions
+from satcli.scoring.evaluate import evaluate as evaluate
 from satcli.training import TrainOptions, train
 
 log = logging.getLogger(__name__)

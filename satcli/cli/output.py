@@ -8,14 +8,14 @@ from typing import TYPE_CHECKING
 import typer
 from rich.markup import escape
 
-from satcli.console import console as human
+from satcli.core.console import console as human
 
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from satcli.evaluate import EvaluateResult
-    from satcli.overlays import OverlaySummary
-    from satcli.report import ReportSummary
+    from satcli.pictures.overlays import OverlaySummary
+    from satcli.pictures.report import ReportSummary
+    from satcli.scoring.evaluate import EvaluateResult
     from satcli.training import TrainResult
 
 FEW_IMAGES = 20  # caption prints `path → caption` lines up to this many images, the summary alone above it
@@ -24,7 +24,7 @@ FEW_IMAGES = 20  # caption prints `path → caption` lines up to this many image
 def print_captions(results: Path, n_images: int, as_json: bool) -> None:
     """stdout: a JSON line per image (--json), the caption alone (one image), `path → caption` lines (a few);
     failed images are named on stderr."""
-    from satcli.printing import result_records
+    from satcli.core.printing import result_records
 
     if n_images == 0 or (not as_json and n_images > FEW_IMAGES):
         return

@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from satcli.console import set_quiet
+from satcli.core.console import set_quiet
 
 # Options shared by several commands, declared once.
 DataRootOption = Annotated[

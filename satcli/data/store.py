@@ -28,9 +28,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from satcli.atomic import move_into_place
-from satcli.errors import SatcliError, first_line
-from satcli.vocab import Vocabulary
+from satcli.core.atomic import move_into_place
+from satcli.core.errors import SatcliError, first_line
+from satcli.data.vocab import Vocabulary
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test", "heldout")  # heldout: the shapes test in a held-out appearance
@@ -65,7 +65,7 @@ def split_file(split: str) -> str:
 
 class DatasetKind(str, Enum):
     """What ``satcli preprocess --dataset`` accepts: the kind of dataset a store is made from (its meta.json's
-    ``dataset``). The readers of each kind are in :mod:`satcli.datasets`."""
+    ``dataset``). The readers of each kind are in :mod:`satcli.data.datasets`."""
 
     flickr8k = "flickr8k"
     flickr30k = "flickr30k"

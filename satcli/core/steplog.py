@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from satcli.atomic import write_text
-from satcli.errors import SatcliError
+from satcli.core.atomic import write_text
+from satcli.core.errors import SatcliError
 
 log = logging.getLogger(__name__)
 

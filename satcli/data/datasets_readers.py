@@ -1,5 +1,5 @@
 """The caption-format readers: Karpathy JSON, COCO annotations, Flickr ``captions.txt`` and token files, and a
-user's own CSV or JSONL (see :mod:`satcli.datasets` for the formats and how they are split)."""
+user's own CSV or JSONL (see :mod:`satcli.data.datasets` for the formats and how they are split)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from satcli.datasets_records import (
+from satcli.core.errors import SatcliError
+from satcli.data.datasets_records import (
     CaptionFormat,
     ImageRecord,
     ObjectBox,
@@ -23,7 +24,6 @@ from satcli.datasets_records import (
     split_name,
     storable_text,
 )
-from satcli.errors import SatcliError
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ features live in a folder of their own and never mix with the pretrained encoder
 ``data/NAME/features/<encoder>-<size>px[-grid<G>]-<weights hash>/<split>.npy`` holds a
 float16 array (n_images, n_pixels, dim) in the split's row order; a ``<split>.json`` beside it says what made it
 (the full hash and the resize filter included: a cache made otherwise is recomputed). Both are written through
-:mod:`satcli.atomic`, the array first, so a killed run never leaves a cache that looks finished.
+:mod:`satcli.core.atomic`, the array first, so a killed run never leaves a cache that looks finished.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ from rich.progress import Progress
 
 from models.captioner import Captioner
 from models.data import DataConfig, image_to_tensor
-from satcli.atomic import atomic_path, remove_stale_temps, write_text
-from satcli.console import make_progress
-from satcli.store import StoredDataset
-from satcli.views import AUGMENT, augment, view_generator
+from satcli.core.atomic import atomic_path, remove_stale_temps, write_text
+from satcli.core.console import make_progress
+from satcli.data.store import StoredDataset
+from satcli.data.views import AUGMENT, augment, view_generator
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1
@@ -65,7 +65,7 @@ def cached_features(dataset: StoredDataset, split: str, model: Captioner, device
                     data: DataConfig | None = None, view: int = 0) -> np.ndarray:
     """(n_images, n_pixels, dim) float16 features of ``split``, memory-mapped; computed on first use.
     ``data``: how to prepare the images (a loaded checkpoint's); default: the model config's. ``view`` 1, 2, ...
-    are the pictures augmented (satcli.views), each view a cache of its own."""
+    are the pictures augmented (satcli.data.views), each view a cache of its own."""
     data = data or DataConfig.for_config(model.config)
     weights = encoder_sha256(model)  # hashing the weights once, for the folder and the description alike
     folder = cache_dir(dataset, model, weights)
@@ -104,7 +104,7 @@ def encode_split(dataset: StoredDataset, split: str, model: Captioner, device: t
                  view: int = 0):
     """Yield (B, n_pixels, dim) encoder features for ``split`` in row order, decoding images in a thread pool
     while the encoder runs. ``data``: how to prepare the images; default: the model config's. ``view`` > 0: the
-    pictures augmented as satcli.views describes."""
+    pictures augmented as satcli.data.views describes."""
     data = data or DataConfig.for_config(model.config)
     was_training = model.training
     model.eval()

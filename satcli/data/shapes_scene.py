@@ -1,5 +1,5 @@
 """What a ``shapes`` picture can hold: the shapes, colours, sizes and backgrounds, with the words captions use
-for them, and the objects and appearances a generated picture is made of (see :mod:`satcli.shapes`)."""
+for them, and the objects and appearances a generated picture is made of (see :mod:`satcli.data.shapes`)."""
 
 from __future__ import annotations
 
@@ -27,9 +27,9 @@ SIZES: dict[str, tuple[str, ...]] = {"large": ("large", "big"), "small": ("small
 BACKGROUNDS: dict[str, str] = {"noise": "speckled", "stripes": "striped", "gradient": "shaded", "checks": "checkered"}
 COUNT_WORDS: dict[int, str] = {2: "two", 3: "three"}
 
-# The held-out split's appearances (see satcli.shapes): a fill no training image has, and a shade of the colour.
+# The held-out split's appearances (see satcli.data.shapes): a fill no training image has, and a shade of the colour.
 HELDOUT_FILLS = ("outline", "hatched")
-HELDOUT_SHADES = {"light": 255.0, "dark": 0.0}  # mixed into the colour by _SHADE_MIX in satcli.shapes_draw
+HELDOUT_SHADES = {"light": 255.0, "dark": 0.0}  # mixed into the colour by _SHADE_MIX in satcli.data.shapes_draw
 
 
 def pick(rng: np.random.Generator, options: tuple[str, ...] | list[str]) -> str:

@@ -24,15 +24,16 @@ from typing import TypeVar
 from PIL import Image
 from rich.table import Table
 
-from satcli import __version__, shapes
-from satcli.console import make_progress
-from satcli.datasets import read_dataset
-from satcli.datasets_records import CaptionFormat, ImageRecord, SourceDataset
-from satcli.errors import SatcliError
-from satcli.images import ImageError, load_image
-from satcli.store import SPLITS, DatasetKind, StoredImage, StoredObject, StoreWriter
-from satcli.text import tokenize
-from satcli.vocab import UNK_ID, Vocabulary
+from satcli.core.console import make_progress
+from satcli.core.errors import SatcliError
+from satcli.core.version import __version__
+from satcli.data import shapes
+from satcli.data.datasets import read_dataset
+from satcli.data.datasets_records import CaptionFormat, ImageRecord, SourceDataset
+from satcli.data.images import ImageError, load_image
+from satcli.data.store import SPLITS, DatasetKind, StoredImage, StoredObject, StoreWriter
+from satcli.data.text import tokenize
+from satcli.data.vocab import UNK_ID, Vocabulary
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +101,7 @@ class PreprocessResult:
         return sum(s.n_unknown for s in self.splits.values()) / n_words if n_words else 0.0
 
 
-def run(options: PreprocessOptions) -> PreprocessResult:
+def preprocess(options: PreprocessOptions) -> PreprocessResult:
     """Preprocess ``options.dataset`` into ``data_root/NAME/``, showing progress; :func:`summary_table` shows the
     result."""
     _check(options)
@@ -163,7 +164,7 @@ def _check(options: PreprocessOptions) -> None:
 
 
 def _attach_instances(source: SourceDataset, path: Path) -> None:
-    from satcli.instances import attach_instances
+    from satcli.data.instances import attach_instances
 
     if source.format not in (CaptionFormat.coco, CaptionFormat.karpathy):
         raise SatcliError("--instances takes COCO instance annotations, for COCO captions (a COCO caption file "

@@ -5,7 +5,7 @@ temporary file behind; its name, ``.NAME.satcli-PID-RANDOM.tmp``, says which tar
 belongs to, so :func:`remove_stale_temps` can delete those of dead processes (and nothing else) on the next run.
 
 A write that fails for lack of space or permission (ENOSPC, EROFS, EACCES, ...) removes its temporary file,
-leaves the target as it was, and raises :class:`~satcli.errors.SatcliError` naming the target and the cause.
+leaves the target as it was, and raises :class:`~satcli.core.errors.SatcliError` naming the target and the cause.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import secrets
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from satcli.errors import SatcliError, first_line
+from satcli.core.errors import SatcliError, first_line
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 
 from models.data import DataConfig, resize
-from satcli.images import ImageError
+from satcli.data.images import ImageError
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""satcli.core: see docs/architecture.md."""

@@ -1,0 +1,1 @@
+"""satcli.data: see docs/architecture.md."""

@@ -1,0 +1,1 @@
+"""satcli.pictures: see docs/architecture.md."""
