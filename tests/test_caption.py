@@ -154,7 +154,7 @@ def test_schema_metadata_and_attention_helper(reference, checkpoint, photos):
     assert metadata["satcli.model"]["encoder"] == "efficientnet-lite0"
     assert metadata["satcli.model"]["preprocessing"]["image_size"] == 64
     assert metadata["satcli.version"]
-    assert metadata["satcli.data.images"]["root"] == str(photos)  # where report and overlays look for the images
+    assert metadata["satcli.images"]["root"] == str(photos)  # where report and overlays look for the images
     for row in table.to_pylist():
         if row["error"] is not None:
             assert row["token_logprobs"] is None

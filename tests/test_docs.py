@@ -57,7 +57,7 @@ def test_overlay_panel_size_and_columns_match_the_code():
 
 def test_report_default_image_root_and_thumb_size_are_what_the_cli_says(tmp_path, results_file):
     text = DOCS["formats.md"]
-    assert "(report; default:\nthe folder the results file records in `satcli.data.images`" in text
+    assert "(report; default:\nthe folder the results file records in `satcli.images`" in text
     help_text = runner.invoke(app, ["report", "-h"]).output
     assert "--thumb-size" in help_text and "--image-root" in help_text
     result = runner.invoke(app, ["report", str(results_file), "-o", str(tmp_path / "r.html"), "--thumb-size", "8"])

@@ -87,8 +87,8 @@ def test_evaluate_writes_the_report_and_one_results_file_per_beam_size(shapes_ro
         metadata = read_metadata(out / entry["predictions"])
         assert metadata["satcli.decoding"]["beam_size"] == entry["beam_size"]
         # report and overlays find the dataset's pictures from anywhere
-        assert metadata["satcli.data.images"]["root"] == store.meta["source"]["images"]
-        assert all((Path(metadata["satcli.data.images"]["root"]) / row["path"]).is_file() for row in rows)
+        assert metadata["satcli.images"]["root"] == store.meta["source"]["images"]
+        assert all((Path(metadata["satcli.images"]["root"]) / row["path"]).is_file() for row in rows)
         for row in rows:  # each word's log-probability; with <end>'s they make the caption's
             assert len(row["token_logprobs"]) == len(row["tokens"]) and all(lp <= 0 for lp in row["token_logprobs"])
             assert sum(row["token_logprobs"]) >= row["sum_logprob"] - 1e-4

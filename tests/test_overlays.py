@@ -151,7 +151,7 @@ def test_overlays_find_images_under_the_root_the_file_records(tmp_path, monkeypa
     _image(root / "one.png")
     rows = [CaptionRow("one.png", "a", ["a"], -1.0, True, peaked_attention(1, 7, 7, [(1, 1)]), 96, 64,
                        token_logprobs=[-0.2])]
-    results = write_results_file(tmp_path / "r.parquet", rows, {"satcli.data.images": {"root": str(root)}})
+    results = write_results_file(tmp_path / "r.parquet", rows, {"satcli.images": {"root": str(root)}})
     monkeypatch.chdir(tmp_path)  # one.png is not in the current directory
     assert write_overlays(results, None, tmp_path / "ov", progress=False).n_missing_images == 0
     assert write_overlays(results, tmp_path, tmp_path / "ov2", progress=False).n_missing_images == 1  # given wins

@@ -251,7 +251,7 @@ def test_checkpoints_with_malformed_values_are_refused_in_one_line(checkpoint, p
 def _results_with(tmp_path: Path, rows) -> Path:
     from tests.helpers import write_results_file
 
-    return write_results_file(tmp_path / "r.parquet", rows, {"satcli.data.images": {"root": str(tmp_path)}})
+    return write_results_file(tmp_path / "r.parquet", rows, {"satcli.images": {"root": str(tmp_path)}})
 
 
 def test_report_and_overlays_finish_when_an_image_path_is_a_fifo(tmp_path):

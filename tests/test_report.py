@@ -159,7 +159,7 @@ def test_report_finds_images_under_the_root_the_file_records(tmp_path, monkeypat
     photos.mkdir()
     Image.new("RGB", (40, 30), (200, 30, 30)).save(photos / "red.png")
     rows = [CaptionRow("red.png", "red", ["red"], -1.0, True, peaked_attention(1, 4, 4, [(0, 0)]), 40, 30)]
-    results = write_results_file(tmp_path / "r.parquet", rows, {"satcli.data.images": {"root": str(photos)}})
+    results = write_results_file(tmp_path / "r.parquet", rows, {"satcli.images": {"root": str(photos)}})
     monkeypatch.chdir(tmp_path)  # red.png is not in the current directory
     assert run(ReportOptions(results, progress=False)).n_missing_images == 0
     assert run(ReportOptions(results, image_root=tmp_path, progress=False)).n_missing_images == 1  # given wins

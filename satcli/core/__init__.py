@@ -1,1 +1,2 @@
-"""satcli.core: see docs/architecture.md."""
+"""What every layer uses: atomic writes, errors, the console, devices, step logs, the remembered model, the version
+(docs/architecture.md)."""

@@ -1,1 +1,2 @@
-"""satcli.data: see docs/architecture.md."""
+"""What goes in: datasets, the built-in shapes dataset, the preprocessed store, the feature cache and its views, images,
+text and vocabulary (docs/architecture.md)."""

@@ -1,1 +1,1 @@
-"""The files satcli writes and reads: results Parquet files (rows, metadata, reading, writing, merging)."""
+"""The files satcli writes and reads back: results files and checkpoints (docs/formats.md, docs/architecture.md)."""

@@ -110,7 +110,7 @@ def results_metadata(loaded: LoadedCheckpoint, model_sha256: str, decoding: Deco
         },
         "satcli.decoding": asdict(decoding),
         # root: where the relative result paths start, so report and overlays find the images from anywhere.
-        "satcli.data.images": {"max_pixels": max_pixels, "root": image_root},
+        "satcli.images": {"max_pixels": max_pixels, "root": image_root},
     }
     if dataset is not None:
         metadata["satcli.dataset"] = dataset
@@ -381,5 +381,5 @@ def recorded_image_root(results: str | Path) -> Path | None:
     """The folder a results file's relative paths start from, as recorded when it was written (``satcli caption``'s
     ``--root``, ``satcli evaluate``'s dataset images); None when not recorded or no longer there (then the
     current directory is the best guess)."""
-    root = (read_metadata(results).get("satcli.data.images") or {}).get("root")
+    root = (read_metadata(results).get("satcli.images") or {}).get("root")
     return Path(root) if isinstance(root, str) and os.path.isdir(root) else None

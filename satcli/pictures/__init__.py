@@ -1,1 +1,1 @@
-"""satcli.pictures: see docs/architecture.md."""
+"""What the attention looked like: per-word overlays and the HTML report (docs/architecture.md)."""

@@ -1,1 +1,2 @@
-"""Scoring captions: decoding a split for scoring (:mod:`satcli.scoring.decode`)."""
+"""What a caption is worth: caption metrics, object metrics, grounding, the one decode-and-score loop, and the
+evaluate job (docs/architecture.md)."""

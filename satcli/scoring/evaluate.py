@@ -248,7 +248,7 @@ def _decode_split(options: EvaluateOptions, dataset: StoredDataset, loaded: Any,
 
 def _metadata(loaded: LoadedCheckpoint, model_sha256: str, decoding: DecodingOptions, dataset: StoredDataset,
               split: str) -> dict[str, Any]:
-    """A predictions file's metadata: that of any results file (``satcli.data.images``' root is the folder the store's
+    """A predictions file's metadata: that of any results file (``satcli.images``' root is the folder the store's
     image paths start from, as caption's --root), plus the dataset and split it was made on."""
     return results_metadata(loaded, model_sha256, decoding,
                             image_root=(dataset.meta.get("source") or {}).get("images"),
