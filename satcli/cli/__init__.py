@@ -119,14 +119,14 @@ def _main(
 @app.command()
 def encoders() -> None:
     """List the image encoders, their input size, feature grid and where their weights come from."""
-    from models.encoders import ENCODERS
+    from satcli.commands import encoders as step
 
     table = Table(title="Encoders")
     for column in ("name", "input", "grid", "dim", "pretrained weights"):
         table.add_column(column)
-    for name, spec in ENCODERS.items():
+    for spec in step.run():
         grid = spec.grid_shape(spec.image_size, spec.image_size)
-        table.add_row(name, f"{spec.image_size}px", f"{grid[0]}×{grid[1]}", str(spec.dim), spec.weights_source)
+        table.add_row(spec.name, f"{spec.image_size}px", f"{grid[0]}×{grid[1]}", str(spec.dim), spec.weights_source)
     console.print(table)
 
 
