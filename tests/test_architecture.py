@@ -41,31 +41,32 @@ def _modules(*packages: str) -> dict[str, Path]:
     return {_module_name(p): p for package in packages for p in sorted((ROOT / package).rglob("*.py"))}
 
 
-MODULES = _modules(*PACKAGES)
+MODULES = _modules(*PACKAGES)  # what the rules are about
+EVERYWHERE = {**MODULES, **_modules("bench", "tests")}  # whose private-name imports are checked too
+Modules = dict[str, Path]
 
 
-def _resolve(module: str, node: ast.ImportFrom) -> str:
+def _resolve(module: str, node: ast.ImportFrom, modules: Modules) -> str:
     if not node.level:
         return node.module or ""
     base = module.split(".")
-    is_package = MODULES.get(module, Path()).name == "__init__.py"
+    is_package = modules.get(module, Path()).name == "__init__.py"
     base = base if is_package else base[:-1]
     base = base[: len(base) - (node.level - 1)]
     return ".".join([*base, node.module] if node.module else base)
 
 
-def _imports(module: str) -> list[tuple[str, str | None, int]]:
+def _imports(module: str, modules: Modules) -> list[tuple[str, str | None, int]]:
     """(imported module, imported name or None, line) for every import in ``module``, wherever it is."""
-    tree = ast.parse(MODULES[module].read_text())
     found = []
-    for node in ast.walk(tree):
+    for node in ast.walk(ast.parse(modules[module].read_text())):
         if isinstance(node, ast.Import):
             found += [(alias.name, None, node.lineno) for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
-            source = _resolve(module, node)
+            source = _resolve(module, node, modules)
             for alias in node.names:
                 submodule = f"{source}.{alias.name}"
-                if submodule in MODULES:  # `from satcli.data import store` imports a module, not a name
+                if submodule in modules:  # `from satcli.data import store` imports a module, not a name
                     found.append((submodule, None, node.lineno))
                 else:
                     found.append((source, alias.name, node.lineno))
@@ -83,60 +84,46 @@ def _layer(module: str) -> tuple[str, int] | None:
     return None
 
 
-def test_every_module_belongs_to_a_layer():
-    loose = [m for m in MODULES if m not in ("satcli", "models") and _layer(m) is None]
-    assert not loose, f"modules outside every layer of docs/architecture.md: {loose}"
-
-
-def test_layers_import_downward_only():
+def upward_imports(modules: Modules) -> list[str]:
     wrong = []
-    for module in MODULES:
+    for module in modules:
         mine = _layer(module)
         if mine is None:
             continue
-        for target, _, line in _imports(module):
+        for target, _, line in _imports(module, modules):
             theirs = _layer(target) if _ours(target) else None
-            if theirs is None or theirs[0] == mine[0]:
-                continue
-            if theirs[1] >= mine[1]:
+            if theirs is not None and theirs[0] != mine[0] and theirs[1] >= mine[1]:
                 wrong.append(f"{module}:{line} imports {target} ({theirs[0]} is not below {mine[0]})")
-    assert not wrong, "\n".join(wrong)
+    return wrong
 
 
-def test_no_command_imports_another_command():
-    wrong = [f"{module}:{line} imports {target}"
-             for module in MODULES if module.startswith("satcli.commands.")
-             for target, _, line in _imports(module)
-             if target.startswith("satcli.commands") and target != module]
-    assert not wrong, "\n".join(wrong)
+def command_imports(modules: Modules) -> list[str]:
+    return [f"{module}:{line} imports {target}"
+            for module in modules if module.startswith("satcli.commands.")
+            for target, _, line in _imports(module, modules)
+            if target.startswith("satcli.commands") and target != module]
 
 
-def test_no_module_imports_a_private_name_of_another():
-    everywhere = {**MODULES, **_modules("bench", "tests")}
+def private_imports(modules: Modules) -> list[str]:
     wrong = []
-    for module, path in everywhere.items():
-        MODULES.setdefault(module, path)  # so _imports can read bench/ and tests/ too
-        for target, name, line in _imports(module):
+    for module, path in modules.items():
+        for target, name, line in _imports(module, modules):
             private = (name or target.rsplit(".", 1)[-1]).startswith("_") and not (name or "").startswith("__")
             if _ours(target) and private and target != module and not target.endswith("__main__"):
-                wrong.append(f"{path.relative_to(ROOT)}:{line} imports {name or target} from {target}")
-    for module in set(everywhere) - set(_modules(*PACKAGES)):
-        MODULES.pop(module, None)
-    assert not wrong, "\n".join(wrong)
+                wrong.append(f"{path.name}:{line} ({module}) imports {name or target} from {target}")
+    return wrong
 
 
-def test_no_import_cycles():
-    graph = {m: {t for t, _, _ in _imports(m) if t in MODULES and t != m} for m in MODULES}
-    # a package's __init__ is imported on the way to its modules, but importing it from one of them is a cycle
-    # only if __init__ really imports that module back, which the graph already says
-    state: dict[str, int] = {}
+def import_cycles(modules: Modules) -> list[str]:
+    graph = {m: {t for t, _, _ in _imports(m, modules) if t in modules and t != m} for m in modules}
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
     cycles: list[list[str]] = []
 
     def visit(node: str, trail: list[str]) -> None:
         state[node] = 1
         for nxt in sorted(graph[node]):
             if state.get(nxt) == 1:
-                cycles.append(trail[trail.index(nxt):] + [nxt] if nxt in trail else [node, nxt])
+                cycles.append(trail[trail.index(nxt):] + [nxt])
             elif nxt not in state:
                 visit(nxt, [*trail, nxt])
         state[node] = 2
@@ -144,7 +131,32 @@ def test_no_import_cycles():
     for module in sorted(graph):
         if module not in state:
             visit(module, [module])
-    assert not cycles, "\n".join(" → ".join(c) for c in cycles)
+    return [" → ".join(c) for c in cycles]
+
+
+def test_every_module_belongs_to_a_layer():
+    loose = [m for m in MODULES if m not in ("satcli", "models") and _layer(m) is None]
+    assert not loose, f"modules outside every layer of docs/architecture.md: {loose}"
+
+
+def test_layers_import_downward_only():
+    wrong = upward_imports(MODULES)
+    assert not wrong, "\n".join(wrong)
+
+
+def test_no_command_imports_another_command():
+    wrong = command_imports(MODULES)
+    assert not wrong, "\n".join(wrong)
+
+
+def test_no_module_imports_a_private_name_of_another():
+    wrong = private_imports(EVERYWHERE)
+    assert not wrong, "\n".join(wrong)
+
+
+def test_no_import_cycles():
+    cycles = import_cycles(MODULES)
+    assert not cycles, "\n".join(cycles)
 
 
 @pytest.mark.parametrize("module", sorted(m for m in MODULES if m.startswith("satcli")))
@@ -165,28 +177,20 @@ def test_no_function_is_too_long_to_read():
 
 
 def test_the_checks_catch_what_they_name(tmp_path):
-    """The rules above, tried on a made-up module that breaks each one."""
-    global MODULES
-    saved = MODULES
-    bad = ROOT / "satcli" / "commands" / "zz_rule_probe.py"
-    other = bad.with_name("zz_rule_other.py")
-    try:
-        bad.write_text("from satcli.commands.train import run\nfrom satcli.core.atomic import _private\n")
-        MODULES = _modules(*PACKAGES)
-        with pytest.raises(AssertionError, match="zz_rule_probe"):
-            test_no_command_imports_another_command()
-        with pytest.raises(AssertionError, match="_private"):
-            test_no_module_imports_a_private_name_of_another()
-        bad.write_text("import satcli.cli\n")
-        MODULES = _modules(*PACKAGES)
-        with pytest.raises(AssertionError, match="is not below"):
-            test_layers_import_downward_only()
-        bad.write_text("def f():\n    from satcli.commands import zz_rule_other\n")
-        other.write_text("from satcli.commands.zz_rule_probe import f\n")
-        MODULES = _modules(*PACKAGES)
-        with pytest.raises(AssertionError, match="zz_rule_probe → satcli.commands.zz_rule_other"):
-            test_no_import_cycles()
-    finally:
-        bad.unlink(missing_ok=True)
-        other.unlink(missing_ok=True)
-        MODULES = saved
+    """Each rule, tried on made-up modules (in tmp_path, beside the real tree) that break it."""
+    def with_probes(**sources: str) -> Modules:
+        probes = {}
+        for name, text in sources.items():
+            probes[f"satcli.commands.{name}"] = tmp_path / f"{name}.py"
+            probes[f"satcli.commands.{name}"].write_text(text)
+        return {**MODULES, **probes}
+
+    breaking = with_probes(zz_probe="from satcli.commands.train import run\nfrom satcli.core.atomic import _private\n")
+    assert any("zz_probe" in line for line in command_imports(breaking))
+    assert any("_private" in line for line in private_imports(breaking))
+    upward = with_probes(zz_probe="import satcli.cli\n")
+    assert any("zz_probe" in line and "is not below" in line for line in upward_imports(upward))
+    cycle = with_probes(zz_probe="def f():\n    from satcli.commands import zz_other\n",
+                        zz_other="from satcli.commands.zz_probe import f\n")
+    assert "satcli.commands.zz_other → satcli.commands.zz_probe → satcli.commands.zz_other" in import_cycles(cycle)
+    assert not command_imports(MODULES) and not import_cycles(MODULES)  # the real tree, for contrast

@@ -52,9 +52,9 @@ def _describe(dataset: StoredDataset, model: Captioner, split: str, weights_sha2
               view: int = 0) -> dict:
     c = model.config
     described = {"version": CACHE_VERSION, "encoder": c.encoder, "encoder_sha256": weights_sha256,
-            "image_size": c.image_size, "interpolation": data.interpolation, "grid_size": c.grid_size,
-            "split": split, "n_images": dataset.n_images(split), "store_created": dataset.meta.get("created"),
-            "shape": [dataset.n_images(split), model.grid_shape[0] * model.grid_shape[1], model.encoder.spec.dim]}
+                 "image_size": c.image_size, "interpolation": data.interpolation, "grid_size": c.grid_size,
+                 "split": split, "n_images": dataset.n_images(split), "store_created": dataset.meta.get("created"),
+                 "shape": [dataset.n_images(split), model.grid_shape[0] * model.grid_shape[1], model.encoder.spec.dim]}
     if view:
         described.update(view=view, augment=AUGMENT.describe())
     return described

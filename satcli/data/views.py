@@ -77,12 +77,8 @@ class FeatureViews:
     def gather(self, arrays: list[np.ndarray], rows: np.ndarray, captions: torch.Tensor) -> torch.Tensor:
         """(B, H*W, D) float32 features: caption i's picture ``rows[i]`` as seen in its chosen view."""
         which = self.chosen[captions].numpy()
-        out: torch.Tensor | None = None
+        out = torch.empty((len(rows), *arrays[0].shape[1:]), dtype=torch.float32)
         for view in np.unique(which):
             picked = np.flatnonzero(which == view)
-            grids = torch.from_numpy(np.asarray(arrays[view][rows[picked]], dtype=np.float32))
-            if out is None:
-                out = torch.empty((len(rows), *grids.shape[1:]), dtype=torch.float32)
-            out[torch.from_numpy(picked)] = grids
-        assert out is not None
+            out[torch.from_numpy(picked)] = torch.from_numpy(np.asarray(arrays[view][rows[picked]], dtype=np.float32))
         return out

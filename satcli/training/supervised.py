@@ -191,16 +191,15 @@ class Supervised:
         self.steps_per_epoch = 0
         start = run.standing.start_epoch
         needs_cache = not options.fine_tune_encoder or options.fine_tune_after > start
-        self.train_views: list[np.ndarray] = []  # the plain training features, then each augmented view
+        views = range(options.feature_views + 1) if needs_cache else range(0)  # 0: the plain features
         self.val_features = None
-        if ranks.main and needs_cache:  # the main rank fills the caches; the others then read them
-            self.train_views = [cached_features(dataset, "train", model, device, view=v)
-                                for v in range(options.feature_views + 1)]
-            self.val_features = cached_features(dataset, run.val_split, model, device)
+        if ranks.main:  # the main rank fills the caches; the others then read them
+            self.train_views = [cached_features(dataset, "train", model, device, view=v) for v in views]
+            if needs_cache:
+                self.val_features = cached_features(dataset, run.val_split, model, device)
         barrier(ranks)
-        if not ranks.main and needs_cache:
-            self.train_views = [cached_features(dataset, "train", model, device, view=v)
-                                for v in range(options.feature_views + 1)]
+        if not ranks.main:
+            self.train_views = [cached_features(dataset, "train", model, device, view=v) for v in views]
         self.train_features = self.train_views[0] if self.train_views else None
         self.flip = flip_table(run.vocab)
         self.preprocessing = DataConfig.for_config(model.config)
