@@ -71,8 +71,9 @@ def main() -> None:
         preprocess(PreprocessOptions(dataset=DatasetKind.shapes, data_root=root, n_train=args.n_train, n_val=10,
                                      n_test=10))
         dataset = StoredDataset.open(root, "shapes")
-        options = TrainOptions(dataset="shapes", data_root=root, embed_dim=128, attention_dim=128, decoder_dim=256,
-                               dropout=0.2, batch_size=args.batch_size, decoder_lr=2e-3)
+        options = TrainOptions(dataset="shapes", data_root=root, encoder="efficientnet-lite0", embed_dim=128,
+                               attention_dim=128, decoder_dim=256, dropout=0.2, batch_size=args.batch_size,
+                               decoder_lr=2e-3)
         table = CaptionTable.from_store(dataset, "train")
         plan = batch_plan(table.lengths, args.batch_size, seed=0, epoch=0)[: args.steps]
         model, step = _stepper(options, len(dataset.vocab), device)
@@ -130,7 +131,7 @@ def main() -> None:
         f"Command: `{command()}`  ",
         f"Machine: {machine()}",
         "",
-        f"shapes, {args.n_train} training images, the demo's model (efficientnet-lite0 features 7×7×1280, decoder"
+        f"shapes, {args.n_train} training images, the demo's decoder on the ImageNet head's features (efficientnet-lite0, 7×7×1280; decoder"
         f" 256, attention 128, embedding 128), batch {args.batch_size}; the same {args.steps} batches for each"
         f" variant, the three taking turns {args.rounds} times (each with its own model and optimiser). Rates are"
         " medians over the turns; the ratios are taken within each turn, then the median, so load from other"

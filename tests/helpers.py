@@ -51,13 +51,15 @@ def write_results_file(path, rows, metadata=None):
 
 def picture_sensitive_checkpoint(folder):
     """A tiny captioner checkpoint whose captions depend on the picture: a random-init encoder maps every image to
-    nearly the same features, so this one has the real EfficientNet-Lite0 weights and a decoder with larger
-    weights. Written to ``folder / "tiny.pt"``; returns that path."""
+    nearly the same features, so this one has the real EfficientNet-Lite0 weights with their head (whose 1280
+    channels spread pictures further apart than stage 6's 192 do under a random decoder: with those, most captions
+    of random pictures come out empty or alike) and a decoder with larger weights. Written to
+    ``folder / "tiny.pt"``; returns that path."""
     from satcli.data.vocab import SPECIALS, Vocabulary
     from satcli.formats.checkpoint import save_checkpoint
 
     torch.manual_seed(0)
-    model = Captioner(tiny_config(image_size=64), pretrained_encoder=True)
+    model = Captioner(tiny_config(image_size=64, encoder="efficientnet-lite0"), pretrained_encoder=True)
     with torch.no_grad():
         for parameter in model.decoder.parameters():
             parameter.mul_(2.0)

@@ -138,7 +138,7 @@ def test_pooled_grid_is_what_the_model_attends_over():
     model = Captioner(tiny_config(grid_size=3, image_size=96))
     assert model.grid_shape == (3, 3)
     features = model.encode(torch.randn(1, 3, 96, 96))
-    assert features.shape == (1, 9, 1280)
+    assert features.shape == (1, 9, model.encoder.spec.dim)
 
 
 def test_word_embeddings_start_small_as_in_the_reference_code():

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from models.decoding import decode
+from models.encoders import DEFAULT_ENCODER
 from satcli.core.errors import SatcliError
 from satcli.data.vocab import Vocabulary
 from satcli.formats.checkpoint import load_captioner, read_checkpoint, save_checkpoint
@@ -36,7 +37,7 @@ def test_checkpoint_is_a_plain_dict_loadable_with_weights_only(tmp_path):
     payload = torch.load(path, weights_only=True)
     assert set(payload) >= {"format_version", "config", "state_dict", "vocab", "preprocessing",
                             "train_options", "metrics"}
-    assert payload["config"]["encoder"] == "efficientnet-lite0"
+    assert payload["config"]["encoder"] == DEFAULT_ENCODER
 
 
 def test_checkpoint_keys_have_no_wrapper_prefixes(tmp_path):

@@ -75,3 +75,19 @@ def test_train_passes_its_options_through(monkeypatch, tmp_path):
     assert (options.dataset, options.attention, options.lr_patience, options.patience) == ("shapes", "hard", 1, 6)
     assert (options.decoder_lr, options.epochs, options.out) == (2e-3, 6, None)
     assert options.data_root == tmp_path
+
+
+def test_train_command_defaults_are_the_libraries_defaults():
+    # `satcli train` with no options must train what `satcli.api.train(TrainOptions(...))` trains: the CLI spells
+    # its defaults out (it keeps torch unimported), so a default changed in one place only would split the two.
+    import dataclasses
+
+    import typer.main
+
+    from satcli.training.options import TrainOptions
+
+    library = {f.name: f.default for f in dataclasses.fields(TrainOptions) if f.default is not dataclasses.MISSING}
+    command = typer.main.get_command(app).commands["train"]
+    shared = [p for p in command.params if p.name in library]
+    assert len(shared) >= 30
+    assert {p.name: p.default for p in shared} == {p.name: library[p.name] for p in shared}

@@ -10,6 +10,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from models.captioner import Captioner
+from models.encoders import ENCODERS
 from satcli.captioning.options import CaptionOptions
 from satcli.cli import app
 from satcli.commands.caption import run as caption
@@ -73,8 +74,8 @@ def test_feature_cache_sizes_in_the_docs_follow_from_the_cache_format(tmp_path):
     n_images = int(re.search(r"For COCO's ([\d,]+) images", text).group(1).replace(",", ""))
     assert n_images == 123_287  # Karpathy's COCO split: 113,287 + 5,000 + 5,000
     rows = re.findall(r"^\| `([\w-]+)[^|]*\| (\d+)×(\d+) \| ([\d.]+) GB \|$", text, re.M)
-    dims = {"efficientnet-lite0": 1280, "vgg16": 512}
-    assert len(rows) == 3
+    assert len(rows) == 5
+    dims = {encoder: ENCODERS[encoder].dim for encoder, *_ in rows}
     for encoder, h, w, gigabytes in rows:
         assert float(gigabytes) == round(cache_bytes(n_images, (int(h), int(w)), dims[encoder]) / 1e9, 1)
     # the formula against a cache file written the way satcli writes it (float16 .npy, memory-mapped)

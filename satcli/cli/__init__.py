@@ -126,7 +126,8 @@ def encoders() -> None:
         table.add_column(column)
     for spec in step.run():
         grid = spec.grid_shape(spec.image_size, spec.image_size)
-        table.add_row(spec.name, f"{spec.image_size}px", f"{grid[0]}×{grid[1]}", str(spec.dim), spec.weights_source)
+        name = f"{spec.name} (default)" if spec.name == step.default() else spec.name
+        table.add_row(name, f"{spec.image_size}px", f"{grid[0]}×{grid[1]}", str(spec.dim), spec.weights_source)
     console.print(table)
 
 
@@ -253,7 +254,8 @@ def train(
         "--out", file_okay=False, show_default=False, help="Run folder. Default: runs/<dataset>.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last.pt.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a finished run in --out.")] = False,
-    encoder: Annotated[str, typer.Option(help="Image encoder (see `satcli encoders`).")] = "efficientnet-lite0",
+    encoder: Annotated[str, typer.Option(
+        help="Image encoder (see `satcli encoders`).")] = "efficientnet-lite0-stage6",
     attention: Annotated[Attention, typer.Option(
         help="soft: the expected context; hard: a sampled location, trained with REINFORCE (the paper's 4.1).")
     ] = Attention.soft,

@@ -85,7 +85,7 @@ class DemoResult:
 def demo_train_options(options: DemoOptions) -> TrainOptions:
     """The demo's training recipe (measured in README's demo section)."""
     return TrainOptions(dataset="shapes", data_root=options.data_root, out=options.out, overwrite=True,
-                        embed_dim=128, attention_dim=128, decoder_dim=256, dropout=0.2,
+                        embed_dim=128, attention_dim=128, decoder_dim=256, dropout=0.5,
                         epochs=options.epochs, batch_size=64, decoder_lr=2e-3, lr_patience=2, patience=options.epochs,
                         device=options.device, seed=options.seed)
 

@@ -51,8 +51,9 @@ class TrainOptions:
     scheduled_sampling: float = 0.0
     fine_tune_encoder: bool = False
     fine_tune_after: int = 0  # epoch (0-based) from which the encoder trains
-    # with fine-tuning: the top N blocks (-1: all, stem included). 6: EfficientNet-Lite's stride-32 stage and head;
-    # the low blocks keep their generic ImageNet filters, as the reference code keeps ResNet's stem and layer1
+    # with fine-tuning: the top N blocks (-1: all, stem included). 6: on efficientnet-lite0 its stride-32 stages and
+    # head, on the default -stage6 the four blocks of stage 6 and the last two of stage 5; the low blocks keep their
+    # generic ImageNet filters, as the reference code keeps ResNet's stem and layer1
     fine_tune_blocks: int = 6
     feature_flips: bool = False  # frozen encoder: mirror half the cached feature grids, swapping left/right words
     feature_shifts: bool = False  # frozen encoder: move cached feature grids by up to a cell (a small crop)
