@@ -131,8 +131,9 @@ def main() -> None:
         f"Command: `{command()}`  ",
         f"Machine: {machine()}",
         "",
-        f"shapes, {args.n_train} training images, the demo's decoder on the ImageNet head's features (efficientnet-lite0, 7×7×1280; decoder"
-        f" 256, attention 128, embedding 128), batch {args.batch_size}; the same {args.steps} batches for each"
+        f"shapes, {args.n_train} training images, the demo's decoder on the ImageNet head's features"
+        f" (efficientnet-lite0, 7×7×1280; decoder 256, attention 128, embedding 128), batch {args.batch_size};"
+        f" the same {args.steps} batches for each"
         f" variant, the three taking turns {args.rounds} times (each with its own model and optimiser). Rates are"
         " medians over the turns; the ratios are taken within each turn, then the median, so load from other"
         f" processes hurts a turn rather than a variant. Other processes used {100 * other_load:.0f}% of the"
