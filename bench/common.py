@@ -11,8 +11,14 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from models.captioner import Captioner
+    from satcli.training.options import TrainOptions
+    from satcli.training.supervised import Stepper
 
 BENCHMARKS_MD = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 
@@ -91,3 +97,18 @@ class OtherLoad:
         """Fraction of all cores' time used by other processes."""
         others = (_machine_busy_seconds() - self.busy) - (cpu_seconds() - self.own)
         return max(others, 0.0) / ((time.perf_counter() - self.wall) * (os.cpu_count() or 1))
+
+
+def decoder_stepper(options: TrainOptions, n_words: int, device: torch.device,
+                    seed: int = 0) -> tuple[Captioner, Stepper]:
+    """A captioner for ``options`` (pretrained encoder) and the training loop's own optimiser step on its decoder
+    (``satcli.training.supervised.Stepper``, Adam at ``options.decoder_lr``, no AMP): ``(model, stepper)``."""
+    from models.captioner import Captioner
+    from satcli.training.distributed import Ranks
+    from satcli.training.supervised import Stepper
+
+    torch.manual_seed(seed)
+    model = Captioner(options.model_config(n_words), pretrained_encoder=True).to(device)
+    optimizer = torch.optim.Adam(model.decoder.parameters(), lr=options.decoder_lr)
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    return model, Stepper(model, model, optimizer, scaler, options, Ranks(), device)

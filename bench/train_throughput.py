@@ -23,8 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.common import OtherLoad, command, machine, write_section
-from models.captioner import Captioner
+from bench.common import OtherLoad, command, decoder_stepper, machine, write_section
 from models.data import DataConfig, normalise, resize
 from satcli.commands.preprocess import run as preprocess
 from satcli.core.device import resolve_device
@@ -34,15 +33,6 @@ from satcli.data.store import DatasetKind, StoredDataset
 from satcli.training.batches import CaptionTable, batch_plan, feature_batches, prefetch
 from satcli.training.distributed import Ranks
 from satcli.training.options import TrainOptions
-from satcli.training.supervised import Stepper
-
-
-def _stepper(options: TrainOptions, n_words: int, device: torch.device, seed: int = 0) -> tuple[Captioner, Stepper]:
-    torch.manual_seed(seed)
-    model = Captioner(options.model_config(n_words), pretrained_encoder=True).to(device)
-    optimizer = torch.optim.Adam(model.decoder.parameters(), lr=options.decoder_lr)
-    scaler = torch.amp.GradScaler("cuda", enabled=False)
-    return model, Stepper(model, model, optimizer, scaler, options, Ranks(), device)
 
 
 def _seconds(run, first: int, last: int) -> float:
@@ -76,7 +66,7 @@ def main() -> None:
                                decoder_lr=2e-3)
         table = CaptionTable.from_store(dataset, "train")
         plan = batch_plan(table.lengths, args.batch_size, seed=0, epoch=0)[: args.steps]
-        model, step = _stepper(options, len(dataset.vocab), device)
+        model, step = decoder_stepper(options, len(dataset.vocab), device)
         features = cached_features(dataset, "train", model, device)
 
         # (a) satcli: cached features through the training loop's reader, prefetched in a thread
@@ -110,7 +100,7 @@ def main() -> None:
 
         variants = {"(a) cached features": cached, "(b) encoder in the loop": recompute,
                     "(c) compute floor": floor}
-        steppers = {name: _stepper(options, len(dataset.vocab), device)[1] for name in variants}
+        steppers = {name: decoder_stepper(options, len(dataset.vocab), device)[1] for name in variants}
         n_captions = sum(len(b) for b in plan)
         load = OtherLoad().start()
         seconds: dict[str, list[float]] = {name: [] for name in variants}

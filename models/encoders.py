@@ -112,27 +112,21 @@ class EfficientNetLite(nn.Module):
         super().__init__()
         self._conv_stem = Conv2dSame(3, 32, 3, stride=2, bias=False)
         self._bn0 = _bn(32)
+        last = len(_B0_STAGES) - 1
+        lengths = [repeats if i in (0, last) else math.ceil(repeats * depth)
+                   for i, (repeats, *_) in enumerate(_B0_STAGES)]
         blocks = []
-        for i, (repeats, kernel, stride, expand, in_ch, out_ch) in enumerate(_B0_STAGES):
+        for i, (stage, repeats) in enumerate(zip(_B0_STAGES, lengths, strict=True)):
+            _, kernel, stride, expand, in_ch, out_ch = stage
             in_ch = 32 if i == 0 else _round_filters(in_ch, width)
             out_ch = _round_filters(out_ch, width)
-            if 0 < i < len(_B0_STAGES) - 1:
-                repeats = math.ceil(repeats * depth)
             for r in range(repeats):
                 blocks.append(MBConv(in_ch if r == 0 else out_ch, out_ch, kernel, stride if r == 0 else 1, expand))
         self._blocks = nn.ModuleList(blocks)
         self._conv_head = Conv2dSame(out_ch, 1280, 1, bias=False)
         self._bn1 = _bn(1280)
         self._fc = nn.Linear(1280, n_classes)
-
-        self.stage_ends = list(itertools.accumulate(self._stage_lengths(depth)))  # block index after each stage
-        self.stage_channels = [_round_filters(stage[5], width) for stage in _B0_STAGES]
-
-    @staticmethod
-    def _stage_lengths(depth: float) -> list[int]:
-        last = len(_B0_STAGES) - 1
-        return [repeats if i in (0, last) else math.ceil(repeats * depth)
-                for i, (repeats, *_) in enumerate(_B0_STAGES)]
+        self.stage_ends = list(itertools.accumulate(lengths))  # the block count after each stage
 
     def features(self, x: Tensor) -> Tensor:
         """(B, 3, H, W) images → (B, 1280, ceil(H/32), ceil(W/32)) feature map; without the head (see

@@ -42,6 +42,19 @@ def disk_error(error: OSError, path: str | Path | None, doing: str = "cannot wri
     return SatcliError(f"{doing} ({reason}{', ' + code if code else ''})", path)
 
 
+def make_folder(folder: str | Path, in_the_way: str) -> Path:
+    """Create ``folder`` (and its parents) unless it is there; a file in its place is refused with ``in_the_way``,
+    a failed mkdir with :func:`disk_error`'s one line."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise SatcliError(in_the_way, folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise disk_error(error, folder, "cannot create the folder") from error
+    return folder
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | Path) -> Iterator[Path]:
     """Yield a temporary path to write ``target``'s new content to; on success it is synced and renamed over

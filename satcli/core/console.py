@@ -36,10 +36,6 @@ def set_quiet(quiet: bool) -> None:
     console.quiet = quiet
 
 
-def is_quiet() -> bool:
-    return console.quiet
-
-
 class RateColumn(ProgressColumn):
     """``12.3 images/s``: the task's speed in its own unit (``unit`` field)."""
 

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from satcli.core.atomic import atomic_path, disk_error
+from satcli.core.atomic import atomic_path, make_folder
 from satcli.core.console import make_progress
 from satcli.core.errors import SatcliError
 from satcli.formats.results import attention_of, count_rows, iter_results, recorded_image_root
@@ -317,12 +317,7 @@ def write_overlays(results: str | Path, image_root: str | Path | None, out_dir: 
     ``limit`` stops after that many pictures.
     """
     results, out_dir = Path(results), Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise SatcliError("the overlay folder is a file", out_dir)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise disk_error(error, out_dir, "cannot create the folder") from error
+    make_folder(out_dir, "the overlay folder is a file")
     root = Path(image_root) if image_root is not None else recorded_image_root(results)
     summary = OverlaySummary(out_dir)
     n_rows = count_rows(results)

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from satcli.core.atomic import disk_error, write_text
+from satcli.core.atomic import disk_error, make_folder, write_text
 from satcli.core.console import make_progress
 from satcli.core.errors import SatcliError
 from satcli.core.version import __version__
@@ -163,12 +163,7 @@ def build_report(options: ReportOptions) -> ReportSummary:
     if output.is_dir():
         raise SatcliError("the output is a directory; name an .html file with -o", output)
     thumbs = output.with_name(output.stem + "_files")
-    if thumbs.exists() and not thumbs.is_dir():
-        raise SatcliError("is in the way of the report's thumbnail folder", thumbs)
-    try:
-        thumbs.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise disk_error(error, thumbs, "cannot create the folder") from error
+    make_folder(thumbs, "is in the way of the report's thumbnail folder")
     summary = ReportSummary(output, thumbs)
     root = options.image_root if options.image_root is not None else recorded_image_root(results) or Path(".")
     rows = list(_rows(options, root, thumbs, summary, total))
