@@ -1,0 +1,149 @@
+"""Recognition across appearance: one training recipe scored on both held-out sets, side by side.
+
+- **shapes heldout**: satcli's own generator draws the test's shapes outlined, hatched, shaded and turned, as no
+  training picture is (docs/datasets.md); the shapes **test** split (same look as training) rides along, for the
+  in-distribution BLEU-4 / CIDEr-D a lever must not lose.
+- **emoji test**: scenes of real drawings (../shared/benchmarks/emoji_scenes.py: 40 everyday classes drawn by the
+  emoji vendors' designers; training scenes Google's and Twitter's drawings, validation and test scenes only
+  Facebook's, a style training never shows).
+
+For each dataset and seed it runs, as a user would, `satcli preprocess` (once), `satcli train` with the recipe
+(the demo's, ``satcli.commands.demo.demo_train_options``, unless ``--recipe`` names flags of its own) plus any
+extra flags after ``--``, and `satcli evaluate --objects --grounding` at beam 3, then prints object precision /
+recall, exact set, CHAIR-i/-s, BLEU-4, CIDEr-D, the pointing game and the CPU time (user + sys) of training:
+
+    python -m bench.recognition --work /tmp/recognition --seeds 0,1,2
+    python -m bench.recognition --work /tmp/recognition --name shifts -- --feature-shifts   # a lever row
+
+The emoji pictures are fetched from the npm registry by the benchmark script into ~/.cache/emoji-scenes (once)
+and stay out of git. Give training one thread when anything else runs (``OMP_NUM_THREADS=1``): the CPU time is
+then comparable across rows; wall time on a shared 2-core machine is not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+from dataclasses import MISSING, fields
+from pathlib import Path
+
+from bench.common import command, machine
+
+REPO = Path(__file__).resolve().parent.parent
+EMOJI_SCRIPT = REPO.parent / "shared" / "benchmarks" / "emoji_scenes.py"
+# dataset → the splits scored (the first is the held-out one the lever is judged on)
+SPLITS = {"shapes": ("heldout", "test"), "emoji": ("test",)}
+COLUMNS = {"object P": "objects_precision", "object R": "objects_recall", "exact set": "objects_exact_set",
+           "CHAIR-i": "objects_chair_i", "CHAIR-s": "objects_chair_s", "BLEU-4": "bleu4",
+           "CIDEr-D": "coco_cider_d", "pointing": "grounding_pointing"}
+
+
+def demo_recipe() -> list[str]:
+    """The demo's training recipe as `satcli train` flags: every option where it differs from train's default."""
+    from satcli.commands.demo import DemoOptions, demo_train_options
+    from satcli.training.options import TrainOptions
+
+    recipe = demo_train_options(DemoOptions())
+    flags = []
+    for field in fields(TrainOptions):
+        if field.name in ("dataset", "data_root", "out", "overwrite", "seed", "device", "given", "resume"):
+            continue
+        value = getattr(recipe, field.name)
+        default = field.default if field.default is not MISSING else None
+        if value == default:
+            continue
+        flag = "--" + field.name.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag if value else "--no-" + field.name.replace("_", "-"))
+        else:
+            flags += [flag, str(value)]
+    return flags
+
+
+def satcli(*args: str) -> str:
+    """Run ``satcli ARGS`` as a user would; its stdout (the --json line), or exit with its error."""
+    done = subprocess.run([sys.executable, "-m", "satcli", *args], stdout=subprocess.PIPE, text=True)
+    if done.returncode:
+        raise SystemExit(f"satcli {' '.join(args)} failed with exit code {done.returncode}")
+    return done.stdout
+
+
+def prepare(work: Path, emoji_script: Path) -> Path:
+    data = work / "data"
+    if not (data / "shapes" / "meta.json").exists():
+        satcli("preprocess", "--dataset", "shapes", "--data-root", str(data), "-q")
+    source = work / "emoji-scenes"
+    if not (source / "dataset_emoji.json").exists():
+        subprocess.run([sys.executable, str(emoji_script), str(source)], check=True)
+    if not (data / "emoji" / "meta.json").exists():
+        satcli("preprocess", "--dataset", "karpathy", "--images", str(source / "images"), "--captions",
+               str(source / "dataset_emoji.json"), "--name", "emoji", "--data-root", str(data), "-q")
+    return data
+
+
+def train(data: Path, dataset: str, out: Path, seed: int, flags: list[str]) -> float:
+    """Train unless ``out/best.pt`` exists already; the CPU seconds (user + sys) training took (0 if reused)."""
+    if (out / "best.pt").exists() and (out / "cpu_seconds").exists():
+        return float((out / "cpu_seconds").read_text())
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    satcli("train", "--dataset", dataset, "--data-root", str(data), "--out", str(out), "--overwrite",
+           "--seed", str(seed), "-q", *flags)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    seconds = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+    (out / "cpu_seconds").write_text(f"{seconds:.1f}\n")
+    return seconds
+
+
+def evaluate(data: Path, dataset: str, split: str, model: Path) -> dict[str, float]:
+    line = satcli("evaluate", "--model", str(model), "--dataset", dataset, "--data-root", str(data), "--split",
+                  split, "--beam-size", "3", "--bleu", "--coco", "--no-java", "--objects", "--grounding",
+                  "--max-length", "30", "--out", str(model.parent / f"evaluate-{dataset}-{split}"), "--json", "-q")
+    report = json.loads(line)
+    beam = report["results"][0]
+    scores = dict(beam.get("metrics", {}))
+    scores.update({f"objects_{k}": v for k, v in (beam.get("objects") or {}).items()})
+    scores.update({f"grounding_{k}": v for k, v in (beam.get("grounding") or {}).items()})
+    return scores
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    extra: list[str] = []
+    if "--" in argv:
+        at = argv.index("--")
+        argv, extra = argv[:at], argv[at + 1:]
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--work", type=Path, required=True, help="folder for the datasets, runs and scores")
+    parser.add_argument("--seeds", default="0", help="comma-separated training seeds")
+    parser.add_argument("--name", default="default", help="the row's name (its runs go to WORK/runs/NAME-...)")
+    parser.add_argument("--recipe", default=None, help="train flags instead of the demo's recipe (one string)")
+    parser.add_argument("--datasets", default="shapes,emoji")
+    parser.add_argument("--emoji-script", type=Path, default=EMOJI_SCRIPT)
+    args = parser.parse_args(argv)
+    flags = (args.recipe.split() if args.recipe is not None else demo_recipe()) + extra
+    data = prepare(args.work, args.emoji_script)
+    rows = []
+    for dataset in args.datasets.split(","):
+        for seed in (int(s) for s in args.seeds.split(",")):
+            out = args.work / "runs" / f"{args.name}-{dataset}-seed{seed}"
+            cpu = train(data, dataset, out, seed, flags)
+            for split in SPLITS[dataset]:
+                scores = evaluate(data, dataset, split, out / "best.pt")
+                rows.append((f"{dataset} {split}", seed, scores, cpu))
+    print(f"command: {command()}\nmachine: {machine()} (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')})")
+    print(f"train flags: {' '.join(flags)}\n")
+    print("| set | seed | " + " | ".join(COLUMNS) + " | train CPU s |")
+    print("|---|---:|" + "---:|" * (len(COLUMNS) + 1))
+    for name, seed, scores, cpu in rows:
+        cells = [f"{100 * scores[key]:.1f}" if key in scores else "–" for key in COLUMNS.values()]
+        print(f"| {name} | {seed} | " + " | ".join(cells) + f" | {cpu:.0f} |")
+    json.dump([{"set": n, "seed": s, "scores": sc, "train_cpu_seconds": c} for n, s, sc, c in rows],
+              (args.work / f"scores-{args.name}.json").open("w"), indent=1)
+
+
+if __name__ == "__main__":
+    main()
