@@ -113,3 +113,102 @@ def test_a_loss_that_becomes_nan_stops_the_run_and_saves_nothing(data_root, trai
     result = runner.invoke(app, [*_train_args(data_root, fresh), "--decoder-lr", "1e30"])
     _one_line_error(result, "training diverged")
     assert not (fresh / "best.pt").exists() and not (fresh / "last.pt").exists()
+
+
+# -- 2. a full disk while the feature cache is built ---------------------------------------------------------------
+
+
+def _features_left(root: Path) -> list[str]:
+    folder = root / "shapes" / "features"
+    return sorted(p.name for p in folder.rglob("*") if p.is_file()) if folder.exists() else []
+
+
+def _store_copy(data_root: Path, into: Path) -> Path:
+    """The preprocessed store without its feature caches (and without the drawn source pictures)."""
+    shutil.copytree(data_root / "shapes", into / "shapes", ignore=shutil.ignore_patterns("features", "source"))
+    return into
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 1 MiB tmpfs (root only; skipped where mounting is not allowed)."""
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        if subprocess.run(["umount", str(mount)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def _fill_leaving(folder: Path, n_free: int) -> None:
+    """Fill the file system of ``folder``, then give back ``n_free`` bytes: room for a file's first page (the
+    .npy header) but not for the features."""
+    with open(folder / "filler", "wb", buffering=0) as f, pytest.raises(OSError) as caught:
+        while True:
+            f.write(b"\0" * 4096)
+    assert caught.value.errno == errno.ENOSPC
+    size = (folder / "filler").stat().st_size
+    os.truncate(folder / "filler", size - n_free)
+
+
+def test_a_real_full_disk_while_caching_features_is_one_line(data_root, tmp_path, small_tmpfs):
+    root = _store_copy(data_root, small_tmpfs / "data")
+    _fill_leaving(small_tmpfs, 3 * 4096)
+    env = {**os.environ, "SATCLI_STATE_DIR": str(tmp_path / "state"), "COLUMNS": "400"}
+    done = subprocess.run([sys.executable, "-m", "satcli", *_train_args(root, tmp_path / "run")], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    # before: the features went through a memory map of a sparse file, and the full disk was a bus error (135)
+    assert done.returncode == 1, (done.returncode, done.stderr)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "train.npy: cannot write (No space left on device, ENOSPC)" in errors[0], done.stderr
+    assert [name for name in _features_left(root) if name != "filler"] == []  # nothing half-written is kept
+    os.unlink(small_tmpfs / "filler")  # with space again, the same command trains and caches
+    done = subprocess.run([sys.executable, "-m", "satcli", *_train_args(root, tmp_path / "run")], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "train.npy" in _features_left(root)
+
+
+def test_no_room_for_the_feature_cache_is_one_line_and_keeps_the_earlier_run(data_root, trained_run, tmp_path,
+                                                                             monkeypatch):
+    root = _store_copy(data_root, tmp_path / "data")
+    out, before = _copy_run(trained_run, tmp_path)
+
+    def no_room(fd, offset, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", no_room)
+    result = runner.invoke(app, _train_args(root, out, "--overwrite"))
+    _one_line_error(result, "train.npy", "No space left on device, ENOSPC")
+    assert _features_left(root) == []
+    assert {name: (out / name).read_bytes() for name in RUN_FILES} == before
+
+
+# -- 3. a feature-cache array of the wrong shape ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("damage", ["fewer rows", "other width", "other dtype", "cut short"])
+def test_a_cache_array_that_does_not_match_its_description_is_rebuilt(data_root, trained_run, tmp_path, damage,
+                                                                      caplog):
+    root = tmp_path / "data"
+    shutil.copytree(data_root, root)
+    (array_path,) = (root / "shapes" / "features").glob("*/train.npy")
+    good = np.load(array_path)
+    damaged = {"fewer rows": good[:3], "other width": good[:, :, :7], "other dtype": good.astype(np.float32),
+               "cut short": None}[damage]
+    if damaged is None:
+        os.truncate(array_path, array_path.stat().st_size // 2)
+    else:
+        np.save(array_path, damaged)
+    result = runner.invoke(app, _train_args(root, tmp_path / "run"))
+    assert result.exit_code == 0, result.output  # before: an IndexError traceback deep inside the first epoch
+    assert np.array_equal(np.load(array_path), good)
+    if damage != "cut short":
+        assert "recomputing" in result.output and "train.npy" in result.output
