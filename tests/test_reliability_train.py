@@ -6,7 +6,6 @@ cause, exit code 1. Training here is tiny (16 shapes pictures, a 24-unit decoder
 
 import errno
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -212,3 +211,85 @@ def test_a_cache_array_that_does_not_match_its_description_is_rebuilt(data_root,
     assert np.array_equal(np.load(array_path), good)
     if damage != "cut short":
         assert "recomputing" in result.output and "train.npy" in result.output
+
+
+# -- 5. NaN weights -------------------------------------------------------------------------------------------------
+
+
+def _picture(folder: Path) -> Path:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(folder / "a.png")
+    return folder
+
+
+def _edited(source: Path, target: Path, edit) -> Path:
+    payload = torch.load(source, weights_only=True)
+    edit(payload)
+    torch.save(payload, target)
+    return target
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_checkpoint_with_non_finite_weights_is_refused_at_load(trained_run, tmp_path, value):
+    def poison(payload):
+        payload["state_dict"]["decoder.out.weight"][3, 5] = value
+
+    model = _edited(trained_run / "best.pt", tmp_path / "nan.pt", poison)
+    output = tmp_path / "c.parquet"
+    result = runner.invoke(app, ["caption", str(_picture(tmp_path / "photos")), "--model", str(model), "-o",
+                                 str(output), "--workers", "0"])
+    # before: every caption empty, exit 0
+    _one_line_error(result, "nan.pt", "not finite numbers", "decoder.out.weight")
+    assert not output.exists()
+    out, before = _copy_run(trained_run, tmp_path)
+    _edited(out / "last.pt", out / "last.pt", poison)
+    result = runner.invoke(app, ["train", "--dataset", "shapes", "--out", str(out), "--resume"])
+    _one_line_error(result, "last.pt", "not finite numbers")
+
+
+# -- 6. a crafted config that asks for a huge model -----------------------------------------------------------------
+
+
+def _huge(payload):
+    payload["config"].update(vocab_size=65536, embed_dim=65536, attention_dim=65536, decoder_dim=65536)
+
+
+def test_a_config_asking_for_a_huge_model_allocates_nothing(trained_run, tmp_path):
+    import resource
+
+    model = _edited(trained_run / "best.pt", tmp_path / "huge.pt", _huge)
+    limit = 8 << 30  # address space: a regression fails to allocate instead of filling the machine's memory
+
+    def limited():
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    command = [sys.executable, "-m", "satcli", "caption", str(_picture(tmp_path / "photos")), "--model", str(model),
+               "-o", str(tmp_path / "c.parquet"), "--workers", "0"]
+    with open(tmp_path / "stderr", "wb") as stderr:
+        process = subprocess.Popen(command, cwd=REPO, env={**os.environ, "COLUMNS": "400"}, stdout=subprocess.DEVNULL,
+                                   stderr=stderr, preexec_fn=limited)
+        _, status, usage = os.wait4(process.pid, 0)
+    text = (tmp_path / "stderr").read_text()
+    assert os.waitstatus_to_exitcode(status) == 1, text
+    errors = [line for line in text.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in text, text
+    # before: built first (a 17 GB embedding, 69 GB of LSTM), compared after
+    assert "huge.pt: checkpoint does not describe a valid model: its config asks for" in errors[0], text
+    assert usage.ru_maxrss * 1024 < 2 << 30, f"peak RSS {usage.ru_maxrss / 1024:.0f} MiB"
+
+
+def test_resume_options_that_do_not_fit_the_weights_are_one_line(data_root, trained_run, tmp_path):
+    out, before = _copy_run(trained_run, tmp_path)
+
+    def wider(payload):
+        payload["train_state"]["options"]["embed_dim"] = 4096
+
+    _edited(out / "last.pt", out / "last.pt", wider)
+    edited = (out / "last.pt").read_bytes()
+    result = runner.invoke(app, ["train", "--dataset", "shapes", "--data-root", str(data_root),
+                                 "--out", str(out), "--resume", "--epochs", "2"])
+    _one_line_error(result, "last.pt", "its config asks for decoder.embedding.weight of shape")
+    assert (out / "last.pt").read_bytes() == edited and (out / "best.pt").read_bytes() == before["best.pt"]

@@ -3,10 +3,10 @@
 A job (:class:`Job`: :mod:`satcli.training.supervised` or :mod:`satcli.training.scst`) supplies only its own
 epoch and its own validation score. Everything else is written once, here: the run folder (refusing to clobber a
 run, ``--resume``, ``--overwrite``: the earlier run's files are replaced only when the new run saves its first
-epoch, so a run that fails before that (a mistyped dataset, device or option) leaves them as they were), restoring the optimiser, scheduler and RNG state, the learning-rate plateau,
-early stopping after ``patience`` epochs without improvement, ``best.pt`` (when the job's validation score
-improves) and ``last.pt`` (with everything ``--resume`` needs), and ``metrics.jsonl`` (one line per epoch, written
-atomically).
+epoch, so a run that fails before that, on a mistyped dataset, device or option, leaves them as they were),
+restoring the optimiser, scheduler and RNG state, the learning-rate plateau, early stopping after ``patience``
+epochs without improvement, ``best.pt`` (when the job's validation score improves) and ``last.pt`` (with
+everything ``--resume`` needs), and ``metrics.jsonl`` (one line per epoch, written atomically).
 """
 
 from __future__ import annotations
