@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 from satcli.cli import app
 from satcli.commands.preprocess import run as preprocess
 from satcli.data.preprocess import PreprocessOptions
+from satcli.data.shapes import JSON_NAME
 from satcli.data.store import DatasetKind
 from satcli.formats.checkpoint import read_checkpoint
 
@@ -293,3 +294,30 @@ def test_resume_options_that_do_not_fit_the_weights_are_one_line(data_root, trai
                                  "--out", str(out), "--resume", "--epochs", "2"])
     _one_line_error(result, "last.pt", "its config asks for decoder.embedding.weight of shape")
     assert (out / "last.pt").read_bytes() == edited and (out / "best.pt").read_bytes() == before["best.pt"]
+
+
+# -- 4. a killed shapes preprocess ---------------------------------------------------------------------------------
+
+
+def test_a_killed_shapes_preprocess_leaves_nothing_behind_the_next_one(tmp_path):
+    root = tmp_path / "data"
+    tiny = dict(dataset=DatasetKind.shapes, data_root=root, n_train=4, n_val=2, n_test=2, image_size=64,
+                min_word_freq=1)
+    preprocess(PreprocessOptions(**tiny))
+    (source,) = root.glob("*/source")
+    finished = subprocess.Popen([sys.executable, "-c", "pass"])
+    finished.wait()
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        dead = source.with_name(f".source-partial-{finished.pid}")  # what a SIGKILL mid-draw leaves
+        alive = source.with_name(f".source-partial-{running.pid}")  # another preprocess, drawing right now
+        for folder in (dead, alive):
+            (folder / "images").mkdir(parents=True)
+            (folder / "images" / "00001.png").write_bytes(b"\0" * 100_000)
+        preprocess(PreprocessOptions(**tiny))  # the source is reused; the dead run's folder goes
+        assert not dead.exists()
+        assert (alive / "images" / "00001.png").stat().st_size == 100_000
+        assert (source / JSON_NAME).is_file()  # and the finished source is still there
+    finally:
+        running.kill()
+        running.wait()
