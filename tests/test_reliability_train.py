@@ -268,7 +268,7 @@ def test_a_config_asking_for_a_huge_model_allocates_nothing(trained_run, tmp_pat
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
     command = [sys.executable, "-m", "satcli", "caption", str(_picture(tmp_path / "photos")), "--model", str(model),
-               "-o", str(tmp_path / "c.parquet"), "--workers", "0"]
+               "-o", str(tmp_path / "c.parquet"), "--workers", "0", "--device", "cpu"]  # no CUDA context in 8 GB
     with open(tmp_path / "stderr", "wb") as stderr:
         process = subprocess.Popen(command, cwd=REPO, env={**os.environ, "COLUMNS": "400"}, stdout=subprocess.DEVNULL,
                                    stderr=stderr, preexec_fn=limited)
