@@ -123,7 +123,7 @@ def remove_stale_temps(target: str | Path) -> list[Path]:
         return removed
     for candidate in candidates:
         match = _TEMP.match(candidate.name)
-        if match is None or match["name"] != target.name or _alive(int(match["pid"])):
+        if match is None or match["name"] != target.name or process_alive(int(match["pid"])):
             continue
         try:
             candidate.unlink()
@@ -140,7 +140,9 @@ def glob_escape(name: str) -> str:
     return re.sub(r"([*?\[])", r"[\1]", name)
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (this one included): the rule by which a temporary file or folder
+    named after its writer's PID is that of a live writer, left alone, or of a killed one, removable."""
     if pid == os.getpid():
         return True
     try:

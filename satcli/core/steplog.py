@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from satcli.core.atomic import write_text
+from satcli.core.atomic import move_into_place, remove_stale_temps, temp_path, write_text
 from satcli.core.errors import SatcliError
 
 log = logging.getLogger(__name__)
@@ -36,13 +36,22 @@ def require_tensorboard() -> Any:
 
 class StepLog:
     """Appends to ``out/steps.jsonl`` (and TensorBoard when ``tensorboard``); on resume, drops the lines of
-    epochs after ``keep_epochs`` (written by a run killed mid-epoch, which the resumed run trains again)."""
+    epochs after ``keep_epochs`` (written by a run killed mid-epoch, which the resumed run trains again).
+
+    A fresh run (``keep_epochs`` 0) writes its first epoch to a temporary file beside ``steps.jsonl`` and puts it
+    in place at the end of that epoch, so an earlier run's log (``--overwrite``) is kept until the new run has
+    saved an epoch, like its checkpoints."""
 
     def __init__(self, out: Path, keep_epochs: int = 0, tensorboard: bool = False):
         out.mkdir(parents=True, exist_ok=True)
         self.path = out / STEPS
-        self._trim(keep_epochs)
-        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 — open for the whole run
+        self._writing = self.path
+        if keep_epochs:
+            self._trim(keep_epochs)
+        else:
+            remove_stale_temps(self.path)  # left by a fresh run killed in its first epoch
+            self._writing = temp_path(self.path)
+        self._file = open(self._writing, "a", encoding="utf-8")  # noqa: SIM115 — open for the whole run
         self._pending: list[tuple[int, int, torch.Tensor, dict[str, float]]] = []
         self.writer = require_tensorboard()(str(out / TENSORBOARD)) if tensorboard else None
 
@@ -80,6 +89,11 @@ class StepLog:
     def epoch(self, epoch: int, step: int, metrics: dict[str, float]) -> None:
         """Validation scores at the end of an epoch (TensorBoard only; metrics.jsonl has them already)."""
         self.flush()
+        if self._writing != self.path:  # the first epoch of a fresh run is saved: its log replaces any earlier
+            self._file.close()
+            move_into_place(self._writing, self.path)
+            self._writing = self.path
+            self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 — open for the whole run
         if self.writer is not None:
             for name, value in metrics.items():
                 self.writer.add_scalar(f"val/{name}", value, step)
@@ -89,5 +103,7 @@ class StepLog:
     def close(self) -> None:
         self.flush()
         self._file.close()
+        if self._writing != self.path:  # no epoch saved: the log of an unsaved epoch is not kept
+            self._writing.unlink(missing_ok=True)
         if self.writer is not None:
             self.writer.close()

@@ -11,11 +11,15 @@ float16 array (n_images, n_pixels, dim) in the split's row order; a ``<split>.js
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
+import math
+import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -25,6 +29,7 @@ from models.captioner import Captioner
 from models.data import DataConfig, image_to_tensor
 from satcli.core.atomic import atomic_path, remove_stale_temps, write_text
 from satcli.core.console import make_progress
+from satcli.core.errors import SatcliError
 from satcli.data.store import StoredDataset
 from satcli.data.views import AUGMENT, augment, view_generator
 
@@ -73,24 +78,61 @@ def cached_features(dataset: StoredDataset, split: str, model: Captioner, device
     array_path, info_path = folder / f"{name}.npy", folder / f"{name}.json"
     expected = _describe(dataset, model, split, weights, data, view)
     if info_path.is_file() and array_path.is_file():
-        try:
-            if json.loads(info_path.read_text()) == expected:
-                return np.load(array_path, mmap_mode="r")
-        except (OSError, ValueError, RecursionError):
-            pass
-        log.info("feature cache %s is stale; recomputing", folder)
+        cached = _cached_array(array_path, info_path, expected)
+        if cached is not None:
+            return cached
     remove_stale_temps(array_path)  # left by a run killed while encoding
-    with atomic_path(array_path) as tmp:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=tuple(expected["shape"]))
+    shape = tuple(expected["shape"])
+    with atomic_path(array_path) as tmp, open(tmp, "wb") as out:
+        _start_array(out, shape)
         row = 0
         description = f"encoding {dataset.name}/{split}" + (f" (view {view})" if view else "")
         for features in encode_split(dataset, split, model, device, batch_size, progress, description, data, view):
-            out[row : row + len(features)] = features.to(torch.float16).cpu().numpy()
+            out.write(features.to(torch.float16).cpu().numpy().tobytes())  # rows in order: one sequential write
             row += len(features)
-        out.flush()
-        del out
+        if row != shape[0]:
+            raise SatcliError(f"the {split} split gave {row} images, not the {shape[0]} its table holds", dataset.root)
     write_text(info_path, json.dumps(expected))
     return np.load(array_path, mmap_mode="r")
+
+
+def _cached_array(array_path: Path, info_path: Path, expected: dict) -> np.ndarray | None:
+    """The cached array when its description is ``expected`` and the array is what that description says
+    (shape and dtype: a cache whose array was replaced or cut would fail deep inside training); else None."""
+    try:
+        if json.loads(info_path.read_text()) == expected:
+            array = np.load(array_path, mmap_mode="r")
+            if array.shape == tuple(expected["shape"]) and array.dtype == np.float16:
+                return array
+            log.warning("feature cache %s holds a %s array of shape %s, not the float16 %s its description "
+                        "gives; recomputing it", array_path, array.dtype, tuple(array.shape),
+                        tuple(expected["shape"]))
+            return None
+    except (OSError, ValueError, RecursionError):
+        pass
+    log.info("feature cache %s is stale; recomputing", array_path.parent)
+    return None
+
+
+def _start_array(out: BinaryIO, shape: tuple[int, ...]) -> None:
+    """Write the .npy header of a float16 array of ``shape`` and reserve the disk space of its data.
+
+    The array is then written with ordinary writes, never through a memory map: writing into a mapped sparse
+    file kills the process with SIGBUS when the disk fills, where a write raises ENOSPC (an OSError, which
+    :func:`~satcli.core.atomic.atomic_path` turns into one line and a removed temporary file). Reserving the
+    space first makes a disk too small fail now, not after an hour of encoding.
+    """
+    np.lib.format.write_array_header_1_0(out, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float16)),
+                                               "fortran_order": False, "shape": shape})
+    out.flush()
+    size = out.tell() + math.prod(shape) * np.dtype(np.float16).itemsize
+    try:
+        os.posix_fallocate(out.fileno(), 0, size)
+    except OSError as error:
+        if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):  # file systems that cannot reserve
+            raise
+    except AttributeError:  # no posix_fallocate on this platform (macOS): the writes report a full disk alike
+        pass
 
 
 def cache_bytes(n_images: int, grid: tuple[int, int], dim: int) -> int:

@@ -25,6 +25,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -33,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from satcli.core.atomic import process_alive
 from satcli.data.shapes_draw import draw_picture
 from satcli.data.shapes_scene import (
     BACKGROUNDS,
@@ -277,6 +279,7 @@ def ensure_generated(source_dir: Path, options: ShapesOptions = ShapesOptions(),
     half-drawn source that would be reused.
     """
     json_path = source_dir / JSON_NAME
+    remove_dead_partials(source_dir)
     if _is_current(json_path, options):
         log.info("Reusing the shapes images in %s", source_dir)
         return json_path
@@ -291,6 +294,26 @@ def ensure_generated(source_dir: Path, options: ShapesOptions = ShapesOptions(),
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     return json_path
+
+
+def remove_dead_partials(source_dir: Path) -> list[Path]:
+    """Delete the ``.NAME-partial-PID`` folders beside ``source_dir`` that drawing runs left when they were
+    killed: those whose process is gone (:func:`satcli.core.atomic.process_alive`); a live run's is left alone.
+    Returns the folders removed."""
+    pattern = re.compile(rf"^\.{re.escape(source_dir.name)}-partial-(\d+)$")
+    try:
+        siblings = list(source_dir.parent.iterdir())
+    except OSError:
+        return []
+    removed = []
+    for sibling in siblings:
+        match = pattern.match(sibling.name)
+        if match is None or process_alive(int(match[1])) or sibling.is_symlink() or not sibling.is_dir():
+            continue
+        shutil.rmtree(sibling, ignore_errors=True)
+        log.info("removed %s, left by an interrupted preprocess", sibling)
+        removed.append(sibling)
+    return removed
 
 
 def _is_current(json_path: Path, options: ShapesOptions) -> bool:

@@ -175,6 +175,14 @@ def checkpoint_problem(payload: dict[str, Any]) -> str | None:
     vocab = payload["vocab"]
     if not isinstance(vocab, list | tuple) or not all(isinstance(word, str) for word in vocab):
         return "a vocabulary that is not a list of words"
+    state = payload["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        return "a state dict that is not a mapping of names to tensors"
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            return (f"weights that are not finite numbers (NaN or infinity in {_short(name)}): a model that "
+                    "cannot caption; use one saved before its training diverged")
     for name in ("train_options", "metrics"):
         if not isinstance(payload.get(name, {}), dict):
             return f"{name} that are not a mapping"
@@ -198,14 +206,50 @@ def _short(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
+def build_captioner(config: CaptionerConfig, state_dict: dict[str, torch.Tensor], path: str | Path | None,
+                    **options: Any) -> Captioner:
+    """``Captioner(config, **options)`` holding ``state_dict``; a one-line error naming ``path`` when they do not
+    fit. The model is first built on PyTorch's meta device (shapes, no memory) and every tensor's shape compared
+    with the state dict's, so a crafted config asking for a model larger than the tensors the file holds
+    (vocabulary, embedding, attention, decoder sizes, grid) allocates nothing: only a model the size of the
+    state dict already in memory is ever built."""
+    problem = _shape_problem(config, state_dict, options)
+    if problem:
+        raise SatcliError(f"checkpoint does not describe a valid model: {problem}", path)
+    model = Captioner(config, **options)
+    model.load_state_dict(state_dict)
+    return model
+
+
+def _shape_problem(config: CaptionerConfig, state_dict: dict[str, torch.Tensor], options: dict[str, Any]
+                   ) -> str | None:
+    try:
+        with torch.device("meta"):
+            wanted = {name: tuple(t.shape) for name, t in Captioner(config, **options).state_dict().items()}
+    except Exception as error:  # noqa: BLE001 — whatever sizes the layers themselves refuse
+        return first_line(error)
+    for name, shape in wanted.items():
+        tensor = state_dict.get(name)
+        if not isinstance(tensor, torch.Tensor):
+            return f"its state dict has no {_short(name)}"
+        if tuple(tensor.shape) != shape:
+            return (f"its config asks for {name} of shape {_shape(shape)}, its state dict holds "
+                    f"{_shape(tuple(tensor.shape))}")
+    extra = sorted(set(state_dict) - set(wanted))
+    return f"its state dict holds {_short(extra[0])}, which its config has no place for" if extra else None
+
+
+def _shape(shape: tuple[int, ...]) -> str:
+    return "×".join(map(str, shape)) or "()"
+
+
 def load_captioner(path: str | Path, device: str | torch.device = "cpu") -> LoadedCheckpoint:
     """Rebuild the captioner stored at ``path`` in eval mode on ``device``."""
     path = Path(path)
     payload = read_checkpoint(path)
     try:
         config = CaptionerConfig.from_dict(payload["config"])
-        model = Captioner(config)
-        model.load_state_dict(payload["state_dict"])
+        model = build_captioner(config, payload["state_dict"], path)
         vocab = Vocabulary(list(payload["vocab"]))
     except (TypeError, ValueError, RuntimeError, KeyError) as error:
         raise SatcliError(f"checkpoint does not describe a valid model: {first_line(error)}", path) from error

@@ -2,16 +2,18 @@
 
 A job (:class:`Job`: :mod:`satcli.training.supervised` or :mod:`satcli.training.scst`) supplies only its own
 epoch and its own validation score. Everything else is written once, here: the run folder (refusing to clobber a
-run, ``--resume``, ``--overwrite``), restoring the optimiser, scheduler and RNG state, the learning-rate plateau,
-early stopping after ``patience`` epochs without improvement, ``best.pt`` (when the job's validation score
-improves) and ``last.pt`` (with everything ``--resume`` needs), and ``metrics.jsonl`` (one line per epoch, written
-atomically).
+run, ``--resume``, ``--overwrite``: the earlier run's files are replaced only when the new run saves its first
+epoch, so a run that fails before that, on a mistyped dataset, device or option, leaves them as they were),
+restoring the optimiser, scheduler and RNG state, the learning-rate plateau, early stopping after ``patience``
+epochs without improvement, ``best.pt`` (when the job's validation score improves) and ``last.pt`` (with
+everything ``--resume`` needs), and ``metrics.jsonl`` (one line per epoch, written atomically).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -22,7 +24,6 @@ from models.captioner import Captioner
 from satcli.core.atomic import write_text
 from satcli.core.defaults import remember_model
 from satcli.core.errors import SatcliError
-from satcli.core.steplog import STEPS
 from satcli.data.vocab import Vocabulary
 from satcli.formats.checkpoint import read_checkpoint, save_checkpoint
 from satcli.training.distributed import Ranks, barrier, broadcast, gather
@@ -113,10 +114,7 @@ def prepare_out(options: TrainOptions, out: Path) -> dict[str, Any] | None:
     if last.is_file() and not options.overwrite:
         raise SatcliError("already holds a training run; pass --resume to continue it, --overwrite to start "
                           "again, or --out for a new run", out)
-    if options.overwrite:
-        for name in (LAST, BEST, METRICS, STEPS):
-            (out / name).unlink(missing_ok=True)
-    return None
+    return None  # with --overwrite the earlier run's files stay until the first epoch is saved (save_epoch)
 
 
 def open_run(options: TrainOptions, out: Path, ranks: Ranks) -> tuple[TrainOptions, dict[str, Any] | None]:
@@ -203,6 +201,7 @@ def run_epochs(run: Run, job: Job) -> TrainResult:
                 log.info("stopping early: no validation improvement for %d epochs", standing.since_best)
                 break
             trained = job.epoch(epoch)
+            check_finite_loss(trained, epoch, run.out)
             scores = broadcast(job.score() if ranks.main else None, ranks)
             improved = standing.record(scores, job.metric)
             run.scheduler.step(scores[job.metric])
@@ -222,6 +221,15 @@ def run_epochs(run: Run, job: Job) -> TrainResult:
                        standing.best if job.metric == "cider_d" else None)
 
 
+def check_finite_loss(trained: Trained, epoch: int, out: Path) -> None:
+    """Stop a run whose loss became NaN or infinite, before its weights (NaN by then) are saved over good ones."""
+    loss = trained.before.get("loss")
+    if isinstance(loss, float) and not math.isfinite(loss):
+        raise SatcliError(f"training diverged: the loss of epoch {epoch + 1} is {loss}; nothing of this epoch was "
+                          "saved. Lower the learning rate (--decoder-lr, --encoder-lr, --scst-lr) or --grad-clip "
+                          "and start again", out)
+
+
 def save_epoch(run: Run, job: Job, epoch: int, scores: dict[str, float], improved: bool) -> None:
     """``best.pt`` when the epoch improved, ``last.pt`` with the training state, ``metrics.jsonl``."""
     rng_ranks = gather(rng_state(run.device), run.ranks)  # every rank's own stream, for --resume
@@ -231,6 +239,8 @@ def save_epoch(run: Run, job: Job, epoch: int, scores: dict[str, float], improve
     metrics = {"epoch": epoch + 1, "val_split": run.val_split, **{f"val_{k}": v for k, v in scores.items()}}
     if improved:
         save_checkpoint(run.out / BEST, run.model, run.vocab, options, metrics)
+    elif epoch == 0:  # a fresh run's first save: a best.pt still there is an earlier run's (--overwrite)
+        (run.out / BEST).unlink(missing_ok=True)
     state = {"options": options, "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
              "rng": rng_ranks[0], **job.extra_state(rng_ranks), "epoch": epoch, **run.standing.state(job.metric)}
     save_checkpoint(run.out / LAST, run.model, run.vocab, options, metrics, train_state=state)

@@ -36,7 +36,7 @@ from satcli.data.features import cached_features
 from satcli.data.store import StoredDataset
 from satcli.data.text import tokenize
 from satcli.data.vocab import Vocabulary
-from satcli.formats.checkpoint import read_checkpoint
+from satcli.formats.checkpoint import build_captioner, read_checkpoint
 from satcli.scoring.decode import decode_split, feature_chunks, validation_scores
 from satcli.scoring.metrics import CiderD
 from satcli.training.batches import image_features, image_plan
@@ -150,8 +150,7 @@ def train_scst(options: TrainOptions, ranks: Ranks) -> TrainResult:
 
 def _model(checkpoint: dict[str, Any], source: Path, device: torch.device) -> Captioner:
     try:
-        model = Captioner(CaptionerConfig.from_dict(checkpoint["config"]))
-        model.load_state_dict(checkpoint["state_dict"])
+        model = build_captioner(CaptionerConfig.from_dict(checkpoint["config"]), checkpoint["state_dict"], source)
     except (TypeError, ValueError, RuntimeError, KeyError) as error:
         raise SatcliError(f"checkpoint does not describe a valid model: {first_line(error)}",
                           source) from error

@@ -17,6 +17,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -41,6 +42,7 @@ from satcli.data.store import StoredDataset
 from satcli.data.text import tokenize
 from satcli.data.views import FeatureViews
 from satcli.data.vocab import Vocabulary
+from satcli.formats.checkpoint import build_captioner
 from satcli.scoring.decode import decode_split, split_chunks, validation_scores
 from satcli.training.batches import (
     CaptionTable,
@@ -135,7 +137,7 @@ def train_supervised(options: TrainOptions, ranks: Ranks) -> TrainResult:
         check_resume_vocabulary(resume_from, dataset.vocab, options.dataset, out / LAST)
     val_split = "val" if "val" in dataset.splits else "test"
     check_grid(options, dataset)
-    model = _model(options, len(dataset.vocab), resume_from, device)
+    model = _model(options, len(dataset.vocab), resume_from, device, out / LAST)
     table = CaptionTable.from_store(dataset, "train")
     optimizer = _optimizer(model, options)
     run = Run(out, options, ranks, device, model, dataset.vocab, optimizer, plateau_scheduler(optimizer, options),
@@ -146,14 +148,15 @@ def train_supervised(options: TrainOptions, ranks: Ranks) -> TrainResult:
 
 
 def _model(options: TrainOptions, vocab_size: int, resume_from: dict[str, Any] | None,
-           device: torch.device) -> Captioner:
+           device: torch.device, last: Path) -> Captioner:
+    """A new model, or on ``--resume`` one holding ``last.pt``'s weights, its sizes checked against them first
+    (the stored options are read from the file: a crafted one must not size a huge allocation)."""
+    if resume_from is not None:
+        return build_captioner(options.model_config(vocab_size), resume_from["state_dict"], last).to(device)
     try:
-        model = Captioner(options.model_config(vocab_size),
-                          pretrained_encoder=options.pretrained and resume_from is None)
+        model = Captioner(options.model_config(vocab_size), pretrained_encoder=options.pretrained)
     except PretrainedWeightsUnavailable as error:
         raise SatcliError(str(error)) from None
-    if resume_from is not None:
-        model.load_state_dict(resume_from["state_dict"])
     return model.to(device)
 
 
