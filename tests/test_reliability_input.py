@@ -1,0 +1,222 @@
+"""Non-image formats, hostile names and hand-edited results (issue 22, part 2).
+
+Each test is what a user would notice: Ghostscript never runs for an EPS file named ``.jpg``; ``--overlays`` does
+a bounded amount of work for any word or path; escape codes and square brackets in names reach the terminal as
+visible text; results metadata stays small whatever a checkpoint carries; and hand-edited results files give a
+one-line error naming the file and the row, or an error row, never a traceback.
+"""
+
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import EpsImagePlugin, Image
+from typer.testing import CliRunner
+
+from models.captioner import Captioner
+from satcli.cli import app
+from satcli.data.vocab import SPECIALS, Vocabulary
+from satcli.formats.checkpoint import save_checkpoint
+from satcli.formats.results import CaptionRow
+from tests.helpers import peaked_attention, tiny_config, write_results_file
+
+runner = CliRunner()
+
+# A complete, valid EPS file: Pillow recognises it from its first bytes, whatever its name, and renders it by
+# running Ghostscript.
+EPS = (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 16\n%%EndComments\n"
+       b"newpath 0 0 moveto 16 16 lineto stroke\nshowpage\n%%EOF\n")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_state(tmp_path, monkeypatch):
+    monkeypatch.setenv("SATCLI_STATE_DIR", str(tmp_path / "state"))
+    for name in ("SATCLI_MODEL", "WORLD_SIZE", "RANK"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    model = Captioner(tiny_config(image_size=32))
+    vocab = Vocabulary([*SPECIALS, *(f"word{i}" for i in range(model.config.vocab_size - len(SPECIALS)))])
+    return save_checkpoint(tmp_path_factory.mktemp("model") / "tiny.pt", model, vocab)
+
+
+def _jpeg(rng, width=40, height=30) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+def _one_line_error(result, *words: str) -> None:
+    """Exit 1 and a single error line naming every one of ``words``; no traceback."""
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in result.output, result.output
+    for word in words:
+        assert word in errors[0], result.output
+
+
+def _results_with(tmp_path: Path, rows, name: str = "r.parquet") -> Path:
+    return write_results_file(tmp_path / name, rows, {"satcli.images": {"root": str(tmp_path)}})
+
+
+def _row(path: str, tokens=("a", "b"), **changes) -> CaptionRow:
+    values = dict(caption=" ".join(tokens), tokens=list(tokens), sum_logprob=-1.0, finished=True,
+                  attention=peaked_attention(len(tokens), 3, 3, [(t % 3, t % 3) for t in range(len(tokens))]),
+                  image_width=40, image_height=30)
+    values.update(changes)
+    return CaptionRow(path, **values)
+
+
+# -- An EPS file named .jpg: Ghostscript must never run -------------------------------------------------------
+
+
+@pytest.fixture
+def stub_gs(tmp_path, monkeypatch) -> Path:
+    """A ``gs`` first on PATH that only leaves a marker file: the marker appearing means Ghostscript was run."""
+    marker = tmp_path / "ghostscript-ran"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "gs").write_text(f"#!/bin/sh\ntouch '{marker}'\nexit 1\n")
+    (bin_dir / "gs").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    # Pillow looks for gs once per process and remembers the answer; forget it so this PATH is the one searched.
+    monkeypatch.setattr(EpsImagePlugin, "gs_binary", None)
+    return marker
+
+
+@pytest.fixture
+def folder_with_eps(tmp_path) -> Path:
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("a.jpg", "b.jpg"):
+        (folder / name).write_bytes(_jpeg(rng))
+    (folder / "drawing.jpg").write_bytes(EPS)
+    return folder
+
+
+def test_caption_gives_an_eps_file_an_error_row_without_running_ghostscript(folder_with_eps, checkpoint, tmp_path,
+                                                                           stub_gs):
+    output = tmp_path / "c.parquet"
+    result = runner.invoke(app, ["caption", str(folder_with_eps), "--model", str(checkpoint), "-o", str(output),
+                                 "--root", str(tmp_path), "--max-length", "4", "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    rows = {row["path"]: row for row in pq.read_table(output).to_pylist()}
+    assert not stub_gs.exists(), "Ghostscript was run"
+    assert rows["photos/drawing.jpg"]["error"].startswith("not-an-image:")
+    assert "JPEG, PNG, WebP, GIF, BMP, TIFF" in rows["photos/drawing.jpg"]["error"]
+    assert rows["photos/a.jpg"]["error"] is None and rows["photos/b.jpg"]["error"] is None
+
+
+def test_report_and_overlays_draw_an_eps_file_grey_without_running_ghostscript(folder_with_eps, tmp_path, stub_gs):
+    # A results file that says the EPS file was captioned (written elsewhere, or the file was replaced since).
+    results = _results_with(tmp_path, [_row("photos/drawing.jpg"), _row("photos/a.jpg")])
+    result = runner.invoke(app, ["report", str(results), "-o", str(tmp_path / "r.html"), "--overlays",
+                                 str(tmp_path / "ov")])
+    assert result.exit_code == 0, result.output
+    assert not stub_gs.exists(), "Ghostscript was run"
+    assert "1 images not found" in result.output  # the EPS file, drawn grey like a moved image
+    assert len(list((tmp_path / "ov").glob("*.png"))) == 2
+    assert len(list((tmp_path / "r_files").glob("*.jpg"))) == 1  # a thumbnail for a.jpg only
+
+
+def test_preprocess_skips_an_eps_file_with_a_warning_without_running_ghostscript(folder_with_eps, tmp_path,
+                                                                                stub_gs):
+    captions = tmp_path / "captions.jsonl"
+    captions.write_text("".join(json.dumps({"image": name, "caption": "a red square"}) + "\n"
+                                for name in ("a.jpg", "b.jpg", "drawing.jpg")), encoding="utf-8")
+    result = runner.invoke(app, ["preprocess", "--dataset", "captions-csv", "--images", str(folder_with_eps),
+                                 "--captions", str(captions), "--data-root", str(tmp_path / "data"), "--name", "m"])
+    assert result.exit_code == 0, result.output
+    assert not stub_gs.exists(), "Ghostscript was run"
+    assert "drawing.jpg" in result.output and "not-an-image" in result.output
+    meta = json.loads((tmp_path / "data" / "m" / "meta.json").read_text())
+    assert meta["skipped_images"] == {"total": 1, "reasons": {"not-an-image": 1}}
+
+
+def test_every_image_opener_allows_only_the_listed_formats(tmp_path):
+    from satcli.data.images import IMAGE_FORMATS, ImageError, load_image
+    from satcli.data.store import StoredDataset
+    from satcli.pictures.overlays import open_image
+
+    assert set(IMAGE_FORMATS) == {"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"}
+    (tmp_path / "x.jpg").write_bytes(EPS)
+    with pytest.raises(ImageError, match="not-an-image"):
+        load_image(tmp_path / "x.jpg")
+    assert open_image(tmp_path / "x.jpg") is None
+    with pytest.raises(Exception, match="cannot identify"):
+        StoredDataset.decode_image(EPS)
+    for fmt in ("PNG", "WEBP", "GIF", "BMP", "TIFF", "JPEG"):  # the allowed ones still open
+        buffer = io.BytesIO()
+        Image.new("RGB", (8, 6), (200, 10, 10)).save(buffer, fmt)
+        (tmp_path / f"y.{fmt}").write_bytes(buffer.getvalue())
+        assert load_image(tmp_path / f"y.{fmt}").image.size == (8, 6)
+        assert open_image(tmp_path / f"y.{fmt}").size == (8, 6)
+
+
+# -- --overlays: bounded work for any word, path or image shape ----------------------------------------------
+
+
+class _LayoutCounter:
+    """Counts the characters Pillow lays out (measured or drawn) and stops a run that lays out more than
+    ``budget``: quadratic work is caught in a second, not after minutes."""
+
+    def __init__(self, monkeypatch, budget: int):
+        from PIL import ImageFont
+
+        self.chars, self.budget = 0, budget
+        for name in ("getbbox", "getlength", "getmask2"):
+            original = getattr(ImageFont.FreeTypeFont, name)
+            monkeypatch.setattr(ImageFont.FreeTypeFont, name, self._counting(original))
+
+    def _counting(self, original):
+        def counted(font, text, *args, **kwargs):
+            self.chars += len(text)
+            if self.chars > self.budget:
+                raise AssertionError(f"over {self.budget:,} characters laid out: the work grows with the text")
+            return original(font, text, *args, **kwargs)
+
+        return counted
+
+
+def test_overlays_work_does_not_grow_with_a_words_or_paths_length(tmp_path, monkeypatch):
+    from satcli.pictures.overlays import MAX_COLUMNS, PANEL, write_overlays
+
+    work = {}
+    for n in (2_000, 20_000):  # a 20,000-character word took over 5 minutes; a 4,000-character path 79 s
+        folder = tmp_path / str(n)
+        folder.mkdir()
+        path = "d/" * (n // 10) + "photo.jpg"
+        results = _results_with(folder, [_row(path, tokens=("a", "b" * n, "c"))])
+        counter = _LayoutCounter(monkeypatch, budget=1_000_000)
+        summary = write_overlays(results, folder, folder / "ov", progress=False)
+        assert summary.n_written == 1
+        work[n] = counter.chars
+        monkeypatch.undo()
+        (sheet,) = summary.files
+        with Image.open(sheet) as picture:
+            assert picture.width <= MAX_COLUMNS * (PANEL + 8) + 8  # the title and the word were cut, not widened
+    assert work[20_000] == work[2_000], work  # bounded: ten times the text, the same work
+
+
+def test_a_1_by_100000_image_gives_pictures_and_a_report(tmp_path):
+    Image.new("RGB", (1, 100_000), (90, 120, 200)).save(tmp_path / "thin.png")
+    Image.new("RGB", (100_000, 1), (200, 120, 90)).save(tmp_path / "wide.png")
+    results = _results_with(tmp_path, [_row("thin.png", image_width=1, image_height=100_000),
+                                       _row("wide.png", image_width=100_000, image_height=1)])
+    result = runner.invoke(app, ["report", str(results), "-o", str(tmp_path / "r.html"), "--overlays",
+                                 str(tmp_path / "ov")])
+    assert result.exit_code == 0, result.output
+    assert "not found" not in result.output  # both drawn from their pixels, not grey
+    sheets = sorted((tmp_path / "ov").glob("*.png"))
+    assert len(sheets) == 2 and len(list((tmp_path / "ov").glob("*.gif"))) == 2
+    assert len(list((tmp_path / "r_files").glob("*.jpg"))) == 2
