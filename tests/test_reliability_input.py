@@ -220,3 +220,68 @@ def test_a_1_by_100000_image_gives_pictures_and_a_report(tmp_path):
     sheets = sorted((tmp_path / "ov").glob("*.png"))
     assert len(sheets) == 2 and len(list((tmp_path / "ov").glob("*.gif"))) == 2
     assert len(list((tmp_path / "r_files").glob("*.jpg"))) == 2
+
+
+# -- Escape codes and square brackets in names reach the terminal as visible text -----------------------------
+
+ESC = "\x1b"
+
+
+@pytest.fixture(scope="module")
+def escaping_checkpoint(tmp_path_factory) -> Path:
+    """A tiny model whose every word carries a terminal escape code (a vocabulary from a hostile caption file)."""
+    torch.manual_seed(0)
+    model = Captioner(tiny_config(image_size=32))
+    words = [f"w{i}{ESC}[2J{ESC}]0;owned\x07" for i in range(model.config.vocab_size - len(SPECIALS))]
+    return save_checkpoint(tmp_path_factory.mktemp("model") / "tiny.pt", model, Vocabulary([*SPECIALS, *words]))
+
+
+def _no_raw_controls(text: str) -> None:
+    assert ESC not in text and "\x07" not in text and "\x9b" not in text, repr(text)
+    assert "Traceback" not in text, text
+
+
+def test_escape_codes_and_brackets_in_names_are_shown_not_obeyed(tmp_path, escaping_checkpoint):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(0)
+    names = [f"red{ESC}[31m.jpg", "[old] copy.jpg", "plain.jpg", f"line\nbreak{ESC}[1A.jpg"]
+    for name in names:
+        (photos / name).write_bytes(_jpeg(rng))
+    (photos / "text [bold].jpg").write_text("not an image")  # an error row: printed on stderr
+    (tmp_path / "runs[").mkdir()
+    output = tmp_path / "runs[" / "x]" / "c.parquet"  # "[/x]" in the path: rich read it as a closing tag
+    result = runner.invoke(app, ["caption", str(photos), "--model", str(escaping_checkpoint), "-o", str(output),
+                                 "--root", str(tmp_path), "--max-length", "4", "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    captions = [c for c in pq.read_table(output).column("caption").to_pylist() if c]
+    assert any(ESC in c for c in captions)  # the file keeps the words as they are; only the terminal is spared
+    _no_raw_controls(result.output)
+    assert "photos/[old] copy.jpg → " in result.output  # brackets kept, not swallowed as a style
+    assert "photos/red\\x1b[31m.jpg → " in result.output and "photos/line\\nbreak\\x1b[1A.jpg → " in result.output
+    assert "photos/text [bold].jpg: not-an-image" in result.output
+    assert "[/x]" in result.output.replace("\n", "")  # the output path in the summary table, as it is
+
+
+def test_an_error_naming_a_path_with_brackets_or_escapes_is_one_visible_line(tmp_path):
+    (tmp_path / "bad[").mkdir()
+    for name in ("bad[/x]y.parquet", f"esc{ESC}[2Jape.parquet"):
+        path = tmp_path / name
+        path.write_text("not parquet")
+        result = runner.invoke(app, ["report", str(path)])
+        _no_raw_controls(result.output)
+        _one_line_error(result, "not a readable Parquet file",
+                        name.replace(ESC, "\\x1b"))
+
+
+def test_log_lines_and_the_report_summary_show_escapes_visibly(tmp_path):
+    root = tmp_path / f"images{ESC}]0;owned\x07[red]"
+    root.mkdir()
+    results = _results_with(tmp_path, [_row("moved.jpg")], name=f"r{ESC}[5m[/b].parquet")
+    result = runner.invoke(app, ["report", str(results), "--image-root", str(root), "--overlays",
+                                 str(tmp_path / "ov[/i]")])
+    assert result.exit_code == 0, result.output
+    _no_raw_controls(result.output)
+    flat = result.output.replace("\n", "")
+    assert "images\\x1b]0;owned\\x07[red]" in flat  # the warning naming the image root
+    assert "r\\x1b[5m[/b].html" in flat and "ov[/i]" in flat
