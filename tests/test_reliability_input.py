@@ -285,3 +285,47 @@ def test_log_lines_and_the_report_summary_show_escapes_visibly(tmp_path):
     flat = result.output.replace("\n", "")
     assert "images\\x1b]0;owned\\x07[red]" in flat  # the warning naming the image root
     assert "r\\x1b[5m[/b].html" in flat and "ov[/i]" in flat
+
+
+# -- A checkpoint's metrics copied into every results file: bounded ---------------------------------------------
+
+
+def _checkpoint_with(folder: Path, **fields) -> Path:
+    torch.manual_seed(0)
+    model = Captioner(tiny_config(image_size=32))
+    vocab = Vocabulary([*SPECIALS, *(f"word{i}" for i in range(model.config.vocab_size - len(SPECIALS)))])
+    return save_checkpoint(folder / "tiny.pt", model, vocab, **fields)
+
+
+@pytest.mark.parametrize("field", ["metrics", "train_options"])
+def test_a_checkpoint_whose_notes_would_swell_every_results_file_is_refused(tmp_path, field):
+    # 9.4 MB as JSON: all of it went into the metadata of every chunk and of the results file (9.7 MB of
+    # metadata for one captioned image). A shared string or list inside a pickle can make it far larger than
+    # the bytes it adds to the checkpoint.
+    notes = {"val_bleu4": 0.2, "history": ["x" * 470] * 20_000}
+    checkpoint = _checkpoint_with(tmp_path, **{field: notes})
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "a.jpg").write_bytes(_jpeg(np.random.default_rng(0)))
+    output = tmp_path / "c.parquet"
+    result = runner.invoke(app, ["caption", str(photos), "--model", str(checkpoint), "-o", str(output),
+                                 "--max-length", "4", "--workers", "0"])
+    _one_line_error(result, "tiny.pt", field, "16,384 characters")
+    assert not output.exists()
+
+
+def test_results_metadata_keeps_the_documented_metrics_and_stays_small(tmp_path):
+    from satcli.formats.results import read_metadata
+
+    metrics = {"epoch": 3, "val_split": "val", "val_bleu4": 0.25, "val_cider_d": 0.5}
+    checkpoint = _checkpoint_with(tmp_path, metrics=metrics, train_options={"epochs": 3, "dataset": "mine"})
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "a.jpg").write_bytes(_jpeg(np.random.default_rng(0)))
+    output = tmp_path / "c.parquet"
+    result = runner.invoke(app, ["caption", str(photos), "--model", str(checkpoint), "-o", str(output),
+                                 "--max-length", "4", "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    model = read_metadata(output)["satcli.model"]
+    assert model["metrics"] == metrics and model["train_options"] == {"epochs": 3, "dataset": "mine"}
+    assert pq.ParquetFile(output).metadata.serialized_size < 64_000
