@@ -329,3 +329,78 @@ def test_results_metadata_keeps_the_documented_metrics_and_stays_small(tmp_path)
     model = read_metadata(output)["satcli.model"]
     assert model["metrics"] == metrics and model["train_options"] == {"epochs": 3, "dataset": "mine"}
     assert pq.ParquetFile(output).metadata.serialized_size < 64_000
+
+
+# -- Hand-edited results: a one-line error naming the file and row, or an error row ---------------------------
+
+
+def _edited(tmp_path: Path, column: str, values, type_=None) -> Path:
+    """A results file of two captioned rows (x.jpg, y.jpg) with ``column`` replaced by ``values``."""
+    from satcli.formats.results import SCHEMA, to_table
+
+    table = to_table([_row("x.jpg", token_logprobs=[-0.5, -0.2]), _row("y.jpg", token_logprobs=[-0.1, -0.3])])
+    array = pa_array(values, type_ or SCHEMA.field(column).type)
+    table = table.set_column(table.schema.get_field_index(column), column, array)
+    path = tmp_path / "edited.parquet"
+    pq.write_table(table, path)
+    return path
+
+
+def pa_array(values, type_):
+    import pyarrow as pa
+
+    return pa.array(values, type_)
+
+
+def _report_rows(page: Path) -> list[list]:
+    text = page.read_text(encoding="utf-8")
+    start = text.index('<script id="satcli-data" type="application/json">') + len(
+        '<script id="satcli-data" type="application/json">')
+    return json.loads(text[start:text.index("</script>", start)])["rows"]
+
+
+def _report_and_overlays(results: Path, tmp_path: Path):
+    page = runner.invoke(app, ["report", str(results), "-o", str(tmp_path / "r.html")])
+    pictures = runner.invoke(app, ["report", str(results), "-o", str(tmp_path / "r2.html"), "--overlays",
+                                   str(tmp_path / "ov")])
+    return page, pictures
+
+
+@pytest.mark.parametrize("column, values, type_name, words", [
+    ("path", [None, "y.jpg"], None, ["row 0 has no path"]),
+    ("path", [1, 2], "int64", ["column path holds int64, not string"]),
+    ("tokens", [None, ["a", "b"]], None, ["row 0 (x.jpg)", "tokens is null"]),
+    ("tokens", [["a", None], ["a", "b"]], None, ["row 0 (x.jpg)", "null word"]),
+    ("tokens", [["a", "b"], ["a"]], None, ["row 1 (y.jpg)", "1 words but 2 attention grids"]),
+    ("token_logprobs", [[-0.5, -0.2], [-0.1]], None, ["row 1 (y.jpg)", "2 words but 1 token_logprobs"]),
+])
+def test_hand_edited_results_that_cannot_be_shown_are_one_line(tmp_path, column, values, type_name, words):
+    type_ = None if type_name is None else getattr(__import__("pyarrow"), type_name)()
+    results = _edited(tmp_path, column, values, type_)
+    for result in _report_and_overlays(results, tmp_path):
+        _one_line_error(result, "edited.parquet", *words)
+
+
+def test_nan_attention_is_an_error_row_and_the_other_rows_are_drawn(tmp_path):
+    grids = peaked_attention(2, 3, 3, [(0, 0), (1, 1)])
+    grids[1, 2, 2] = np.nan  # what a model with NaN weights writes
+    attention = [[list(map(float, g.reshape(-1))) for g in grids], [list(map(float, g.reshape(-1))) for g in grids]]
+    attention[1] = [list(map(float, g.reshape(-1))) for g in peaked_attention(2, 3, 3, [(0, 0), (1, 1)])]
+    results = _edited(tmp_path, "attention", attention)
+    page, pictures = _report_and_overlays(results, tmp_path)
+    assert page.exit_code == 0 and pictures.exit_code == 0, page.output + pictures.output
+    assert "(2 images, 1 errors)" in page.output
+    rows = _report_rows(tmp_path / "r.html")
+    assert rows[0][5].startswith("attention holds NaN") and rows[1][5] is None
+    assert len(list((tmp_path / "ov").glob("*.png"))) == 1  # y.jpg drawn, x.jpg counted as an error
+
+
+def test_a_token_logprob_of_1000_is_an_unknown_probability_not_an_overflow(tmp_path):
+    from satcli.core.printing import result_records
+
+    results = _edited(tmp_path, "token_logprobs", [[1000.0, -0.2], [float("nan"), float("-inf")]])
+    page, pictures = _report_and_overlays(results, tmp_path)
+    assert page.exit_code == 0 and pictures.exit_code == 0, page.output + pictures.output
+    rows = _report_rows(tmp_path / "r.html")
+    assert rows[0][13] == [None, round(float(np.exp(np.float32(-0.2))), 4)] and rows[1][13] == [None, 0.0]
+    assert [r["word_probs"][0] for r in result_records(results)] == [None, None]  # caption's --json lines

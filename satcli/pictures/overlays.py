@@ -34,8 +34,10 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 from satcli.core.atomic import atomic_path, make_folder
 from satcli.core.console import make_progress
 from satcli.core.errors import SatcliError
+from satcli.core.printing import word_probability
 from satcli.data.images import open_image_file
-from satcli.formats.results import attention_of, count_rows, iter_results, recorded_image_root
+from satcli.formats.results import count_rows, recorded_image_root
+from satcli.formats.results_rows import checked_rows
 
 log = logging.getLogger(__name__)
 
@@ -225,9 +227,8 @@ def render_sheet(image: Image.Image | None, tokens: Sequence[str], attention: np
 
 def _probability(logprob: float | None) -> str:
     """`` 0.83``: a word's probability as written after it, or "" when unknown."""
-    if logprob is None or np.isnan(logprob):
-        return ""
-    return f" {float(np.exp(logprob)):.2f}"
+    probability = word_probability(logprob)
+    return "" if probability is None else f" {probability:.2f}"
 
 
 def render_frames(image: Image.Image | None, tokens: Sequence[str], attention: np.ndarray, size: int = FRAME,
@@ -351,7 +352,7 @@ def write_overlays(results: str | Path, image_root: str | Path | None, out_dir: 
     bar.disable = not progress
     with bar:
         task = bar.add_task("attention pictures", total=total, unit="images")
-        for row in iter_results(results, _COLUMNS):
+        for row in checked_rows(results, _COLUMNS):
             if limit is not None and summary.n_written >= limit:
                 break
             if row["error"] is not None or not row["tokens"]:
@@ -361,7 +362,7 @@ def write_overlays(results: str | Path, image_root: str | Path | None, out_dir: 
             if image is None:
                 summary.n_missing_images += 1
             aspect = (row["image_width"], row["image_height"])
-            attention = attention_of(row, results)
+            attention = row["attention"]
             name = overlay_name(row["path"])
             sheet = render_sheet(image, row["tokens"], attention, title=row["path"], panel=panel, aspect=aspect,
                                  token_logprobs=row["token_logprobs"])
