@@ -8,6 +8,7 @@ from pathlib import Path
 from rich.table import Table
 
 from models.decoding import DecodingOptions
+from satcli.core.console import shown
 from satcli.core.errors import SatcliError
 from satcli.data.images import DEFAULT_MAX_PIXELS, HARD_MAX_PIXELS
 from satcli.data.vocab import banned_words
@@ -80,10 +81,10 @@ class CaptionSummary:
         if self.n_processed:
             table.add_row("time", f"{self.seconds:.1f} s")
             table.add_row("images/s", f"{self.images_per_second:.1f}")
-            table.add_row("device", self.device)
-        table.add_row("output", str(self.output))
+            table.add_row("device", shown(self.device))
+        table.add_row("output", shown(self.output))
         if self.overlays is not None:
-            table.add_row("attention pictures", f"{self.overlays.n_written:,} in {self.overlays.directory}")
+            table.add_row("attention pictures", f"{self.overlays.n_written:,} in {shown(self.overlays.directory)}")
             if self.overlays.n_missing_images:
                 table.add_row("  images not found", f"{self.overlays.n_missing_images:,} (drawn grey)")
         return table

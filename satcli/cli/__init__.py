@@ -15,7 +15,6 @@ from typing import Annotated, NoReturn
 import click
 import typer
 from rich.console import Console
-from rich.logging import RichHandler
 from rich.table import Table
 
 from satcli.cli.options import (
@@ -42,8 +41,8 @@ from satcli.cli.options import (
 )
 from satcli.cli.output import print_captions, print_drawn, print_evaluated, print_reported, print_trained
 from satcli.core.atomic import disk_error
+from satcli.core.console import VisibleRichHandler, out_console, set_quiet, shown
 from satcli.core.console import console as human
-from satcli.core.console import out_console, set_quiet
 from satcli.core.errors import SatcliError
 from satcli.core.version import __version__
 from satcli.data.store import DatasetKind
@@ -72,7 +71,7 @@ class _Group(typer.core.TyperGroup):
     def _fail(ctx: click.Context, message: str) -> NoReturn:
         if (ctx.obj or {}).get("verbose"):
             err_console.print_exception()
-        err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {shown(message)}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
 
 
@@ -111,7 +110,7 @@ def _main(
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO,
         format="%(message)s",
-        handlers=[RichHandler(console=err_console, show_path=verbose, show_time=False)],
+        handlers=[VisibleRichHandler(console=err_console, show_path=verbose, show_time=False)],
         force=True,
     )
 
@@ -227,7 +226,8 @@ def caption(
     human.print(summary.table())
     if strict and summary.n_errors:
         err_console.print(f"[bold red]error:[/] {summary.n_errors:,} of {summary.n_images:,} images could not be "
-                          f"captioned (see the error column of {summary.output})", highlight=False, soft_wrap=True)
+                          f"captioned (see the error column of {shown(summary.output)})", highlight=False,
+                          soft_wrap=True)
         raise typer.Exit(EXIT_FAILED_IMAGES)
 
 

@@ -6,9 +6,9 @@ import json
 from typing import TYPE_CHECKING
 
 import typer
-from rich.markup import escape
 
 from satcli.core.console import console as human
+from satcli.core.console import shown, visible
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -32,12 +32,12 @@ def print_captions(results: Path, n_images: int, as_json: bool) -> None:
         if as_json:
             typer.echo(json.dumps(record, ensure_ascii=False))
         elif record["error"] is not None:
-            human.print(f"{escape(record['path'])}: [yellow]{escape(record['error'])}[/]", highlight=False,
+            human.print(f"{shown(record['path'])}: [yellow]{shown(record['error'])}[/]", highlight=False,
                         soft_wrap=True)
         elif n_images == 1:
-            typer.echo(record["caption"])
+            typer.echo(visible(record["caption"]))
         else:
-            typer.echo(f"{record['path']} → {record['caption']}")
+            typer.echo(visible(f"{record['path']} → {record['caption']}"))
 
 
 def print_trained(result: TrainResult, as_json: bool) -> None:
@@ -52,7 +52,7 @@ def print_trained(result: TrainResult, as_json: bool) -> None:
 
 def print_drawn(summary: OverlaySummary) -> None:
     """How many attention pictures were drawn, and where; images that were not found."""
-    human.print(f"attention pictures: {summary.n_written:,} in {summary.directory}")
+    human.print(f"attention pictures: {summary.n_written:,} in {shown(summary.directory)}", highlight=False)
     if summary.n_missing_images:
         human.print(f"[yellow]{summary.n_missing_images:,} images not found[/] (drawn grey)", highlight=False)
 
@@ -62,16 +62,16 @@ def print_evaluated(result: EvaluateResult, what: str, as_json: bool) -> None:
     ``--json``, report.json's content on stdout."""
     if as_json:
         typer.echo(json.dumps(json.loads(result.report.read_text(encoding="utf-8")), ensure_ascii=False))
-    human.print(result.table(f"{what}, {result.n_images} images (scores 0–100)"))
+    human.print(result.table(f"{shown(what)}, {result.n_images} images (scores 0–100)"))
     for name, why in result.skipped.items():
-        human.print(f"[yellow]{name.upper()} skipped:[/] {why}", highlight=False)
-    human.print(f"report:      {result.report}")
+        human.print(f"[yellow]{name.upper()} skipped:[/] {shown(why)}", highlight=False)
+    human.print(f"report:      {shown(result.report)}", highlight=False)
     for beam in result.beams:
-        human.print(f"predictions: {beam.predictions}")
+        human.print(f"predictions: {shown(beam.predictions)}", highlight=False)
 
 
 def print_reported(summary: ReportSummary) -> None:
     """Where the HTML report went, how many images and errors it shows, and images that were not found."""
-    human.print(f"report: {summary.output} ({summary.n_rows:,} images, {summary.n_errors:,} errors)")
+    human.print(f"report: {shown(summary.output)} ({summary.n_rows:,} images, {summary.n_errors:,} errors)")
     if summary.n_missing_images:
         human.print(f"[yellow]{summary.n_missing_images:,} images not found[/]: pass --image-root")

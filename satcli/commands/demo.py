@@ -21,7 +21,7 @@ from rich.text import Text
 
 from satcli.captioning.options import CaptionOptions
 from satcli.captioning.pipeline import caption_images
-from satcli.core.console import console
+from satcli.core.console import console, shown, visible
 from satcli.core.errors import SatcliError
 from satcli.data.preprocess import PreprocessOptions, summary_table
 from satcli.data.preprocess import preprocess as preprocess
@@ -75,10 +75,10 @@ class DemoResult:
         table.add_row(*(f"{100 * scores[k]:.1f}" for k in ("bleu1", "bleu2", "bleu3", "bleu4", "coco_cider_d")),
                       f"{100 * scores.get('grounding_pointing', 0):.1f} "
                       f"({100 * scores.get('grounding_pointing_chance', 0):.1f})")
-        where = (f"model:    {self.model}\nscores:   {self.report}\ncaptions: {self.results}\n"
-                 f"pictures: {self.overlays} ({self.n_pictures} images: a PNG and a GIF each)\n"
-                 f"report:   {self.page}\ntime:     {self.seconds / 60:.1f} minutes")
-        hint = Text(closing_hint(self.model, self.shapes_images or Path("shapes/images")))
+        where = (f"model:    {shown(self.model)}\nscores:   {shown(self.report)}\ncaptions: {shown(self.results)}\n"
+                 f"pictures: {shown(self.overlays)} ({self.n_pictures} images: a PNG and a GIF each)\n"
+                 f"report:   {shown(self.page)}\ntime:     {self.seconds / 60:.1f} minutes")
+        hint = Text(visible(closing_hint(self.model, self.shapes_images or Path("shapes/images"))))
         return [table, _objects_table(scores, self.heldout, self.beam_size), where, hint]
 
 
@@ -162,7 +162,7 @@ def _shapes_store(options: DemoOptions) -> StoredDataset:
         splits = dataset.meta.get("splits", {})
         if [splits.get(s, {}).get("images") for s in ("train", "val", "test", "heldout")] == \
                 [options.n_train, options.n_val, options.n_test, options.n_heldout or None]:
-            console.print(f"using the shapes dataset in {dataset.root}")
+            console.print(f"using the shapes dataset in {shown(dataset.root)}")
             return dataset
     except SatcliError:
         pass

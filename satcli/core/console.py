@@ -11,6 +11,8 @@ import os
 import time
 
 from rich.console import Console
+from rich.logging import RichHandler
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -29,6 +31,41 @@ out_console = Console()  # results only: what a script reads from stdout
 
 # Seconds between progress lines when stderr is not a terminal ($SATCLI_PROGRESS_INTERVAL to change).
 LINE_INTERVAL = 30.0
+
+
+def _visible_escape(code: int) -> str:
+    named = {9: "\\t", 10: "\\n", 13: "\\r"}
+    if code in named:
+        return named[code]
+    if 0xDC80 <= code <= 0xDCFF:  # a byte of a file name that is not UTF-8 (surrogateescape): the byte itself
+        return f"\\x{code - 0xDC00:02x}"
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+# C0 and C1 control characters (ESC, CSI: a terminal obeys them), DEL, the bidirectional overrides (text that
+# displays in another order than it reads) and the lone surrogates of undecodable file names.
+_INVISIBLE = {code: _visible_escape(code) for code in (*range(0x20), *range(0x7F, 0xA0), *range(0x202A, 0x202F),
+                                                       *range(0x2066, 0x206A), *range(0xD800, 0xE000))}
+
+
+def visible(text: object) -> str:
+    """User-controlled text (a file name, a vocabulary word, a dataset name) safe to show on a terminal: every
+    control character is written as a visible escape (``\\x1b``, ``\\n``), so no escape code reaches the terminal
+    and a message stays one line. Plain text only: for rich markup use :func:`shown`."""
+    return str(text).translate(_INVISIBLE)
+
+
+def shown(text: object) -> str:
+    """:func:`visible`, and square brackets escaped, for user text inside a rich markup string (a path holding
+    ``[old]`` or ``[/x]`` is shown as it is, not read as a style)."""
+    return escape(visible(text))
+
+
+class VisibleRichHandler(RichHandler):
+    """rich's log handler with every message passed through :func:`visible` (log lines name user files)."""
+
+    def render_message(self, record, message: str):
+        return super().render_message(record, visible(message))
 
 
 def set_quiet(quiet: bool) -> None:
@@ -67,7 +104,7 @@ class LineProgress(Progress):
             super().stop()
 
     def add_task(self, description: str, *args, **kwargs) -> TaskID:
-        task = super().add_task(description, *args, **kwargs)
+        task = super().add_task(visible(description), *args, **kwargs)
         now = time.monotonic()
         self._started[task] = (now, self._tasks[task].completed)
         self._printed[task] = now
@@ -122,7 +159,8 @@ def _clock(seconds: float) -> str:
 
 
 def make_progress(*extra: ProgressColumn) -> Progress:
-    progress = LineProgress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(),
-                            TimeRemainingColumn(), *extra, console=console, transient=True)
+    progress = LineProgress(TextColumn("{task.description}", style="bold", markup=False), BarColumn(),
+                            MofNCompleteColumn(), RateColumn(), TimeRemainingColumn(), *extra, console=console,
+                            transient=True)
     progress.disable = console.quiet
     return progress

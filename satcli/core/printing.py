@@ -9,6 +9,15 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
+
+def word_probability(logprob: float | None) -> float | None:
+    """A word's probability from its log-probability (``token_logprobs``), or None when unknown or impossible:
+    NaN, or above 0 (a hand-edited 1000 would overflow ``exp``). Minus infinity is probability 0."""
+    if logprob is None or math.isnan(logprob) or logprob > 1e-6:
+        return None
+    return math.exp(min(logprob, 0.0))
+
+
 COLUMNS = ("path", "caption", "tokens", "token_logprobs", "sum_logprob", "finished", "error")
 
 
@@ -25,7 +34,7 @@ def result_records(path: str | Path, batch_size: int = 1024) -> Iterator[dict[st
                 "path": row["path"],
                 "caption": row["caption"],
                 "words": row["tokens"],
-                "word_probs": None if logprobs is None else [math.exp(v) for v in logprobs],
+                "word_probs": None if logprobs is None else [word_probability(v) for v in logprobs],
                 "sum_logprob": row["sum_logprob"],
                 "finished": row["finished"],
                 "error": row["error"],

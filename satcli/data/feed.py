@@ -90,7 +90,7 @@ def read_jpeg(file: str, max_pixels: int | None) -> JpegBytes | None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as im:  # the header only: nothing is decoded
+            with Image.open(io.BytesIO(data), formats=("JPEG",)) as im:  # the header only: nothing is decoded
                 if im.format != "JPEG" or im.mode not in ("RGB", "L"):
                     return None
                 if im.getexif().get(_EXIF_ORIENTATION, 1) != 1:

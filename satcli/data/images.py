@@ -10,6 +10,9 @@ Used by ``satcli caption`` (and meant for the dataset readers) so that every ima
   "decompression bomb" is a small file that would expand to gigabytes).
 - Empty, truncated, unreadable or non-image files (a text file named ``.jpg``) raise :class:`ImageError`
   with a short kind (``empty``, ``not-an-image``, ``truncated``, ``too-large``, ``unreadable``) and a reason.
+- Only the formats in :data:`IMAGE_FORMATS` are ever opened, whatever the file's name: Pillow otherwise picks a
+  decoder from the first bytes, and for an EPS or PDF file named ``.jpg`` that decoder runs Ghostscript.
+  Every place in satcli that opens an image goes through :func:`open_image_file`.
 
 JPEGs are decoded at a reduced scale when the model wants far fewer pixels than the file has (libjpeg's DCT
 scaling, as ``Image.thumbnail`` does): a 1600×1200 photo for a 224-pixel model decodes about 3× faster.
@@ -21,6 +24,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -33,6 +37,11 @@ HARD_MAX_PIXELS = 2 * DEFAULT_MAX_PIXELS  # beyond this Pillow refuses to open a
 IMAGE_EXTENSIONS = frozenset({
     ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".gif", ".bmp", ".dib", ".tif", ".tiff",
 })
+
+# The Pillow formats satcli opens (JPEG covers MPO, the multi-picture JPEG of many cameras); anything else is
+# "not-an-image". The one list: every opener passes it as ``Image.open(..., formats=IMAGE_FORMATS)``.
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+FORMAT_NAMES = "JPEG, PNG, WebP, GIF, BMP, TIFF"  # the same, as a user reads them
 
 _EXIF_ORIENTATION = 0x0112
 _TRANSPOSED_ORIENTATIONS = {5, 6, 7, 8}  # these orientations swap width and height
@@ -77,20 +86,25 @@ def load_image(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS,
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit decides, below
-            with Image.open(path) as im:
+            with open_image_file(path) as im:
                 return _load_opened(im, max_pixels, min_size)
     except ImageError:
         raise
     except Image.DecompressionBombError as error:
         raise ImageError("too-large", f"Pillow refuses it as a decompression bomb ({error})") from error
     except UnidentifiedImageError as error:
-        raise ImageError("not-an-image", "not an image file Pillow can read (JPEG, PNG, WebP, GIF, BMP, TIFF)") \
-            from error
+        raise ImageError("not-an-image", f"not an image file satcli reads ({FORMAT_NAMES})") from error
     except (OSError, SyntaxError, ValueError, EOFError) as error:  # Pillow's decoders raise all of these
         if isinstance(error, OSError) and error.errno is not None:  # a real I/O error, not a codec complaint
             raise ImageError("unreadable", error.strerror or str(error)) from error
         message = str(error) or type(error).__name__
         raise ImageError("truncated", f"truncated or corrupt image data ({message[:200]})") from error
+
+
+def open_image_file(source: str | Path | IO[bytes]) -> Image.Image:
+    """``Image.open`` restricted to :data:`IMAGE_FORMATS` (lazy: only the header is read). Raises Pillow's
+    ``UnidentifiedImageError`` for any other format, before a decoder of it (or Ghostscript) can run."""
+    return Image.open(source, formats=IMAGE_FORMATS)
 
 
 def _load_opened(im: Image.Image, max_pixels: int | None, min_size: int | None) -> LoadedImage:

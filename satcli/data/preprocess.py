@@ -24,7 +24,7 @@ from typing import TypeVar
 from PIL import Image
 from rich.table import Table
 
-from satcli.core.console import make_progress
+from satcli.core.console import make_progress, shown
 from satcli.core.errors import SatcliError
 from satcli.core.version import __version__
 from satcli.data import shapes
@@ -320,7 +320,7 @@ def _meta(options: PreprocessOptions, source: SourceDataset, images_dir: Path, r
 
 def summary_table(result: PreprocessResult, options: PreprocessOptions) -> Table:
     """Images, captions, skipped images and unknown-word rate per split, with the vocabulary in the caption."""
-    table = Table(title=f"Preprocessed {options.store_name} → {result.store}")
+    table = Table(title=f"Preprocessed {shown(options.store_name)} → {shown(result.store)}")
     for column in ("split", "images", "captions", "skipped", "unknown words"):
         table.add_column(column, justify="left" if column == "split" else "right")
     for split, report in result.splits.items():

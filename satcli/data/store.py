@@ -30,6 +30,7 @@ from PIL import Image
 
 from satcli.core.atomic import move_into_place
 from satcli.core.errors import SatcliError, first_line
+from satcli.data.images import open_image_file
 from satcli.data.vocab import Vocabulary
 
 FORMAT_VERSION = 1
@@ -291,7 +292,7 @@ class StoredDataset:
     @staticmethod
     def decode_image(data: bytes) -> Image.Image:
         """A stored image (the ``image`` column) as an RGB picture of ``image_size`` × ``image_size``."""
-        with Image.open(io.BytesIO(data)) as image:
+        with open_image_file(io.BytesIO(data)) as image:
             return image.convert("RGB")
 
 

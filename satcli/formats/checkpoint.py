@@ -184,9 +184,53 @@ def checkpoint_problem(payload: dict[str, Any]) -> str | None:
             return (f"weights that are not finite numbers (NaN or infinity in {_short(name)}): a model that "
                     "cannot caption; use one saved before its training diverged")
     for name in ("train_options", "metrics"):
-        if not isinstance(payload.get(name, {}), dict):
+        value = payload.get(name, {})
+        if not isinstance(value, dict):
             return f"{name} that are not a mapping"
+        if json_size(value, MAX_NOTES_CHARS) is None:
+            return (f"{name} that are not plain values (numbers, words, lists, mappings) of at most "
+                    f"{MAX_NOTES_CHARS:,} characters as JSON: they are copied into every results file")
     return None
+
+
+# train_options and metrics travel into the metadata of every results file, chunk and report: satcli's own are
+# under 2,000 characters as JSON. Anything else a checkpoint carries there (a list shared many times inside the
+# pickle is small on disk and huge as JSON) would be copied into every chunk a caption run writes.
+MAX_NOTES_CHARS = 16_384
+_MAX_NOTES_DEPTH = 16
+
+
+def json_size(value: Any, budget: int) -> int | None:
+    """About how many characters ``value`` takes as JSON, or None when it holds anything but plain JSON values
+    (str-keyed mappings, lists, strings, numbers, booleans, None), nests deeper than 16, or exceeds ``budget``.
+    Stops as soon as the budget is spent: the work is bounded by ``budget``, not by the value."""
+    size, stack = 0, [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list | tuple):
+            if depth >= _MAX_NOTES_DEPTH:
+                return None
+            size += 2 + 2 * len(item)
+            if size > budget:
+                return None
+            if isinstance(item, dict):
+                if not all(isinstance(key, str) for key in item):
+                    return None
+                size += sum(len(key) for key in item)
+                stack.extend((v, depth + 1) for v in item.values())
+            else:
+                stack.extend((v, depth + 1) for v in item)
+        elif isinstance(item, str):
+            size += len(item) + 2
+        elif item is None or isinstance(item, bool | float):
+            size += 24
+        elif isinstance(item, int):
+            size += 1 + item.bit_length() // 3
+        else:
+            return None  # a tensor, bytes, ...: not something a results file's JSON can hold
+        if size > budget:
+            return None
+    return size
 
 
 def _integer(value: Any, low: int, high: int) -> bool:

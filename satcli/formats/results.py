@@ -232,7 +232,27 @@ def read_schema(path: str | Path) -> pa.Schema:
     missing = [name for name in SCHEMA.names if name not in schema.names and name not in _LATER_COLUMNS]
     if missing:
         raise SatcliError(f"not a satcli results file (no column {', '.join(missing)})", path)
+    for name in SCHEMA.names:
+        if name in schema.names and not _same_kind(schema.field(name).type, SCHEMA.field(name).type):
+            raise SatcliError(f"column {name} holds {schema.field(name).type}, not {SCHEMA.field(name).type}: "
+                              "not a satcli results file", path)
     return schema
+
+
+def _same_kind(actual: pa.DataType, expected: pa.DataType) -> bool:
+    """Whether a column's type reads as the satcli one (a file edited with pandas may hold int64 for int32,
+    double for float32, large_string for string; an all-null column is null)."""
+    types = pa.types
+    if types.is_null(actual):
+        return True
+    if types.is_list(expected):
+        listed = types.is_list(actual) or types.is_large_list(actual) or types.is_fixed_size_list(actual)
+        return listed and _same_kind(actual.value_type, expected.value_type)
+    kinds = [(types.is_string, lambda t: types.is_string(t) or types.is_large_string(t)),
+             (types.is_floating, lambda t: types.is_floating(t) or types.is_integer(t)),
+             (types.is_integer, types.is_integer), (types.is_boolean, types.is_boolean),
+             (types.is_struct, types.is_struct)]
+    return next((accepts(actual) for is_kind, accepts in kinds if is_kind(expected)), actual == expected)
 
 
 # ---------------------------------------------------------------------------------------------------------------

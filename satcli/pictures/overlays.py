@@ -34,7 +34,10 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 from satcli.core.atomic import atomic_path, make_folder
 from satcli.core.console import make_progress
 from satcli.core.errors import SatcliError
-from satcli.formats.results import attention_of, count_rows, iter_results, recorded_image_root
+from satcli.core.printing import word_probability
+from satcli.data.images import open_image_file
+from satcli.formats.results import count_rows, recorded_image_root
+from satcli.formats.results_rows import checked_rows
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +46,10 @@ PANEL = 160  # pixels a side of one panel in the contact sheet
 FRAME = 192  # pixels a side of the animation's picture
 FRAME_MS = 700  # how long the animation rests on each word
 MAX_COLUMNS = 6  # panels per row of the contact sheet
+MAX_ASPECT = 8  # no picture is drawn more than 8 times longer than wide, whatever the image's shape
+# Words and paths are cut to this many characters before they are measured: a panel shows about 20, the title
+# about 170, and measuring a 20,000-character word over and over took minutes.
+MAX_LABEL_CHARS = 200
 # A pixel shows ``(1 - w) · image + w · colour`` with ``w = BLEND_FLOOR + BLEND_GAIN · heat``: the image stays
 # visible everywhere, dimmed where the model did not look, and the colour takes over where it did.
 BLEND_FLOOR = 0.5
@@ -101,12 +108,21 @@ def heat_panel(thumbnail: Image.Image, grid: np.ndarray) -> Image.Image:
 
 
 def thumbnail(image: Image.Image | None, size: int, aspect: tuple[int, int] | None = None) -> Image.Image:
-    """The picture fitted inside ``size`` × ``size``; a dark placeholder (of ``aspect`` = (w, h)) if it is None."""
+    """The picture fitted inside ``size`` × ``size``; a dark placeholder (of ``aspect`` = (w, h)) if it is None.
+
+    No side is drawn shorter than ``size`` / :data:`MAX_ASPECT`: a 1 × 100000 image becomes a 20 × 160 strip (the
+    model, too, sees it squashed), not a picture 0 pixels wide."""
     if image is not None:
-        return ImageOps.contain(image.convert("RGB"), (size, size), Image.LANCZOS)
+        return image.convert("RGB").resize(drawn_size(image.width, image.height, size), Image.LANCZOS)
     width, height = aspect if aspect and all(aspect) else (size, size)
-    scale = size / max(width, height)
-    return Image.new("RGB", (max(1, round(width * scale)), max(1, round(height * scale))), _MISSING)
+    return Image.new("RGB", drawn_size(width, height, size), _MISSING)
+
+
+def drawn_size(width: int, height: int, size: int) -> tuple[int, int]:
+    """``width`` × ``height`` scaled to fit ``size`` × ``size``, each side at least ``size`` / MAX_ASPECT."""
+    scale = size / max(width, height, 1)
+    shortest = max(1, -(-size // MAX_ASPECT))
+    return max(shortest, min(size, round(width * scale))), max(shortest, min(size, round(height * scale)))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -124,12 +140,13 @@ def _text_width(text: str, font) -> int:
     return int(right - left)
 
 
-def _wrap(text: str, font, width: int) -> list[str]:
+def _wrap(words: Sequence[str], font, width: int) -> list[str]:
+    """``words`` (each already fitted to ``width``) in lines of at most ``width`` pixels."""
     lines: list[str] = []
     line = ""
-    for word in text.split():
+    for word in words:
         candidate = f"{line} {word}".strip()
-        if line and _text_width(candidate, font) > width:
+        if line and (len(candidate) > MAX_LABEL_CHARS or _text_width(candidate, font) > width):
             lines.append(line)
             line = word
         else:
@@ -138,12 +155,20 @@ def _wrap(text: str, font, width: int) -> list[str]:
 
 
 def _fit(text: str, font, width: int) -> str:
-    """``text`` cut with an ellipsis to fit ``width`` pixels."""
-    if _text_width(text, font) <= width:
+    """``text`` cut with an ellipsis to fit ``width`` pixels: at most :data:`MAX_LABEL_CHARS` characters are ever
+    measured, and the cut is found by bisection (a few measurements, whatever the length)."""
+    cut = len(text) > MAX_LABEL_CHARS
+    text = text[:MAX_LABEL_CHARS]
+    if not cut and _text_width(text, font) <= width:
         return text
-    while text and _text_width(text + "…", font) > width:
-        text = text[:-1]
-    return text + "…"
+    low, high = 0, len(text)  # the longest prefix that fits with the ellipsis lies in [low, high]
+    while low < high:
+        middle = (low + high + 1) // 2
+        if _text_width(text[:middle] + "…", font) <= width:
+            low = middle
+        else:
+            high = middle - 1
+    return text[:low] + "…"
 
 
 def render_sheet(image: Image.Image | None, tokens: Sequence[str], attention: np.ndarray, title: str = "",
@@ -166,7 +191,8 @@ def render_sheet(image: Image.Image | None, tokens: Sequence[str], attention: np
     rows = -(-n_panels // columns)
     cell_w, cell_h = thumb.width + gap, thumb.height + label_height
     width = max(columns * cell_w + gap, 320)
-    caption_lines = _wrap(" ".join(tokens) or "(empty caption)", title_font, width - 2 * gap)
+    words = [_fit(word, title_font, width - 2 * gap) for token in tokens for word in token.split()]
+    caption_lines = _wrap(words or ["(empty caption)"], title_font, width - 2 * gap)
     header = gap + (18 if title else 0) + 22 * len(caption_lines) + gap
     sheet = Image.new("RGB", (width, header + rows * cell_h + gap), _BACKGROUND)
     draw = ImageDraw.Draw(sheet)
@@ -201,9 +227,8 @@ def render_sheet(image: Image.Image | None, tokens: Sequence[str], attention: np
 
 def _probability(logprob: float | None) -> str:
     """`` 0.83``: a word's probability as written after it, or "" when unknown."""
-    if logprob is None or np.isnan(logprob):
-        return ""
-    return f" {float(np.exp(logprob)):.2f}"
+    probability = word_probability(logprob)
+    return "" if probability is None else f" {probability:.2f}"
 
 
 def render_frames(image: Image.Image | None, tokens: Sequence[str], attention: np.ndarray, size: int = FRAME,
@@ -214,6 +239,7 @@ def render_frames(image: Image.Image | None, tokens: Sequence[str], attention: n
     thumb = thumbnail(image, size, aspect)
     font, gap, line_height = _font(14), 6, 18
     width = max(thumb.width, 160)
+    tokens = [_fit(token, font, width - 2 * gap) for token in tokens]  # a word longer than the frame is cut
     # Lay the caption out once: every frame has the same lines, only the highlighted word changes.
     placed: list[tuple[int, int]] = []
     x, y, space = gap, 0, _text_width(" ", font) + 2
@@ -282,10 +308,10 @@ def open_image(file: Path) -> Image.Image | None:
     try:
         if not stat.S_ISREG(os.stat(file).st_mode):
             return None
-        with Image.open(file) as image:
+        with open_image_file(file) as image:  # the allowed formats only: an EPS file would run Ghostscript
             image.draft("RGB", (2 * PANEL, 2 * PANEL))  # JPEG: decode at a reduced scale, much faster
             return ImageOps.exif_transpose(image).convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError):
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError):  # Pillow's decoders' errors
         return None
 
 
@@ -326,7 +352,7 @@ def write_overlays(results: str | Path, image_root: str | Path | None, out_dir: 
     bar.disable = not progress
     with bar:
         task = bar.add_task("attention pictures", total=total, unit="images")
-        for row in iter_results(results, _COLUMNS):
+        for row in checked_rows(results, _COLUMNS):
             if limit is not None and summary.n_written >= limit:
                 break
             if row["error"] is not None or not row["tokens"]:
@@ -336,7 +362,7 @@ def write_overlays(results: str | Path, image_root: str | Path | None, out_dir: 
             if image is None:
                 summary.n_missing_images += 1
             aspect = (row["image_width"], row["image_height"])
-            attention = attention_of(row, results)
+            attention = row["attention"]
             name = overlay_name(row["path"])
             sheet = render_sheet(image, row["tokens"], attention, title=row["path"], panel=panel, aspect=aspect,
                                  token_logprobs=row["token_logprobs"])

@@ -30,8 +30,10 @@ import numpy as np
 from satcli.core.atomic import disk_error, make_folder, write_text
 from satcli.core.console import make_progress
 from satcli.core.errors import SatcliError
+from satcli.core.printing import word_probability
 from satcli.core.version import __version__
-from satcli.formats.results import attention_of, count_rows, iter_results, read_metadata, recorded_image_root
+from satcli.formats.results import count_rows, read_metadata, recorded_image_root
+from satcli.formats.results_rows import checked_rows
 from satcli.pictures.overlays import BLEND_FLOOR, BLEND_GAIN, colormap_lut, open_image, overlay_name, resolve_image
 
 log = logging.getLogger(__name__)
@@ -110,7 +112,7 @@ def word_probabilities(token_logprobs: list[float | None] | None) -> list[float 
     """Each word's probability for the page (4 decimals), None where unknown; None for files without the column."""
     if token_logprobs is None:
         return None
-    return [None if lp is None or math.isnan(lp) else round(math.exp(lp), 4) for lp in token_logprobs]
+    return [None if p is None else round(p, 4) for p in map(word_probability, token_logprobs)]
 
 
 def _rows(options: ReportOptions, root: Path, thumbs: Path, summary: ReportSummary,
@@ -128,8 +130,7 @@ def _rows(options: ReportOptions, root: Path, thumbs: Path, summary: ReportSumma
                 thumb = f"{folder}/{overlay_name(row['path'])}.jpg" if made is not None and made.result() else None
                 if thumb is None and row["error"] is None:
                     summary.n_missing_images += 1
-                attention, peaks = (encode_attention(attention_of(row, options.results)) if row["error"] is None
-                                    else ("", []))
+                attention, peaks = encode_attention(row["attention"]) if row["error"] is None else ("", [])
                 value = row["sum_logprob"]
                 sum_logprob = round(value, 4) if value is not None and math.isfinite(value) else None
                 yield [row["path"], row["caption"], row["tokens"], sum_logprob, row["finished"], row["error"],
@@ -138,7 +139,7 @@ def _rows(options: ReportOptions, root: Path, thumbs: Path, summary: ReportSumma
                 bar.advance(task)
             batch.clear()
 
-        for row in iter_results(options.results, _COLUMNS):
+        for row in checked_rows(options.results, _COLUMNS):
             summary.n_rows += 1
             summary.n_errors += row["error"] is not None
             made = None  # no thumbnail for an error row: its file is no image, or one too large to open

@@ -22,7 +22,7 @@
   let page = 0;
 
   // The mean log-probability per written token (words and <end>): comparable across caption lengths.
-  const perWord = (r) => (r[SUM] === null ? null : r[SUM] / (r[TOKENS].length + (r[FINISHED] ? 1 : 0) || 1));
+  const perWord = (r) => (r[SUM] === null ? null : r[SUM] / ((r[TOKENS] || []).length + (r[FINISHED] ? 1 : 0) || 1));
 
   // "probability 0.83, " for word t, or "" when the file does not say.
   const probability = (r, t) => (r[PROBS] && r[PROBS][t] != null ? `probability ${r[PROBS][t].toFixed(2)}, ` : "");

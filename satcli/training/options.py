@@ -12,6 +12,7 @@ from rich.table import Table
 
 from models.captioner import CaptionerConfig
 from models.encoders import DEFAULT_ENCODER, ENCODERS
+from satcli.core.console import shown
 from satcli.core.errors import SatcliError
 from satcli.data.store import StoredDataset
 from satcli.data.vocab import Vocabulary
@@ -115,12 +116,12 @@ class TrainResult:
     def table(self) -> Table:
         """Every epoch of the run, one row each (scores on the 0–100 scale)."""
         if self.best_cider_d is not None:
-            table = Table(title=f"SCST run {self.out}")
+            table = Table(title=f"SCST run {shown(self.out)}")
             columns = {"epoch": ("epoch", "d"), "sample reward": ("sample_reward", ".3f"),
                        "greedy reward": ("greedy_reward", ".3f"), "val CIDEr-D (0–100)": ("val_cider_d", "%"),
                        "val BLEU-4": ("val_bleu4", "%"), "seconds": ("seconds", ".0f")}
         else:
-            table = Table(title=f"Training run {self.out}")
+            table = Table(title=f"Training run {shown(self.out)}")
             columns = {"epoch": ("epoch", "d"), "loss": ("loss", ".3f"), "val BLEU-4 (0–100)": ("val_bleu4", "%"),
                        "captions/s": ("samples_per_s", ".0f"), "seconds": ("seconds", ".0f")}
         for column in columns:
@@ -132,8 +133,8 @@ class TrainResult:
     def closing_line(self) -> str:
         """The best validation score and where the checkpoints are."""
         if self.best_cider_d is not None:
-            return f"best validation CIDEr-D {100 * max(self.best_cider_d, 0):.1f}; checkpoints in {self.out}"
-        return f"best validation BLEU-4 {100 * max(self.best_bleu4, 0):.1f}; checkpoints in {self.out}"
+            return f"best validation CIDEr-D {100 * max(self.best_cider_d, 0):.1f}; checkpoints in {shown(self.out)}"
+        return f"best validation BLEU-4 {100 * max(self.best_bleu4, 0):.1f}; checkpoints in {shown(self.out)}"
 
 
 def _cell(value: Any, style: str) -> str:
