@@ -1,0 +1,243 @@
+"""Symlinks and state folders, concurrent runs, interrupted merges, inputs that hold satcli's own outputs, names
+that print alike and a checkpoint replaced while it loads (issue 22, part 2).
+
+Real symlinks, hard links, files and processes throughout. Where two runs must meet at one moment, the test
+makes that moment happen (a process waits on a pipe, a function runs the next step) instead of hoping a sleep
+lands there.
+"""
+
+import contextlib
+import hashlib
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from models.captioner import Captioner
+from satcli.captioning.options import CaptionOptions
+from satcli.captioning.state import RunState
+from satcli.cli import app
+from satcli.commands.caption import run
+from satcli.data.vocab import SPECIALS, Vocabulary
+from satcli.formats.checkpoint import save_checkpoint
+from tests.helpers import tiny_config
+
+runner = CliRunner()
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _isolated_state(tmp_path, monkeypatch):
+    monkeypatch.setenv("SATCLI_STATE_DIR", str(tmp_path / "state"))
+    for name in ("SATCLI_MODEL", "WORLD_SIZE", "RANK"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def _save_model(folder: Path, seed: int) -> Path:
+    torch.manual_seed(seed)
+    model = Captioner(tiny_config(image_size=32))
+    vocab = Vocabulary([*SPECIALS, *(f"word{i}" for i in range(model.config.vocab_size - len(SPECIALS)))])
+    return save_checkpoint(folder / f"tiny-{seed}.pt", model, vocab)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return _save_model(tmp_path_factory.mktemp("model"), 0)
+
+
+def _jpeg(rng, width=40, height=30) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def photos(tmp_path) -> Path:
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        (folder / f"img{i}.jpg").write_bytes(_jpeg(rng))
+    return folder
+
+
+def _options(photos: Path, checkpoint: Path, output: Path, **changes) -> CaptionOptions:
+    values = dict(inputs=(str(photos),), model=checkpoint, output=output, root=photos.parent, batch_size=2,
+                  max_length=4, workers=0, progress=False)
+    values.update(changes)
+    return CaptionOptions(**values)
+
+
+def _caption_cli(photos: Path, checkpoint: Path, output: Path, *extra: str):
+    return runner.invoke(app, ["caption", str(photos), "--model", str(checkpoint), "-o", str(output),
+                               "--root", str(photos.parent), "--batch-size", "2", "--max-length", "4", "--workers",
+                               "0", *extra])
+
+
+def _one_line_error(result, *words: str) -> None:
+    """Exit 1 and a single error line naming every one of ``words``; no traceback."""
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in result.output, result.output
+    for word in words:
+        assert word in errors[0], result.output
+
+
+def _captions(path: Path) -> dict[str, str | None]:
+    return {row["path"]: row["caption"] for row in pq.read_table(path, columns=["path", "caption"]).to_pylist()}
+
+
+# -- 1. links inside a real .partial folder -----------------------------------------------------------------------
+
+
+def test_a_lock_symlink_in_the_sidecar_is_refused_and_its_target_kept(photos, checkpoint, tmp_path):
+    precious = tmp_path / "thesis.tex"
+    precious.write_text("years of work")
+    output = tmp_path / "c.parquet"
+    sidecar = tmp_path / "c.parquet.partial"
+    sidecar.mkdir()
+    (sidecar / "lock").symlink_to(precious)
+    for extra in ((), ("--overwrite",)):
+        result = _caption_cli(photos, checkpoint, output, *extra)
+        _one_line_error(result, "lock", "symbolic link")
+        assert precious.read_text() == "years of work"
+        assert (sidecar / "lock").is_symlink() and not output.exists()  # the link is left, as the user made it
+
+
+def test_a_lock_hard_linked_to_a_file_leaves_that_file_whole(photos, checkpoint, tmp_path):
+    precious = tmp_path / "thesis.tex"
+    precious.write_text("years of work")
+    output = tmp_path / "c.parquet"
+    sidecar = tmp_path / "c.parquet.partial"
+    sidecar.mkdir()
+    os.link(precious, sidecar / "lock")  # same inode: opening "lock" for writing would empty thesis.tex
+    summary = run(_options(photos, checkpoint, output))
+    assert summary.n_captioned == 5 and not sidecar.exists()
+    assert precious.read_text() == "years of work"
+
+
+def test_a_planted_chunk_symlink_is_refused_not_merged(photos, checkpoint, tmp_path):
+    straight = tmp_path / "straight.parquet"
+    run(_options(photos, checkpoint, straight))
+    planted = tmp_path / "planted.parquet"  # a satcli results file with other captions for the same images
+    table = pq.read_table(straight)
+    table = table.set_column(table.schema.get_field_index("caption"), "caption",
+                             pa.array(["planted"] * table.num_rows))
+    pq.write_table(table.replace_schema_metadata(table.schema.metadata), planted)
+    before = planted.read_bytes()
+    output = tmp_path / "c.parquet"
+    sidecar = tmp_path / "c.parquet.partial"
+    sidecar.mkdir()
+    (sidecar / "chunk-000000.parquet").symlink_to(planted)
+    result = _caption_cli(photos, checkpoint, output)
+    _one_line_error(result, "chunk-000000.parquet", "symbolic link")
+    assert planted.read_bytes() == before and not output.exists()
+    assert (sidecar / "chunk-000000.parquet").is_symlink()
+
+
+# -- 3. the end-of-run lock race ----------------------------------------------------------------------------------
+
+_LOCKER = """
+import fcntl, sys
+from pathlib import Path
+from satcli.captioning.state import RunState
+from satcli.core.errors import SatcliError
+
+print("ready", flush=True)
+sys.stdin.readline()  # imports take seconds: the test starts every run at once, then tells each when to lock
+if sys.argv[2] == "pause":  # stop after opening the lock file, before locking it, until the test says go
+    paused = []
+    def hold(real):
+        def call(fd, operation, *rest):
+            if not paused and operation & fcntl.LOCK_EX:
+                paused.append(1)
+                print("opened", flush=True)
+                sys.stdin.readline()
+            return real(fd, operation, *rest)
+        return call
+    fcntl.flock, fcntl.lockf = hold(fcntl.flock), hold(fcntl.lockf)
+try:
+    RunState(Path(sys.argv[1])).lock()
+    print("locked", flush=True)
+except SatcliError:
+    print("refused", flush=True)
+sys.stdin.readline()  # hold the lock until the test lets go
+"""
+
+
+class _Run:
+    """Another satcli process that takes the lock of ``output``'s sidecar when told to; it answers on a pipe."""
+
+    def __init__(self, output: Path, pause: bool = False):
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+        self.process = subprocess.Popen([sys.executable, "-c", _LOCKER, str(output), "pause" if pause else "-"],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+
+    def lock(self) -> str:
+        """Tell it to lock; what it says: ``locked``, ``refused``, or ``opened`` (paused before locking)."""
+        assert self._answer() == "ready"
+        return self.resume()
+
+    def resume(self) -> str:
+        """Let it go on (a paused run locks now); what it says next."""
+        self.process.stdin.write("\n")
+        self.process.stdin.flush()
+        return self._answer()
+
+    def _answer(self) -> str:
+        return self.process.stdout.readline().strip()
+
+    def end(self) -> None:
+        if self.process.poll() is None:
+            with contextlib.suppress(BrokenPipeError):
+                self.process.stdin.write("\n\n\n")
+                self.process.stdin.close()
+        self.process.wait(timeout=120)
+
+
+def test_a_run_that_locks_just_as_another_finishes_keeps_a_third_out(tmp_path):
+    output = tmp_path / "c.parquet"
+    first = RunState(output)
+    first.start({"model_sha256": "x"}, overwrite=False)
+    refused, second, third = runs = [_Run(output) for _ in range(3)]
+    try:
+        assert refused.lock() == "refused"  # the lock holds across processes
+        release, answers = first.unlock, []
+
+        def release_then_let_the_next_run_in() -> None:
+            release()
+            if not answers:  # the first release, at the end of the run: the next run takes the lock now
+                answers.append(second.lock())
+
+        first.unlock = release_then_let_the_next_run_in
+        first.remove()
+        assert answers == ["locked"]
+        assert third.lock() == "refused", "two runs hold the lock of one output at once"
+    finally:
+        for other in runs:
+            other.end()
+
+
+def test_a_run_that_opened_the_lock_before_another_finished_keeps_a_third_out(tmp_path):
+    output = tmp_path / "c.parquet"
+    first = RunState(output)
+    first.start({"model_sha256": "x"}, overwrite=False)
+    second, third = runs = [_Run(output, pause=True), _Run(output)]
+    try:
+        assert second.lock() == "opened"  # it has the lock file open and waits
+        first.remove()  # the first run finishes: its lock file goes
+        assert second.resume() == "locked"
+        assert third.lock() == "refused", "two runs hold the lock of one output at once"
+    finally:
+        for other in runs:
+            other.end()
