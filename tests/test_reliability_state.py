@@ -9,9 +9,11 @@ lands there.
 import contextlib
 import hashlib
 import io
+import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +30,8 @@ from satcli.captioning.state import RunState
 from satcli.cli import app
 from satcli.commands.caption import run
 from satcli.data.vocab import SPECIALS, Vocabulary
-from satcli.formats.checkpoint import save_checkpoint
+from satcli.formats.checkpoint import checkpoint_sha256, save_checkpoint
+from satcli.pictures.overlays import overlay_name
 from tests.helpers import tiny_config
 
 runner = CliRunner()
@@ -241,3 +244,71 @@ def test_a_run_that_opened_the_lock_before_another_finished_keeps_a_third_out(tm
     finally:
         for other in runs:
             other.end()
+
+
+# -- 2. report thumbnails and attention pictures over planted links ------------------------------------------------
+
+
+def test_report_and_overlays_replace_planted_links_and_keep_their_targets(photos, checkpoint, tmp_path):
+    results = tmp_path / "c.parquet"
+    run(_options(photos, checkpoint, results))
+    names = [overlay_name(path) for path in _captions(results)]
+    thumbs, pictures = tmp_path / "r_files", tmp_path / "ov"
+    thumbs.mkdir()
+    pictures.mkdir()
+    precious = []
+    for i, name in enumerate(names):
+        for link in (thumbs / f"{name}.jpg", pictures / f"{name}.png", pictures / f"{name}.gif"):
+            target = tmp_path / f"precious-{i}-{link.suffix[1:]}.txt"
+            target.write_text(f"years of work {i}")
+            link.symlink_to(target)
+            precious.append(target)
+    result = runner.invoke(app, ["report", str(results), "-o", str(tmp_path / "r.html"), "--image-root",
+                                 str(tmp_path), "--overlays", str(pictures)])
+    assert result.exit_code == 0, result.output
+    assert [p.read_bytes() for p in precious] == [f"years of work {i}".encode() for i in range(len(names))
+                                                  for _ in range(3)]
+    for name in names:  # each name now holds the picture itself
+        assert not (thumbs / f"{name}.jpg").is_symlink() and Image.open(thumbs / f"{name}.jpg").format == "JPEG"
+        assert not (pictures / f"{name}.png").is_symlink() and Image.open(pictures / f"{name}.png").format == "PNG"
+
+
+# -- 7. a checkpoint replaced while it loads ---------------------------------------------------------------------
+
+
+def test_a_checkpoint_replaced_during_its_load_is_recorded_as_the_model_that_captioned(photos, checkpoint, tmp_path,
+                                                                                       monkeypatch):
+    import satcli.captioning.pipeline
+
+    other = _save_model(tmp_path, 1)
+    model = tmp_path / "model.pt"
+    model.write_bytes(checkpoint.read_bytes())
+    loaded_bytes, replaced = [], threading.Event()
+    real_load = torch.load
+
+    def load_then_replace(source, *args, **kwargs):  # the user's next training run renames its new model over it
+        data = Path(source).read_bytes() if isinstance(source, str | Path) else source.read()
+        loaded_bytes.append(data)
+        if not replaced.is_set():
+            os.replace(tmp_path / "next.pt", model)
+            replaced.set()
+        return real_load(io.BytesIO(data), *args, **kwargs)
+
+    def hash_after_the_replacement(path):  # however the run hashes the file, it does so after the rename
+        assert replaced.wait(60)
+        return checkpoint_sha256(path)
+
+    (tmp_path / "next.pt").write_bytes(other.read_bytes())
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "load", load_then_replace)
+        patch.setattr(satcli.captioning.pipeline, "checkpoint_sha256", hash_after_the_replacement, raising=False)
+        run(_options(photos, checkpoint=model, output=tmp_path / "c.parquet"))
+    assert loaded_bytes == [checkpoint.read_bytes()] and model.read_bytes() == other.read_bytes()
+    output = tmp_path / "c.parquet"
+    recorded = json.loads(pq.read_schema(output).metadata[b"satcli.fingerprint"])["model_sha256"]
+    assert recorded == hashlib.sha256(checkpoint.read_bytes()).hexdigest()  # the model that wrote the captions
+    before = output.read_bytes()
+    (photos / "new.jpg").write_bytes((photos / "img0.jpg").read_bytes())
+    result = _caption_cli(photos, model, output)  # now the other model: it must not add its captions to these
+    _one_line_error(result, "different model")
+    assert output.read_bytes() == before

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from satcli.core.atomic import disk_error, make_folder, write_text
+from satcli.core.atomic import atomic_path, make_folder, write_text
 from satcli.core.console import make_progress
 from satcli.core.errors import SatcliError
 from satcli.core.version import __version__
@@ -82,10 +82,8 @@ def _thumbnail(source: Path, target: Path, size: int) -> bool:
     if image is None:
         return False
     image.thumbnail((size, size), resample=3)  # bicubic
-    try:
-        image.save(target, format="JPEG", quality=82, optimize=True)
-    except OSError as error:
-        raise disk_error(error, target) from error
+    with atomic_path(target) as tmp:  # renamed over the name: a link planted there is replaced, its target kept
+        image.save(tmp, format="JPEG", quality=82, optimize=True)
     return True
 
 
