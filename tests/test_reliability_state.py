@@ -29,6 +29,8 @@ from satcli.captioning.options import CaptionOptions
 from satcli.captioning.state import RunState
 from satcli.cli import app
 from satcli.commands.caption import run
+from satcli.commands.merge import MergeOptions
+from satcli.commands.merge import run as merge
 from satcli.data.vocab import SPECIALS, Vocabulary
 from satcli.formats.checkpoint import checkpoint_sha256, save_checkpoint
 from satcli.pictures.overlays import overlay_name
@@ -312,3 +314,40 @@ def test_a_checkpoint_replaced_during_its_load_is_recorded_as_the_model_that_cap
     result = _caption_cli(photos, model, output)  # now the other model: it must not add its captions to these
     _one_line_error(result, "different model")
     assert output.read_bytes() == before
+
+
+# -- 4. a merge --remove-parts that was killed ------------------------------------------------------------------
+
+
+def test_a_merge_killed_while_removing_parts_finishes_when_run_again(photos, checkpoint, tmp_path, monkeypatch):
+    output = tmp_path / "c.parquet"
+    parts = [run(_options(photos, checkpoint, output, shard=(k, 2))).output for k in range(2)]
+    original = Path.unlink
+
+    def killed_after_the_first(self, *args, **kwargs):  # SIGKILL between the two unlinks, as in the issue
+        if self == parts[1]:
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(Path, "unlink", killed_after_the_first)
+        merge(MergeOptions(output=output, remove_parts=True))
+    assert not parts[0].exists() and parts[1].exists()
+    merged = output.read_bytes()
+    assert len(_captions(output)) == 5
+    result = runner.invoke(app, ["merge", "-o", str(output), "--remove-parts"])
+    assert result.exit_code == 0, result.output
+    assert output.read_bytes() == merged and not parts[1].exists()  # the output kept, the leftover part removed
+    assert "5" in result.output
+
+
+def test_a_leftover_part_the_output_does_not_hold_still_needs_its_missing_part(photos, checkpoint, tmp_path):
+    output = tmp_path / "c.parquet"
+    parts = [run(_options(photos, checkpoint, output, shard=(k, 2))).output for k in range(2)]
+    assert runner.invoke(app, ["merge", "-o", str(output)]).exit_code == 0
+    (photos / "new.jpg").write_bytes((photos / "img0.jpg").read_bytes())
+    parts[0].unlink()
+    run(_options(photos, checkpoint, output, shard=(1, 2), overwrite=True))  # part 1 now holds an image more
+    before = parts[1].read_bytes()
+    _one_line_error(runner.invoke(app, ["merge", "-o", str(output), "--remove-parts"]), "part 0 of 2 is missing")
+    assert parts[1].read_bytes() == before
