@@ -351,3 +351,21 @@ def test_a_leftover_part_the_output_does_not_hold_still_needs_its_missing_part(p
     before = parts[1].read_bytes()
     _one_line_error(runner.invoke(app, ["merge", "-o", str(output), "--remove-parts"]), "part 0 of 2 is missing")
     assert parts[1].read_bytes() == before
+
+
+# -- 6. a Latin-1 name that prints like a UTF-8 one --------------------------------------------------------------
+
+
+def test_a_latin1_name_that_prints_like_a_utf8_name_still_gets_its_row(photos, checkpoint, tmp_path):
+    picture = (photos / "img0.jpg").read_bytes()
+    with open(os.fsencode(photos) + b"/caf\xe9.jpg", "wb") as f:  # Latin-1 "café": shown as caf\xe9.jpg
+        f.write(picture)
+    (photos / "caf\\xe9.jpg").write_bytes(picture)  # a UTF-8 name that reads exactly like that
+    output = tmp_path / "c.parquet"
+    summary = run(_options(photos, checkpoint, output))
+    rows = {row["path"]: row for row in pq.read_table(output).to_pylist()}
+    assert len(rows) == 7 and summary.n_captioned == 6
+    assert rows["photos/caf\\xe9.jpg"]["error"] is None  # the UTF-8 file keeps its own name, and a caption
+    bad = rows["photos/caf\\xe9.jpg (not UTF-8)"]
+    assert bad["caption"] is None and bad["error"].startswith("bad-name:")
+    assert run(_options(photos, checkpoint, output)).n_processed == 0  # a rerun sees the same seven names

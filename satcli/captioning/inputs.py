@@ -33,12 +33,16 @@ def find_images(inputs: Sequence[str], root: str | Path | None = None) -> list[I
     """
     base = os.path.abspath(root if root is not None else os.getcwd())
     found: dict[str, ImageSource] = {}
+    not_utf8: dict[str, str] = {}  # absolute path → path as shown, for names that are not UTF-8
 
     def add(file: str) -> None:
         absolute = os.path.abspath(file)
         relative = os.path.relpath(absolute, base)
-        shown = printable_path(absolute if relative == ".." or relative.startswith(".." + os.sep) else relative)
-        found.setdefault(shown, ImageSource(shown, absolute))
+        shown = absolute if relative == ".." or relative.startswith(".." + os.sep) else relative
+        if utf8_name(shown):
+            found.setdefault(shown, ImageSource(shown, absolute))
+        else:
+            not_utf8.setdefault(absolute, shown)
 
     for pattern in inputs:
         if os.path.isdir(pattern):
@@ -58,7 +62,20 @@ def find_images(inputs: Sequence[str], root: str | Path | None = None) -> list[I
                     add(match)
         else:
             raise SatcliError("no such file or directory", pattern)
+    _spell_not_utf8(not_utf8, found)
     return sorted(found.values())
+
+
+def _spell_not_utf8(not_utf8: dict[str, str], found: dict[str, ImageSource]) -> None:
+    """Add the files whose names are not UTF-8 under their ``\\xNN`` spelling (:func:`printable_path`); where a
+    UTF-8 name (or another such file) already reads like that, under ``SPELLING (not UTF-8)``, ``(not UTF-8, 2)``…,
+    so every file keeps a row. UTF-8 names keep their own spelling; the rest go in the order of their bytes."""
+    for absolute, shown in sorted(not_utf8.items(), key=lambda item: os.fsencode(item[0])):
+        spelling, n = printable_path(shown), 0
+        while spelling in found:
+            n += 1
+            spelling = f"{printable_path(shown)} (not UTF-8{'' if n == 1 else f', {n}'})"
+        found[spelling] = ImageSource(spelling, absolute)
 
 
 def printable_path(path: str) -> str:
