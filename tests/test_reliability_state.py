@@ -369,3 +369,31 @@ def test_a_latin1_name_that_prints_like_a_utf8_name_still_gets_its_row(photos, c
     bad = rows["photos/caf\\xe9.jpg (not UTF-8)"]
     assert bad["caption"] is None and bad["error"].startswith("bad-name:")
     assert run(_options(photos, checkpoint, output)).n_processed == 0  # a rerun sees the same seven names
+
+
+# -- 5. outputs inside the input folder ----------------------------------------------------------------------------
+
+
+def test_outputs_written_inside_the_input_folder_are_not_captioned_on_the_next_run(photos, checkpoint, tmp_path,
+                                                                                    monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    output = photos / "c.parquet"
+    command = ["caption", "photos", "--model", str(checkpoint), "-o", str(output), "--batch-size", "2",
+               "--max-length", "4", "--workers", "0", "--overlays", str(photos / "ov")]
+    assert runner.invoke(app, command).exit_code == 0
+    assert runner.invoke(app, ["report", str(output), "-o", str(photos / "r.html")]).exit_code == 0
+    assert len(list((photos / "ov").glob("*.png"))) == 5 and len(list((photos / "r_files").glob("*.jpg"))) == 5
+    unfinished = photos / "old.parquet.partial"  # an unfinished run's state folder, with a stray picture in it
+    unfinished.mkdir()
+    (unfinished / "run.json").write_text("{}")
+    (unfinished / "stray.jpg").write_bytes((photos / "img0.jpg").read_bytes())
+    (photos / "ov" / "holiday.jpg").write_bytes((photos / "img1.jpg").read_bytes())  # the user's own photo
+    for _ in range(2):
+        result = runner.invoke(app, command)
+        assert result.exit_code == 0, result.output
+        assert sorted(_captions(output)) == ["photos/img0.jpg", "photos/img1.jpg", "photos/img2.jpg",
+                                             "photos/img3.jpg", "photos/img4.jpg", "photos/ov/holiday.jpg"]
+    globbed = runner.invoke(app, ["caption", "photos/**/*.*", "--model", str(checkpoint), "-o",
+                                  str(tmp_path / "g.parquet"), "--max-length", "4", "--workers", "0"])
+    assert globbed.exit_code == 0, globbed.output
+    assert len(_captions(tmp_path / "g.parquet")) == 6

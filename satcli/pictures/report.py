@@ -30,6 +30,7 @@ import numpy as np
 from satcli.core.atomic import atomic_path, make_folder, write_text
 from satcli.core.console import make_progress
 from satcli.core.errors import SatcliError
+from satcli.core.marks import mark_pictures_folder
 from satcli.core.version import __version__
 from satcli.formats.results import attention_of, count_rows, iter_results, read_metadata, recorded_image_root
 from satcli.pictures.overlays import BLEND_FLOOR, BLEND_GAIN, colormap_lut, open_image, overlay_name, resolve_image
@@ -162,6 +163,7 @@ def build_report(options: ReportOptions) -> ReportSummary:
         raise SatcliError("the output is a directory; name an .html file with -o", output)
     thumbs = output.with_name(output.stem + "_files")
     make_folder(thumbs, "is in the way of the report's thumbnail folder")
+    mark_pictures_folder(thumbs, "the thumbnails of a report")
     summary = ReportSummary(output, thumbs)
     root = options.image_root if options.image_root is not None else recorded_image_root(results) or Path(".")
     rows = list(_rows(options, root, thumbs, summary, total))
