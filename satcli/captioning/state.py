@@ -166,7 +166,7 @@ class RunState:
         on it then sees it deleted and takes a new one), then the folder if nothing else is in it."""
         if self._lock is not None:
             self._remove_own_files(keep_lock=True)
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(OSError):  # Windows cannot delete an open file: filelock does on release
                 named = _lstat(self.directory, "lock", self._folder)
                 if (named.st_dev, named.st_ino) == self._held:
                     self._unlink("lock")
