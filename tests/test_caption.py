@@ -332,9 +332,9 @@ def test_the_checkpoint_is_read_once_per_run(photos, checkpoint, tmp_path, monke
     monkeypatch.setattr(torch, "load", lambda *args, **kwargs: loads.append(args[0]) or real_load(*args, **kwargs))
     options = _options(photos, checkpoint, tmp_path / "c.parquet")
     run(options)
-    assert loads == [checkpoint]
+    assert len(loads) == 1  # the file's bytes, read once: hashed and loaded from the same read
     run(options)
-    assert loads == [checkpoint, checkpoint]
+    assert len(loads) == 2
 
 
 def test_every_part_name_is_made_and_read_by_one_rule(tmp_path):

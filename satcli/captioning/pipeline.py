@@ -8,7 +8,6 @@ import contextlib
 import logging
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,7 @@ from satcli.core.defaults import default_model
 from satcli.core.device import resolve_device
 from satcli.core.errors import SatcliError
 from satcli.data.feed import default_workers, images_on_device, jpeg_decode_device
-from satcli.formats.checkpoint import LoadedCheckpoint, checkpoint_sha256, load_captioner
+from satcli.formats.checkpoint import LoadedCheckpoint, load_captioner_hashed
 from satcli.formats.results import read_column, read_metadata, results_metadata
 from satcli.formats.results_merge import merge_results
 
@@ -49,10 +48,9 @@ def caption_images(options: CaptionOptions) -> CaptionSummary:
     sources = sources[shard[0]::shard[1]]
     device = resolve_device(options.device)
     model_path = Path(options.model if options.model is not None else default_model())
-    with ThreadPoolExecutor(1) as pool:  # hashing releases the GIL: it overlaps with reading the checkpoint
-        sha256 = pool.submit(checkpoint_sha256, model_path)
-        loaded = load_captioner(model_path)  # the one load of this run, on the CPU: validated before any work
-        run_fingerprint = fingerprint(sha256.result(), loaded.preprocessing, decoding, options.max_pixels)
+    # The one load of this run, on the CPU: validated before any work, hashed from the bytes it was built from.
+    loaded, sha256 = load_captioner_hashed(model_path)
+    run_fingerprint = fingerprint(sha256, loaded.preprocessing, decoding, options.max_pixels)
     root = os.path.abspath(options.root if options.root is not None else os.getcwd())
     metadata = results_metadata(loaded, run_fingerprint["model_sha256"], decoding, image_root=root,
                                 max_pixels=options.max_pixels, shard=shard, fingerprint=run_fingerprint)

@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 
 from satcli.core.errors import SatcliError
-from satcli.formats.results import read_metadata
+from satcli.formats.results import read_column, read_metadata
 from satcli.formats.results_merge import merge_results
 
 log = logging.getLogger(__name__)
@@ -116,8 +116,23 @@ def complete_parts(parts: list[Path], output: Path) -> list[Path]:
 
 def merge_parts(parts: list[Path], output: Path, remove_parts: bool = False) -> dict[str, int]:
     """Check the parts are complete and from the same model and options, then merge them into ``output``.
-    Returns counts: ``rows`` and rows per error kind."""
-    ordered = complete_parts(parts, output)
+    Returns counts: ``rows`` and rows per error kind.
+
+    A merge killed while it removed the parts leaves the finished output and some parts: run again, it finds the
+    output already holds every row of the parts left (same model and options), removes those with
+    ``remove_parts`` and says so, instead of asking for the parts it had removed."""
+    try:
+        ordered = complete_parts(parts, output)
+    except SatcliError:
+        left = merged_already(parts, output)
+        if left is None:
+            raise
+        log.info("%s already holds every part's rows (an earlier merge was stopped while it removed the parts)",
+                 output)
+        if remove_parts:
+            for part in left:
+                part.unlink(missing_ok=True)
+        return _counts(output)
     fingerprints = {part: read_metadata(part).get("satcli.fingerprint") for part in ordered}
     first = ordered[0]
     for part in ordered[1:]:
@@ -132,4 +147,37 @@ def merge_parts(parts: list[Path], output: Path, remove_parts: bool = False) -> 
     if remove_parts:
         for part in ordered:
             part.unlink()
+    return counts
+
+
+def merged_already(parts: list[Path], output: Path) -> list[Path] | None:
+    """The parts still there when ``output`` is their finished merge (a merged file of the same model and
+    options holding every row of each part left, none of them unfinished); None when it is not."""
+    try:
+        metadata = read_metadata(output) if output.is_file() else None
+    except SatcliError:
+        return None
+    shard = (metadata or {}).get("satcli.shard")
+    if not isinstance(shard, dict) or not isinstance(shard.get("merged_from"), int):
+        return None
+    left = [part for part in (parts or find_parts(output)) if part.is_file()]
+    merged = None
+    for part in left:
+        number = part_number(part)
+        if (number is None or number[1] != shard["merged_from"] or partial_dir(part).exists()
+                or read_metadata(part).get("satcli.fingerprint") != metadata.get("satcli.fingerprint")):
+            return None
+        merged = set(read_column(output, "path")) if merged is None else merged
+        if not set(read_column(part, "path")) <= merged:
+            return None
+    return left
+
+
+def _counts(results: Path) -> dict[str, int]:
+    counts = {"rows": 0}
+    for error in read_column(results, "error"):
+        counts["rows"] += 1
+        if error is not None:
+            kind = error.split(":", 1)[0]
+            counts[kind] = counts.get(kind, 0) + 1
     return counts

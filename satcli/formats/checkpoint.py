@@ -8,8 +8,10 @@ satcli checkpoint, or is truncated, is refused with a one-line error naming it.
 from __future__ import annotations
 
 import hashlib
+import io
 import math
 import pickle
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,13 +108,14 @@ def _save(payload: dict[str, Any], path: Path) -> None:
             raise
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """The checkpoint dict, validated. Raises SatcliError for anything that is not a readable satcli checkpoint."""
+def read_checkpoint(path: str | Path, data: bytes | None = None) -> dict[str, Any]:
+    """The checkpoint dict, validated. Raises SatcliError for anything that is not a readable satcli checkpoint.
+    ``data``: the file's bytes, read already (they are loaded instead of the file, which may have changed since)."""
     path = Path(path)
-    if not path.is_file():
+    if data is None and not path.is_file():
         raise SatcliError("no such checkpoint file", path)
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = torch.load(path if data is None else io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         # weights_only refuses anything but tensors and plain containers, before running any of it.
         reason = first_line(error, 120, empty="unsupported content")
@@ -287,10 +290,10 @@ def _shape(shape: tuple[int, ...]) -> str:
     return "×".join(map(str, shape)) or "()"
 
 
-def load_captioner(path: str | Path, device: str | torch.device = "cpu") -> LoadedCheckpoint:
-    """Rebuild the captioner stored at ``path`` in eval mode on ``device``."""
+def load_captioner(path: str | Path, device: str | torch.device = "cpu", data: bytes | None = None) -> LoadedCheckpoint:
+    """Rebuild the captioner stored at ``path`` (or in ``data``, its bytes read already) in eval mode on ``device``."""
     path = Path(path)
-    payload = read_checkpoint(path)
+    payload = read_checkpoint(path, data)
     try:
         config = CaptionerConfig.from_dict(payload["config"])
         model = build_captioner(config, payload["state_dict"], path)
@@ -302,6 +305,22 @@ def load_captioner(path: str | Path, device: str | torch.device = "cpu") -> Load
     preprocessing = DataConfig.from_dict(payload["preprocessing"])
     return LoadedCheckpoint(model.to(device).eval(), vocab, preprocessing, dict(payload.get("train_options", {})),
                             dict(payload.get("metrics", {})), path)
+
+
+def load_captioner_hashed(path: str | Path, device: str | torch.device = "cpu") -> tuple[LoadedCheckpoint, str]:
+    """The captioner and the SHA-256 of the very bytes it was built from: the file is read once, so a checkpoint
+    replaced meanwhile can never give a model and a hash of two different files."""
+    path = Path(path)
+    if not path.is_file():
+        raise SatcliError("no such checkpoint file", path)
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise SatcliError(f"cannot read the checkpoint ({error.strerror or first_line(error)})", path) from error
+    with ThreadPoolExecutor(1) as pool:  # hashing releases the GIL: it overlaps with unpickling the tensors
+        sha256 = pool.submit(lambda: hashlib.sha256(data).hexdigest())
+        loaded = load_captioner(path, device, data)
+        return loaded, sha256.result()
 
 
 def checkpoint_sha256(path: Path) -> str:

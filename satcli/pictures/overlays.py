@@ -34,6 +34,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 from satcli.core.atomic import atomic_path, make_folder
 from satcli.core.console import make_progress
 from satcli.core.errors import SatcliError
+from satcli.core.marks import mark_pictures_folder
 from satcli.core.printing import word_probability
 from satcli.data.images import open_image_file
 from satcli.formats.results import count_rows, recorded_image_root
@@ -344,6 +345,7 @@ def write_overlays(results: str | Path, image_root: str | Path | None, out_dir: 
     """
     results, out_dir = Path(results), Path(out_dir)
     make_folder(out_dir, "the overlay folder is a file")
+    mark_pictures_folder(out_dir, "attention pictures")
     root = Path(image_root) if image_root is not None else recorded_image_root(results)
     summary = OverlaySummary(out_dir)
     n_rows = count_rows(results)

@@ -27,9 +27,10 @@ from typing import Any
 
 import numpy as np
 
-from satcli.core.atomic import disk_error, make_folder, write_text
+from satcli.core.atomic import atomic_path, make_folder, write_text
 from satcli.core.console import make_progress
 from satcli.core.errors import SatcliError
+from satcli.core.marks import mark_pictures_folder
 from satcli.core.printing import word_probability
 from satcli.core.version import __version__
 from satcli.formats.results import count_rows, read_metadata, recorded_image_root
@@ -84,10 +85,8 @@ def _thumbnail(source: Path, target: Path, size: int) -> bool:
     if image is None:
         return False
     image.thumbnail((size, size), resample=3)  # bicubic
-    try:
-        image.save(target, format="JPEG", quality=82, optimize=True)
-    except OSError as error:
-        raise disk_error(error, target) from error
+    with atomic_path(target) as tmp:  # renamed over the name: a link planted there is replaced, its target kept
+        image.save(tmp, format="JPEG", quality=82, optimize=True)
     return True
 
 
@@ -165,6 +164,7 @@ def build_report(options: ReportOptions) -> ReportSummary:
         raise SatcliError("the output is a directory; name an .html file with -o", output)
     thumbs = output.with_name(output.stem + "_files")
     make_folder(thumbs, "is in the way of the report's thumbnail folder")
+    mark_pictures_folder(thumbs, "the thumbnails of a report")
     summary = ReportSummary(output, thumbs)
     root = options.image_root if options.image_root is not None else recorded_image_root(results) or Path(".")
     rows = list(_rows(options, root, thumbs, summary, total))

@@ -38,7 +38,7 @@ from satcli.data.features import cached_features
 from satcli.data.store import StoredDataset
 from satcli.data.text import detokenize, tokenize
 from satcli.data.vocab import UNK, banned_words
-from satcli.formats.checkpoint import LoadedCheckpoint, checkpoint_sha256, load_captioner
+from satcli.formats.checkpoint import LoadedCheckpoint, load_captioner_hashed
 from satcli.formats.results import result_row, results_metadata, write_results
 from satcli.scoring.decode import Decoded, decode_split, split_chunks
 from satcli.scoring.grounding import GroundingScores, grounding_scores, objects_from_store
@@ -191,7 +191,7 @@ def evaluate(options: EvaluateOptions) -> EvaluateResult:
                           f"{dataset.name!r} has none (COCO: preprocess with --instances)",
                           dataset.path(options.split))
     lexicon = _lexicon(dataset) if options.objects else {}
-    loaded = load_captioner(model_path, device)
+    loaded, model_sha256 = load_captioner_hashed(model_path, device)  # recorded in every predictions file
     out = options.out or model_path.parent / f"evaluate-{dataset.name}-{options.split}"
 
     outputs = _decode_split(options, dataset, loaded, device, decodings, n_images)
@@ -199,7 +199,6 @@ def evaluate(options: EvaluateOptions) -> EvaluateResult:
     raw_references = table.column("captions").to_pylist()
     references = [[tokenize(c) for c in captions] for captions in raw_references]
     result = EvaluateResult(out / REPORT, [], n_images)
-    model_sha256 = checkpoint_sha256(model_path)  # recorded in every predictions file
     for decoding, decoded in zip(decodings, outputs, strict=True):
         beam = BeamResult(decoding.beam_size, seconds=decoded.seconds)
         captions = [[words[i] for i in r.tokens] for r in decoded.results]
