@@ -16,8 +16,8 @@ import click
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
-from rich.table import Table
 
+from satcli.cli.model_commands import register_model_commands
 from satcli.cli.options import (
     AllowUnkOption,
     Attention,
@@ -68,6 +68,11 @@ class _Group(typer.core.TyperGroup):
                 raise
             self._fail(ctx, str(disk_error(error, error.filename)))
 
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        """In the order of the work: try it, prepare data, train, score, caption, look, then the tools."""
+        names = super().list_commands(ctx)
+        return sorted(names, key=lambda n: WORKFLOW.index(n) if n in WORKFLOW else len(WORKFLOW))
+
     @staticmethod
     def _fail(ctx: click.Context, message: str) -> NoReturn:
         if (ctx.obj or {}).get("verbose"):
@@ -76,6 +81,7 @@ class _Group(typer.core.TyperGroup):
         raise typer.Exit(1) from None
 
 
+WORKFLOW = ("demo", "preprocess", "train", "evaluate", "caption", "merge", "report", "info", "export", "encoders")
 _DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
 
 
@@ -114,21 +120,6 @@ def _main(
         handlers=[RichHandler(console=err_console, show_path=verbose, show_time=False)],
         force=True,
     )
-
-
-@app.command()
-def encoders() -> None:
-    """List the image encoders, their input size, feature grid and where their weights come from."""
-    from satcli.commands import encoders as step
-
-    table = Table(title="Encoders")
-    for column in ("name", "input", "grid", "dim", "pretrained weights"):
-        table.add_column(column)
-    for spec in step.run():
-        grid = spec.grid_shape(spec.image_size, spec.image_size)
-        name = f"{spec.name} (default)" if spec.name == step.default() else spec.name
-        table.add_row(name, f"{spec.image_size}px", f"{grid[0]}×{grid[1]}", str(spec.dim), spec.weights_source)
-    console.print(table)
 
 
 @app.command()
@@ -436,6 +427,9 @@ def demo(
     result = step.run(step.DemoOptions(data_root=data_root, out=out, epochs=epochs, device=device))
     for renderable in result.renderables():
         human.print(renderable)
+
+
+register_model_commands(app)
 
 
 def main() -> None:

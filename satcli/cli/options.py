@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 
 from satcli.core.console import set_quiet
+from satcli.core.errors import SatcliError
 
 # Options shared by several commands, declared once.
 DataRootOption = Annotated[
@@ -41,9 +42,20 @@ class Attention(str, Enum):
 
 
 # Options shared by the commands that caption images (caption now; evaluate reuses them), declared once.
+def resolve_model(path: Path | None) -> Path | None:
+    """A run folder given as the model means the checkpoint in it: best.pt, else last.pt."""
+    if path is None or not path.is_dir():
+        return path
+    for name in ("best.pt", "last.pt"):
+        if (path / name).is_file():
+            return path / name
+    raise SatcliError("a folder with no best.pt or last.pt in it (give a checkpoint file or a run folder)", path)
+
+
 ModelOption = Annotated[Path | None, typer.Option(
-    "--model", "-m", dir_okay=False, show_default=False,
-    help="Model checkpoint. Default: $SATCLI_MODEL, else the model of the most recent `satcli train`.")]
+    "--model", "-m", show_default=False, callback=resolve_model,
+    help="Model checkpoint, or a run folder (its best.pt). Default: $SATCLI_MODEL, else the model of the most "
+         "recent `satcli train`.")]
 BeamSizeOption = Annotated[int, typer.Option("--beam-size", min=1, help="Captions kept per step (1: greedy).")]
 MaxLengthOption = Annotated[int, typer.Option("--max-length", min=1, help="Most words per caption, <end> included.")]
 LengthPenaltyOption = Annotated[float, typer.Option(
