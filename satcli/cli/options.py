@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 
+from satcli.cli.config import config_callback
 from satcli.core.console import set_quiet
 from satcli.core.errors import SatcliError
 
@@ -89,3 +90,14 @@ FeatureShiftsOption = Annotated[bool, typer.Option(
 FeatureViewsOption = Annotated[int, typer.Option(
     min=0, help="Frozen encoder: also encode this many augmented views of the training pictures (turned up to "
     "25°, zoomed, relit; cached) and let each caption read a random one each epoch.")]
+
+
+# train's run-file switches: read options from TOML, write them as TOML, or only check and plan
+ConfigOption = Annotated[Path | None, typer.Option(
+    "--config", exists=True, dir_okay=False, is_eager=True, callback=config_callback, show_default=False,
+    help="Read options from this TOML file (options on the command line win); --print-config writes one.")]
+PrintConfigOption = Annotated[bool, typer.Option(
+    "--print-config", help="Print these options as a TOML file for --config, and exit.")]
+DryRunOption = Annotated[bool, typer.Option(
+    "--dry-run", help="Check the dataset and options, say what the run would do (steps, feature cache, run "
+    "folder), and exit without training.")]

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from satcli.pictures.report import ReportSummary
     from satcli.scoring.evaluate import EvaluateResult
     from satcli.training import TrainResult
+    from satcli.training.plan import TrainPlan
 
 FEW_IMAGES = 20  # caption prints `path → caption` lines up to this many images, the summary alone above it
 
@@ -112,3 +113,12 @@ def print_info(info: ModelInfo, as_json: bool) -> None:
     for name, value in rows.items():
         table.add_row(name, escape(value))
     out_console.print(table)
+
+
+def print_plan(plan: TrainPlan, as_json: bool) -> None:
+    """``train --dry-run``: the plan's lines on stderr, or one JSON object on stdout with --json."""
+    if as_json:
+        typer.echo(json.dumps(plan.to_dict()))
+        return
+    for line in plan.lines():
+        human.print(escape(line), highlight=False, soft_wrap=True)
