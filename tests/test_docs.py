@@ -121,7 +121,8 @@ def test_the_readme_model_examples_run_as_written(tmp_path, monkeypatch):
     from satcli.data.store import DatasetKind
 
     block = DOCS["README.md"].split("### A model to inspect, serve and rerun", 1)[1].split("```console", 1)[1]
-    lines = [line[2:].split("  #")[0].strip() for line in block.split("```", 1)[0].splitlines() if line.startswith("$ ")]
+    lines = [line[2:].split("  #")[0].strip() for line in block.split("```", 1)[0].splitlines()
+             if line.startswith("$ ")]
     assert len(lines) == 6
     monkeypatch.chdir(tmp_path)
     preprocess(PreprocessOptions(dataset=DatasetKind.shapes, data_root=tmp_path / "data", n_train=20, n_val=4,
