@@ -37,8 +37,12 @@ def _module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+ASSETS = ("report_assets", "export_assets")  # files satcli ships to users (export's caption.py), not its modules
+
+
 def _modules(*packages: str) -> dict[str, Path]:
-    return {_module_name(p): p for package in packages for p in sorted((ROOT / package).rglob("*.py"))}
+    return {_module_name(p): p for package in packages for p in sorted((ROOT / package).rglob("*.py"))
+            if not set(p.relative_to(ROOT).parts) & set(ASSETS)}
 
 
 MODULES = _modules(*PACKAGES)  # what the rules are about

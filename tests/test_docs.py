@@ -108,3 +108,45 @@ def test_the_demo_does_not_invite_captioning_real_photos_with_a_shapes_model(tmp
     hint = closing_hint(tmp_path / "best.pt", tmp_path / "shapes" / "images")
     assert "YOUR_PHOTOS" not in hint and "knows only coloured shapes" in hint
     assert f"satcli caption {tmp_path / 'shapes' / 'images'} --model {tmp_path / 'best.pt'}" in hint
+
+
+def test_the_readme_model_examples_run_as_written(tmp_path, monkeypatch):
+    """The README's "A model to inspect, serve and rerun" lines, on a tiny shapes store and model."""
+    import shlex
+    import subprocess
+    import sys
+
+    from satcli.commands.preprocess import run as preprocess
+    from satcli.data.preprocess import PreprocessOptions
+    from satcli.data.store import DatasetKind
+
+    block = DOCS["README.md"].split("### A model to inspect, serve and rerun", 1)[1].split("```console", 1)[1]
+    lines = [line[2:].split("  #")[0].strip() for line in block.split("```", 1)[0].splitlines()
+             if line.startswith("$ ")]
+    assert len(lines) == 6
+    monkeypatch.chdir(tmp_path)
+    preprocess(PreprocessOptions(dataset=DatasetKind.shapes, data_root=tmp_path / "data", n_train=20, n_val=4,
+                                 n_test=4, n_heldout=0, image_size=64, min_word_freq=1, name="flickr8k"))
+    torch.manual_seed(0)
+    (tmp_path / "runs" / "flickr8k").mkdir(parents=True)
+    model = Captioner(tiny_config(image_size=64))
+    vocab = Vocabulary([*SPECIALS, *(f"w{i}" for i in range(model.config.vocab_size - len(SPECIALS)))])
+    save_checkpoint(tmp_path / "runs" / "flickr8k" / "best.pt", model, vocab)
+    Image.fromarray(np.full((40, 50, 3), 90, np.uint8)).save(tmp_path / "photo.jpg")
+    outputs = []
+    for line in lines[:-1]:  # the last one trains
+        words = shlex.split(line.replace("> run.toml", "").replace("--dataset flickr8k", "--dataset flickr8k "
+                                                                   "--image-size 64 --data-root data"))
+        if words[0] == "python":
+            done = subprocess.run([sys.executable, *words[1:]], capture_output=True, text=True)
+            assert done.returncode == 0, done.stderr
+            outputs.append(done.stdout)
+            continue
+        result = runner.invoke(app, words[1:])
+        assert result.exit_code == 0, (line, result.output)
+        outputs.append(result.stdout)
+        if "--print-config" in line:
+            (tmp_path / "run.toml").write_text(result.stdout)
+    assert "sha256" in outputs[0] and (tmp_path / "exported" / "step.pt").is_file()
+    assert outputs[2].startswith("photo.jpg\t")
+    assert "epochs = 20" in outputs[3] and "steps" in runner.invoke(app, shlex.split(lines[4])[1:]).output

@@ -15,15 +15,18 @@ from typing import Annotated, NoReturn
 import click
 import typer
 from rich.console import Console
-from rich.table import Table
 
+from satcli.cli.config import NOT_FROM_FILE, to_toml
+from satcli.cli.model_commands import register_model_commands
 from satcli.cli.options import (
     AllowUnkOption,
     Attention,
     BatchSizeOption,
     BeamSizeOption,
+    ConfigOption,
     DataRootOption,
     DeviceOption,
+    DryRunOption,
     FeatureFlipsOption,
     FeatureShiftsOption,
     FeatureViewsOption,
@@ -35,11 +38,19 @@ from satcli.cli.options import (
     NBestOption,
     NoRepeatNgramOption,
     OverlaysOption,
+    PrintConfigOption,
     QuietOption,
     ResultsOption,
     WorkersOption,
 )
-from satcli.cli.output import print_captions, print_drawn, print_evaluated, print_reported, print_trained
+from satcli.cli.output import (
+    print_captions,
+    print_drawn,
+    print_evaluated,
+    print_plan,
+    print_reported,
+    print_trained,
+)
 from satcli.core.atomic import disk_error
 from satcli.core.console import VisibleRichHandler, out_console, set_quiet, shown
 from satcli.core.console import console as human
@@ -67,6 +78,11 @@ class _Group(typer.core.TyperGroup):
                 raise
             self._fail(ctx, str(disk_error(error, error.filename)))
 
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        """In the order of the work: try it, prepare data, train, score, caption, look, then the tools."""
+        names = super().list_commands(ctx)
+        return sorted(names, key=lambda n: WORKFLOW.index(n) if n in WORKFLOW else len(WORKFLOW))
+
     @staticmethod
     def _fail(ctx: click.Context, message: str) -> NoReturn:
         if (ctx.obj or {}).get("verbose"):
@@ -75,6 +91,7 @@ class _Group(typer.core.TyperGroup):
         raise typer.Exit(1) from None
 
 
+WORKFLOW = ("demo", "preprocess", "train", "evaluate", "caption", "merge", "report", "info", "export", "encoders")
 _DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
 
 
@@ -113,21 +130,6 @@ def _main(
         handlers=[VisibleRichHandler(console=err_console, show_path=verbose, show_time=False)],
         force=True,
     )
-
-
-@app.command()
-def encoders() -> None:
-    """List the image encoders, their input size, feature grid and where their weights come from."""
-    from satcli.commands import encoders as step
-
-    table = Table(title="Encoders")
-    for column in ("name", "input", "grid", "dim", "pretrained weights"):
-        table.add_column(column)
-    for spec in step.run():
-        grid = spec.grid_shape(spec.image_size, spec.image_size)
-        name = f"{spec.name} (default)" if spec.name == step.default() else spec.name
-        table.add_row(name, f"{spec.image_size}px", f"{grid[0]}×{grid[1]}", str(spec.dim), spec.weights_source)
-    console.print(table)
 
 
 @app.command()
@@ -307,6 +309,9 @@ def train(
     tensorboard: Annotated[bool, typer.Option(
         "--tensorboard", help="Also write TensorBoard event files to <out>/tensorboard (needs: pip install "
         "tensorboard).")] = False,
+    config: ConfigOption = None,
+    print_config: PrintConfigOption = False,
+    dry_run: DryRunOption = False,
     as_json: JsonOption = False,
     quiet: QuietOption = False,
 ) -> None:
@@ -320,8 +325,15 @@ def train(
     from satcli.commands import train as step
 
     # every parameter but the output switches is the TrainOptions field of the same name
-    params = {name: value for name, value in ctx.params.items() if name not in ("as_json", "quiet")}
-    result = step.run(step.TrainOptions(**{**params, "attention": attention.value, "given": _given(ctx)}))
+    params = {name: value for name, value in ctx.params.items() if name not in ("quiet", *NOT_FROM_FILE)}
+    options = step.TrainOptions(**{**params, "attention": attention.value, "given": _given(ctx)})
+    if print_config:
+        typer.echo(to_toml({k: v for k, v in options.to_dict().items() if k in params}, "train"), nl=False)
+        return
+    if dry_run:
+        print_plan(step.plan(options), as_json)
+        return
+    result = step.run(options)
     if int(os.environ.get("RANK", "0") or 0) == 0:  # torchrun: rank 0 says what the run did
         print_trained(result, as_json)
 
@@ -330,7 +342,8 @@ def _given(ctx: click.Context) -> frozenset[str]:
     """The parameters set on the command line or through the environment (not left at their defaults)."""
     # compared by name: Typer may carry its own copy of click's ParameterSource enum
     return frozenset(name for name in ctx.params
-                     if getattr(ctx.get_parameter_source(name), "name", None) in ("COMMANDLINE", "ENVIRONMENT"))
+                     if getattr(ctx.get_parameter_source(name), "name", None) in
+                     ("COMMANDLINE", "ENVIRONMENT", "DEFAULT_MAP"))
 
 
 @app.command()
@@ -426,6 +439,7 @@ def demo(
     data_root: DataRootOption = Path("data"),
     out: Annotated[Path, typer.Option("--out", file_okay=False, help="Run folder.")] = Path("runs/shapes-demo"),
     epochs: Annotated[int, typer.Option(min=1, help="Training epochs.")] = 6,
+    seed: Annotated[int, typer.Option(help="Seed of the drawn pictures and of training.")] = 0,
     device: DeviceOption = "auto",
     quiet: QuietOption = False,
 ) -> None:
@@ -433,9 +447,12 @@ def demo(
     minutes."""
     from satcli.commands import demo as step
 
-    result = step.run(step.DemoOptions(data_root=data_root, out=out, epochs=epochs, device=device))
+    result = step.run(step.DemoOptions(data_root=data_root, out=out, epochs=epochs, device=device, seed=seed))
     for renderable in result.renderables():
         human.print(renderable)
+
+
+register_model_commands(app)
 
 
 def main() -> None:

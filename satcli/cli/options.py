@@ -10,7 +10,9 @@ from typing import Annotated
 
 import typer
 
+from satcli.cli.config import config_callback
 from satcli.core.console import set_quiet
+from satcli.core.errors import SatcliError
 
 # Options shared by several commands, declared once.
 DataRootOption = Annotated[
@@ -41,9 +43,20 @@ class Attention(str, Enum):
 
 
 # Options shared by the commands that caption images (caption now; evaluate reuses them), declared once.
+def resolve_model(path: Path | None) -> Path | None:
+    """A run folder given as the model means the checkpoint in it: best.pt, else last.pt."""
+    if path is None or not path.is_dir():
+        return path
+    for name in ("best.pt", "last.pt"):
+        if (path / name).is_file():
+            return path / name
+    raise SatcliError("a folder with no best.pt or last.pt in it (give a checkpoint file or a run folder)", path)
+
+
 ModelOption = Annotated[Path | None, typer.Option(
-    "--model", "-m", dir_okay=False, show_default=False,
-    help="Model checkpoint. Default: $SATCLI_MODEL, else the model of the most recent `satcli train`.")]
+    "--model", "-m", show_default=False, callback=resolve_model,
+    help="Model checkpoint, or a run folder (its best.pt). Default: $SATCLI_MODEL, else the model of the most "
+         "recent `satcli train`.")]
 BeamSizeOption = Annotated[int, typer.Option("--beam-size", min=1, help="Captions kept per step (1: greedy).")]
 MaxLengthOption = Annotated[int, typer.Option("--max-length", min=1, help="Most words per caption, <end> included.")]
 LengthPenaltyOption = Annotated[float, typer.Option(
@@ -77,3 +90,14 @@ FeatureShiftsOption = Annotated[bool, typer.Option(
 FeatureViewsOption = Annotated[int, typer.Option(
     min=0, help="Frozen encoder: also encode this many augmented views of the training pictures (turned up to "
     "25°, zoomed, relit; cached) and let each caption read a random one each epoch.")]
+
+
+# train's run-file switches: read options from TOML, write them as TOML, or only check and plan
+ConfigOption = Annotated[Path | None, typer.Option(
+    "--config", exists=True, dir_okay=False, is_eager=True, callback=config_callback, show_default=False,
+    help="Read options from this TOML file (options on the command line win); --print-config writes one.")]
+PrintConfigOption = Annotated[bool, typer.Option(
+    "--print-config", help="Print these options as a TOML file for --config, and exit.")]
+DryRunOption = Annotated[bool, typer.Option(
+    "--dry-run", help="Check the dataset and options, say what the run would do (steps, feature cache, run "
+    "folder), and exit without training.")]

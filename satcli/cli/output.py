@@ -13,10 +13,12 @@ from satcli.core.console import shown, visible
 if TYPE_CHECKING:
     from pathlib import Path
 
+    from satcli.formats.model_info import ModelInfo
     from satcli.pictures.overlays import OverlaySummary
     from satcli.pictures.report import ReportSummary
     from satcli.scoring.evaluate import EvaluateResult
     from satcli.training import TrainResult
+    from satcli.training.plan import TrainPlan
 
 FEW_IMAGES = 20  # caption prints `path → caption` lines up to this many images, the summary alone above it
 
@@ -75,3 +77,48 @@ def print_reported(summary: ReportSummary) -> None:
     human.print(f"report: {shown(summary.output)} ({summary.n_rows:,} images, {summary.n_errors:,} errors)")
     if summary.n_missing_images:
         human.print(f"[yellow]{summary.n_missing_images:,} images not found[/]: pass --image-root")
+
+
+def print_info(info: ModelInfo, as_json: bool) -> None:
+    """``satcli info``: the checkpoint's description as a table (stdout), or one JSON object with --json."""
+    from rich.table import Table
+
+    from satcli.core.console import out_console
+
+    if as_json:
+        typer.echo(json.dumps(info.to_dict(), ensure_ascii=False, default=str))
+        return
+    table = Table(title=escape(info.path), show_header=False)
+    table.add_column(style="bold")
+    table.add_column(overflow="fold")
+    pre = info.preprocessing
+    rows = {
+        "encoder": f"{info.encoder} ({info.feature_dim} channels)",
+        "input": f"{info.image_size}×{info.image_size} px, {pre.get('interpolation')} resize, mean {pre.get('mean')}, "
+                 f"std {pre.get('std')}",
+        "grid": f"{info.grid[0]}×{info.grid[1]} cells",
+        "attention": info.attention,
+        "decoder": f"embedding {info.embed_dim}, attention {info.attention_dim}, LSTM {info.decoder_dim}",
+        "vocabulary": f"{info.vocab_size:,} words",
+        "parameters": f"{info.n_parameters:,}",
+        "dataset": str(info.dataset),
+        "best epoch": str(info.metrics.get("epoch", "–")),
+        **{f"val {name}": f"{100 * value:.1f}" for name, value in info.best_scores().items()},
+        "training options": ", ".join(f"{k}={v}" for k, v in sorted(info.train_options.items())) or "–",
+        "sha256": info.sha256,
+        "size": f"{info.n_bytes / 1e6:.1f} MB",
+        "written by": f"satcli {info.satcli_version} (checkpoint format {info.format_version}; this is satcli "
+                      f"{info.reading_satcli_version})",
+    }
+    for name, value in rows.items():
+        table.add_row(name, escape(value))
+    out_console.print(table)
+
+
+def print_plan(plan: TrainPlan, as_json: bool) -> None:
+    """``train --dry-run``: the plan's lines on stderr, or one JSON object on stdout with --json."""
+    if as_json:
+        typer.echo(json.dumps(plan.to_dict()))
+        return
+    for line in plan.lines():
+        human.print(escape(line), highlight=False, soft_wrap=True)

@@ -7,11 +7,17 @@ Writes ``last.pt``, ``best.pt``, ``metrics.jsonl`` and ``steps.jsonl`` to the ru
 from __future__ import annotations
 
 from satcli.training.options import TrainOptions, TrainResult
+from satcli.training.plan import TrainPlan, plan_training
 from satcli.training.start import train
 
-__all__ = ["TrainOptions", "TrainResult", "run"]
+__all__ = ["TrainOptions", "TrainPlan", "TrainResult", "plan", "run"]
 
 
 def run(options: TrainOptions) -> TrainResult:
     """Train as ``options`` say; return where the checkpoints are and how well the best one did."""
     return train(options)
+
+
+def plan(options: TrainOptions) -> TrainPlan:
+    """``--dry-run``: the checks the run makes first, and what it would do; nothing is trained or written."""
+    return plan_training(options)

@@ -14,6 +14,7 @@ the end; :class:`StoredDataset` opens one for reading.
 
 from __future__ import annotations
 
+import difflib
 import io
 import json
 import shutil
@@ -217,7 +218,8 @@ class StoredDataset:
         root = Path(data_root) / name
         hint = _preprocess_hint(name)
         if not root.is_dir():
-            raise SatcliError(f"no preprocessed dataset {name!r} here; {hint}", path=root)
+            raise SatcliError(f"no preprocessed dataset {name!r} here{_did_you_mean(Path(data_root), name)}; {hint}",
+                              path=root)
         meta_path = root / META_FILE
         if not meta_path.is_file():
             raise SatcliError(f"incomplete preprocessed dataset (no {META_FILE}: preprocessing never finished); "
@@ -294,6 +296,18 @@ class StoredDataset:
         """A stored image (the ``image`` column) as an RGB picture of ``image_size`` × ``image_size``."""
         with open_image_file(io.BytesIO(data)) as image:
             return image.convert("RGB")
+
+
+def _did_you_mean(data_root: Path, name: str) -> str:
+    """", did you mean 'shapes'?" when a store under ``data_root`` has a close name, else the stores there."""
+    try:
+        names = sorted(p.name for p in data_root.iterdir() if (p / META_FILE).is_file())
+    except OSError:
+        return ""
+    close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
+    if close:
+        return f" (did you mean {close[0]!r}?)"
+    return f" (it holds {', '.join(map(repr, names[:8]))}{', ...' if len(names) > 8 else ''})" if names else ""
 
 
 def _preprocess_hint(name: str) -> str:

@@ -13,19 +13,21 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from models.decoding import DecodingOptions, DecodingResult
 from satcli.core.atomic import disk_error, fsync_directory, temp_path
 from satcli.core.errors import SatcliError, first_line
 from satcli.core.version import __version__
 from satcli.data.text import detokenize
-from satcli.formats.checkpoint import LoadedCheckpoint
+
+if TYPE_CHECKING:  # reading results needs no torch: these types only annotate the writers' arguments
+    from models.decoding import DecodingOptions, DecodingResult
+    from satcli.formats.checkpoint import LoadedCheckpoint
 
 SCHEMA_VERSION = 1
 

@@ -26,6 +26,7 @@ from satcli.core.defaults import remember_model
 from satcli.core.errors import SatcliError
 from satcli.data.vocab import Vocabulary
 from satcli.formats.checkpoint import read_checkpoint, save_checkpoint
+from satcli.formats.model_info import write_model_card
 from satcli.training.distributed import Ranks, barrier, broadcast, gather
 from satcli.training.options import TrainOptions, TrainResult, resume_options, resumed_options
 
@@ -217,6 +218,7 @@ def run_epochs(run: Run, job: Job) -> TrainResult:
     best, last = run.out / BEST, run.out / LAST
     if ranks.main:
         remember_model(best if best.is_file() else last)  # the default model of `satcli caption` from now on
+        write_model_card(run.out, best if best.is_file() else last)
     return TrainResult(run.out, best, last, epoch + 1, standing.best_bleu4, standing.history,
                        standing.best if job.metric == "cider_d" else None)
 
