@@ -88,7 +88,7 @@ def print_info(info: ModelInfo, as_json: bool) -> None:
     if as_json:
         typer.echo(json.dumps(info.to_dict(), ensure_ascii=False, default=str))
         return
-    table = Table(title=escape(info.path), show_header=False)
+    table = Table(title=shown(info.path), show_header=False)
     table.add_column(style="bold")
     table.add_column(overflow="fold")
     pre = info.preprocessing
@@ -111,7 +111,7 @@ def print_info(info: ModelInfo, as_json: bool) -> None:
                       f"{info.reading_satcli_version})",
     }
     for name, value in rows.items():
-        table.add_row(name, escape(value))
+        table.add_row(name, shown(value))
     out_console.print(table)
 
 
@@ -121,4 +121,4 @@ def print_plan(plan: TrainPlan, as_json: bool) -> None:
         typer.echo(json.dumps(plan.to_dict()))
         return
     for line in plan.lines():
-        human.print(escape(line), highlight=False, soft_wrap=True)
+        human.print(shown(line), highlight=False, soft_wrap=True)
