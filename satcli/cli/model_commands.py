@@ -12,6 +12,7 @@ from rich.table import Table
 from satcli.cli.options import JsonOption, QuietOption, resolve_model
 from satcli.cli.output import print_info
 from satcli.core.console import out_console as console
+from satcli.core.console import shown
 
 
 def register_model_commands(app: typer.Typer) -> None:
@@ -45,7 +46,7 @@ def export(
     from satcli.commands import export as step
 
     result = step.run(step.ExportOptions(model=resolve_model(model), out=out))
-    console.print(f"exported {model} to {result.folder}: " + ", ".join(p.name for p in result.files),
+    console.print(f"exported {shown(model)} to {shown(result.folder)}: " + ", ".join(p.name for p in result.files),
                   highlight=False, soft_wrap=True)
 
 
