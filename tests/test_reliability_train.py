@@ -26,7 +26,7 @@ from satcli.formats.checkpoint import read_checkpoint
 
 runner = CliRunner()
 REPO = Path(__file__).resolve().parents[1]
-RUN_FILES = ("best.pt", "last.pt", "metrics.jsonl", "steps.jsonl")
+RUN_FILES = ("best.pt", "last.pt", "metrics.jsonl", "steps.jsonl", "README.md")  # README.md: the model card
 
 
 @pytest.fixture(autouse=True)
