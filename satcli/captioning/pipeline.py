@@ -24,7 +24,7 @@ from satcli.captioning.options import CaptionOptions, CaptionSummary, check_opti
 from satcli.captioning.shards import part_path, resolve_shard
 from satcli.captioning.state import RunState
 from satcli.captioning.writer import CaptionedBatch, ChunkWriter
-from satcli.core.console import make_progress
+from satcli.core.console import counted, make_progress
 from satcli.core.defaults import default_model
 from satcli.core.device import resolve_device
 from satcli.core.errors import SatcliError
@@ -62,12 +62,18 @@ def caption_images(options: CaptionOptions) -> CaptionSummary:
     keep = {s.path for s in sources}
     seed = previous_output(output, run_fingerprint, options.overwrite)
     done_before = set(seed or ()) & keep
+    earlier = set(seed or ()) - keep  # rows of other inputs, made with the same model and options: kept
+    if earlier:
+        summary.n_kept, summary.paths = len(earlier), frozenset(keep)
+        log.info("Keeping the %s of %s whose images are not among these inputs (--overwrite to write only "
+                 "these)", counted(len(earlier), "earlier row"), output)
     state_existed = state.directory.exists() and not options.overwrite
-    if not state_existed and seed is not None and len(done_before) == len(keep) == len(seed):
+    if not state_existed and seed is not None and done_before == keep:
         summary.n_resumed = len(keep)
         _count(summary, read_column(output, "error"))
         summary.seconds = time.perf_counter() - started
-        log.info("Nothing to do: all %d images are already in %s", len(keep), output)
+        log.info("Nothing to do: %s already in %s",
+                 "the image is" if len(keep) == 1 else f"all {len(keep):,} images are", output)
         return summary
     try:
         done_before |= state.start(run_fingerprint, options.overwrite) & keep
@@ -76,8 +82,9 @@ def caption_images(options: CaptionOptions) -> CaptionSummary:
             log.info("Resuming: %d of %d images are already captioned", summary.n_resumed, len(sources))
         todo = batches(sources, done_before, options.batch_size)
         workers = default_workers(device) if options.workers is None else options.workers
-        log.info("Captioning %d images with %s on %s (%d workers, batches of %d, beam %d)",
-                 sum(len(b) for b in todo), model_path, device, workers, options.batch_size, decoding.beam_size)
+        log.info("Captioning %s with %s on %s (%d workers, batches of %d, beam %d)",
+                 counted(sum(len(b) for b in todo), "image"), model_path, device, workers, options.batch_size,
+                 decoding.beam_size)
         summary.n_processed = _caption(sources, todo, loaded, decoding, options, state, metadata, workers, device,
                                        summary.n_resumed)
         sources_to_merge = ([output] if seed is not None else []) + state.chunks
@@ -85,7 +92,7 @@ def caption_images(options: CaptionOptions) -> CaptionSummary:
         if not keep <= written:  # chunks removed behind our back: finishing now would drop images
             raise SatcliError(f"{len(keep - written)} images are missing from {state.directory} (was something "
                               "removed while satcli ran?); run the same command again to caption them", output)
-        counts = merge_results(sources_to_merge, output, metadata, keep=keep)
+        counts = merge_results(sources_to_merge, output, metadata, keep=keep | earlier)
         state.remove()
     finally:
         state.unlock()
@@ -107,7 +114,8 @@ def _count(summary: CaptionSummary, errors: list[str | None]) -> None:
 
 
 def previous_output(output: Path, run_fingerprint: dict[str, Any], overwrite: bool) -> list[str] | None:
-    """The paths of an existing output made with the same model and options (None: start without it)."""
+    """The paths of an existing output made with the same model and options (None: start without it): a rerun
+    keeps them all, those of other inputs included."""
     if overwrite or not output.exists():
         return None
     try:

@@ -108,16 +108,17 @@ def _main(
 ) -> None:
     ctx.obj = {"verbose": verbose}
     set_quiet(quiet)
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO,
-        format="%(message)s",
-        handlers=[RichHandler(console=err_console, show_path=verbose, show_time=False)],
-        force=True,
-    )
+    # Not a terminal (a log file, CI): plain lines that never wrap, so commands in them stay copyable.
+    handler = (RichHandler(console=err_console, show_path=verbose, show_time=False) if err_console.is_terminal
+               else logging.StreamHandler())
+    if not err_console.is_terminal:
+        handler.setFormatter(logging.Formatter("%(levelname)-8s %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO,
+                        format="%(message)s", handlers=[handler], force=True)
 
 
 @app.command()
-def encoders() -> None:
+def encoders(quiet: QuietOption = False) -> None:
     """List the image encoders, their input size, feature grid and where their weights come from."""
     from satcli.commands import encoders as step
 
@@ -223,7 +224,7 @@ def caption(
         device=device, shard=None if shard is None else parse_shard(shard), root=root,
         max_pixels=max_pixels, overlays=overlays,
     ))
-    print_captions(summary.output, summary.n_images, as_json)
+    print_captions(summary.output, summary.n_images, as_json, summary.paths)
     human.print(summary.table())
     if strict and summary.n_errors:
         err_console.print(f"[bold red]error:[/] {summary.n_errors:,} of {summary.n_images:,} images could not be "

@@ -21,14 +21,16 @@ if TYPE_CHECKING:
 FEW_IMAGES = 20  # caption prints `path → caption` lines up to this many images, the summary alone above it
 
 
-def print_captions(results: Path, n_images: int, as_json: bool) -> None:
+def print_captions(results: Path, n_images: int, as_json: bool, paths: frozenset[str] | None = None) -> None:
     """stdout: a JSON line per image (--json), the caption alone (one image), `path → caption` lines (a few);
-    failed images are named on stderr."""
+    failed images are named on stderr. ``paths``: only these rows (None: every row of ``results``)."""
     from satcli.core.printing import result_records
 
     if n_images == 0 or (not as_json and n_images > FEW_IMAGES):
         return
     for record in result_records(results):
+        if paths is not None and record["path"] not in paths:
+            continue
         if as_json:
             typer.echo(json.dumps(record, ensure_ascii=False))
         elif record["error"] is not None:

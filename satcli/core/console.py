@@ -26,9 +26,15 @@ from rich.text import Text
 console = Console(stderr=True)  # human text: tables, per-epoch lines, notes
 err_console = console
 out_console = Console()  # results only: what a script reads from stdout
+console.soft_wrap = not console.is_terminal  # in a log file, lines (paths, commands to copy) never wrap
 
 # Seconds between progress lines when stderr is not a terminal ($SATCLI_PROGRESS_INTERVAL to change).
 LINE_INTERVAL = 30.0
+
+
+def counted(n: int, noun: str) -> str:
+    """``1 image``, ``1,200 images``: a count and its noun, in the plural unless it is one."""
+    return f"{n:,} {noun}" + ("" if n == 1 else "s")
 
 
 def set_quiet(quiet: bool) -> None:
@@ -42,6 +48,13 @@ class RateColumn(ProgressColumn):
     def render(self, task: Task) -> Text:
         unit = task.fields.get("unit", "it")
         return Text("" if task.speed is None else f"{task.speed:,.1f} {unit}/s", style="progress.data.speed")
+
+
+class DetailColumn(ProgressColumn):
+    """The task's ``detail`` field (``loss 2.314``), nothing until the task sets one."""
+
+    def render(self, task: Task) -> Text:
+        return Text(task.fields.get("detail", ""), style="progress.data.speed")
 
 
 class LineProgress(Progress):
@@ -95,7 +108,8 @@ class LineProgress(Progress):
 
 
 def progress_line(task: Task, started: float, completed_at_start: float, now: float) -> str:
-    """``description: done/total unit (pct%), rate unit/s, ETA h:mm:ss`` (rate over this run's own work)."""
+    """``description: done/total unit (pct%), rate unit/s, ETA h:mm:ss[, detail]`` (rate over this run's own
+    work; ``detail``: the task's field of that name, e.g. ``loss 2.314``)."""
     unit = task.fields.get("unit", "it")
     done = task.completed
     seconds = max(now - started, 1e-9)
@@ -112,6 +126,8 @@ def progress_line(task: Task, started: float, completed_at_start: float, now: fl
         parts.append(f"ETA {_clock((task.total - done) / rate)}")
     elif task.total is not None and done >= task.total:
         parts.append(f"done in {_clock(seconds)}")
+    if task.fields.get("detail"):
+        parts.append(task.fields["detail"])
     return ", ".join(parts)
 
 
@@ -122,7 +138,8 @@ def _clock(seconds: float) -> str:
 
 
 def make_progress(*extra: ProgressColumn) -> Progress:
+    """The progress display: description, bar, count, rate, ETA, the task's ``detail`` field, then ``extra``."""
     progress = LineProgress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(),
-                            TimeRemainingColumn(), *extra, console=console, transient=True)
+                            TimeRemainingColumn(), DetailColumn(), *extra, console=console, transient=True)
     progress.disable = console.quiet
     return progress
