@@ -75,13 +75,21 @@ REPO = Path(__file__).resolve().parents[1]
 _REPO_ENTRIES = {p.name for p in REPO.iterdir()} | {".pytest_cache"}
 
 
+TEMP_FOLDERS = [SESSION_ROOT]  # and pytest's base temporary folder, once known: where this session's files are
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _known_temp_folders(tmp_path_factory):
+    TEMP_FOLDERS.append(tmp_path_factory.getbasetemp())
+
+
 def written_outside(home: Path, real_state: Path, state_before: dict[str, bytes], repo: Path,
-                    repo_entries: set[str]) -> list[str]:
+                    repo_entries: set[str], temp_folders: list[Path]) -> list[str]:
     """What a test session wrote where it must not: into the fake home, the real state folder, the checkout."""
     problems = [f"the home folder gained {p.relative_to(home)}" for p in sorted(home.rglob("*"))][:10]
-    # Changed and naming a temporary folder: a test's model (a `satcli train` in another terminal is no failure).
+    # Changed and naming one of this session's files: a test's model (another program's change is no failure).
     after = _files(real_state)
-    if any(after.get(name) != content and tempfile.gettempdir().encode() in after.get(name, b"")
+    if any(after.get(name) != content and any(str(t).encode() in after.get(name, b"") for t in temp_folders)
            for name, content in {**after, **state_before}.items()):
         problems.append(f"the real state folder {real_state} now names a test's file")
     problems += [f"the checkout gained {name}" for name in sorted({p.name for p in repo.iterdir()} - repo_entries)]
@@ -89,7 +97,7 @@ def written_outside(home: Path, real_state: Path, state_before: dict[str, bytes]
 
 
 def pytest_sessionfinish(session, exitstatus):
-    problems = written_outside(FAKE_HOME, REAL_STATE, REAL_STATE_BEFORE, REPO, _REPO_ENTRIES)
+    problems = written_outside(FAKE_HOME, REAL_STATE, REAL_STATE_BEFORE, REPO, _REPO_ENTRIES, TEMP_FOLDERS)
     shutil.rmtree(SESSION_ROOT, ignore_errors=True)
     if problems:
         reporter = session.config.pluginmanager.get_plugin("terminalreporter")

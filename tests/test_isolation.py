@@ -40,11 +40,11 @@ def test_the_session_check_names_what_landed_where_it_must_not(tmp_path):
         folder.mkdir()
     (state / "last-model").write_text("/models/mine.pt\n")
     before = {"last-model": b"/models/mine.pt\n"}
-    assert written_outside(home, state, before, repo, set()) == []
+    assert written_outside(home, state, before, repo, set(), [tmp_path]) == []
     (home / ".local" / "state" / "satcli").mkdir(parents=True)
     (state / "last-model").write_text(f"{tmp_path}/tiny.pt\n")
     (repo / "captions.parquet").write_bytes(b"")
-    assert written_outside(home, state, before, repo, set()) == [
+    assert written_outside(home, state, before, repo, set(), [tmp_path]) == [
         "the home folder gained .local", "the home folder gained .local/state",
         "the home folder gained .local/state/satcli", f"the real state folder {state} now names a test's file",
         "the checkout gained captions.parquet"]

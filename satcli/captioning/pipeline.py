@@ -180,6 +180,7 @@ def _caption(sources: list[ImageSource], todo: list[list[int]], loaded: LoadedCh
             with contextlib.suppress(Exception):
                 writer.close()  # what was captioned is kept
             if isinstance(error, KeyboardInterrupt):
+                progress.stop()  # the bar goes first: the warning gets a line of its own, not the bar's
                 log.warning("Interrupted: %d images are kept in %s; run the same command again to continue",
                             n_done + writer.n_written, state.directory)
             raise
