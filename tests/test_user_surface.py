@@ -3,6 +3,7 @@ everywhere they are asked for, progress and log lines, ``-q``, the report's word
 refusals and notes, the README's exit codes, a clean ``pip install``, and plurals."""
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -161,6 +162,43 @@ def test_log_lines_and_hints_do_not_wrap_when_stderr_is_a_file(model, photos, tm
     console.print(Text(closing_hint(folder / "best.pt", folder / "images")))
     hint = capsys.readouterr().err
     assert f"next:     satcli caption {folder / 'images'} --model {folder / 'best.pt'} -o shapes.parquet" in hint
+
+
+def test_ctrl_c_in_a_terminal_puts_the_warning_on_its_own_line(model, tmp_path):
+    pty, termios, fcntl = (pytest.importorskip(name) for name in ("pty", "termios", "fcntl"))
+    rng = np.random.default_rng(1)
+    (tmp_path / "pics").mkdir()
+    for i in range(300):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "pics" / f"{i:03d}.png")
+    master, terminal = pty.openpty()
+
+    def own_terminal():  # a session whose controlling terminal is the pty, as in a shell: ^C becomes SIGINT
+        os.setsid()
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TERM": "xterm", "COLUMNS": "100"}
+    env.pop("NO_COLOR", None)
+    process = subprocess.Popen([sys.executable, "-m", "satcli", "caption", "pics", "--model", str(model),
+                                "--batch-size", "2", "--workers", "0"], stdin=terminal, stdout=terminal,
+                               stderr=terminal, env=env, cwd=tmp_path, preexec_fn=own_terminal)
+    os.close(terminal)
+    seen, sent = b"", False
+    while True:
+        try:
+            data = os.read(master, 4096)
+        except OSError:  # the child is gone and the terminal closed
+            break
+        if not data:
+            break
+        seen += data
+        if not sent and seen.count(b"images/s") >= 3:  # the bar is up and moving: press Ctrl-C
+            os.write(master, b"\x03")
+            sent = True
+    process.wait(timeout=300)
+    os.close(master)
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", seen.decode("utf-8", "replace"))
+    assert sent and process.returncode != 0, text[-2000:]
+    assert re.search(r"[\r\n]WARNING +Interrupted: ", text), text[-2000:]  # not glued onto the bar's "^C"
 
 
 def test_pycocoevalcaps_tokenizer_prints_nothing(tmp_path):
