@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import FAKE_HOME, written_outside
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,3 +58,24 @@ def test_the_session_runs_with_a_fake_home_and_state():
 
     assert FAKE_HOME.parent in state_dir().parents
     assert "SATCLI_MODEL" not in os.environ and "SATCLI_DATA" not in os.environ
+
+
+def test_the_state_folder_stays_where_linux_users_have_their_remembered_model(tmp_path, monkeypatch):
+    """platformdirs chooses the folder per OS; on Linux it is the one satcli always used, so a model remembered
+    before keeps working (a guard: this passed before platformdirs too)."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the XDG layout is Linux's")
+    from satcli.core.defaults import default_model, remember_model, state_dir
+
+    monkeypatch.delenv("SATCLI_STATE_DIR")
+    monkeypatch.delenv("XDG_STATE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert state_dir() == tmp_path / ".local" / "state" / "satcli"
+    (tmp_path / ".local" / "state" / "satcli").mkdir(parents=True)
+    (tmp_path / ".local" / "state" / "satcli" / "last-model").write_text(f"{tmp_path / 'mine.pt'}\n")
+    (tmp_path / "mine.pt").write_bytes(b"")
+    assert default_model() == tmp_path / "mine.pt"  # written by an earlier satcli, still found
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg"))
+    assert state_dir() == tmp_path / "xdg" / "satcli"
+    monkeypatch.setenv("SATCLI_STATE_DIR", str(tmp_path / "chosen"))
+    assert remember_model(tmp_path / "mine.pt") == tmp_path / "chosen" / "last-model"

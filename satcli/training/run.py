@@ -240,6 +240,11 @@ def run_epochs(run: Run, job: Job) -> TrainResult:
             if ranks.main:
                 job.report(epoch, line, improved)
             barrier(ranks)
+    except KeyboardInterrupt:
+        if ranks.main:  # the epoch's bar is gone by now: the warning gets a line of its own
+            log.warning("Interrupted: %s", f"{run.out / LAST} holds epoch {len(standing.history)}; add --resume to "
+                        "the same command to continue" if standing.history else "no epoch finished, nothing to resume")
+        raise
     finally:
         job.close()
     best, last = run.out / BEST, run.out / LAST
