@@ -9,6 +9,7 @@ import typer
 from rich.markup import escape
 
 from satcli.core.console import console as human
+from satcli.core.console import counted
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -56,7 +57,7 @@ def print_drawn(summary: OverlaySummary) -> None:
     """How many attention pictures were drawn, and where; images that were not found."""
     human.print(f"attention pictures: {summary.n_written:,} in {summary.directory}")
     if summary.n_missing_images:
-        human.print(f"[yellow]{summary.n_missing_images:,} images not found[/] (drawn grey)", highlight=False)
+        human.print(f"[yellow]{counted(summary.n_missing_images, 'image')} not found[/] (drawn grey)", highlight=False)
 
 
 def print_evaluated(result: EvaluateResult, what: str, as_json: bool) -> None:
@@ -74,6 +75,6 @@ def print_evaluated(result: EvaluateResult, what: str, as_json: bool) -> None:
 
 def print_reported(summary: ReportSummary) -> None:
     """Where the HTML report went, how many images and errors it shows, and images that were not found."""
-    human.print(f"report: {summary.output} ({summary.n_rows:,} images, {summary.n_errors:,} errors)")
+    human.print(f"report: {summary.output} ({counted(summary.n_rows, 'image')}, {counted(summary.n_errors, 'error')})")
     if summary.n_missing_images:
-        human.print(f"[yellow]{summary.n_missing_images:,} images not found[/]: pass --image-root")
+        human.print(f"[yellow]{counted(summary.n_missing_images, 'image')} not found[/]: pass --image-root")
