@@ -193,7 +193,7 @@ def test_report_command(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(app, ["report", "r.parquet", "-o", "site/index.html", "--overlays", "ov"])
     assert result.exit_code == 0, result.output
-    assert "site/index.html (1 images, 0 errors)" in result.output and "not found" not in result.output
+    assert "site/index.html (1 image, 0 errors)" in result.output and "not found" not in result.output
     thumb = Image.open(tmp_path / "site" / "index_files" / f"{overlay_name('pics/red.png')}.jpg")
     assert thumb.size == (40, 30)  # small images are not blown up
     assert len(list((tmp_path / "ov").glob("*.gif"))) == 1
