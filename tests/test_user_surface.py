@@ -72,7 +72,7 @@ def test_two_single_image_runs_into_the_default_output_keep_both_rows(model, pho
     assert second.exit_code == 0, second.output
     assert pq.read_table(tmp_path / "captions.parquet").column("path").to_pylist() == ["a.png", "b.png"]
     assert "Keeping the 1 earlier row of captions.parquet" in second.stderr
-    assert re.search(r"earlier rows kept\W+1\b", second.stderr)
+    assert re.search(r"earlier rows kept\W+1\b", second.stderr) and re.search(r"captioned\W+1\b", second.stderr)
     rows = {r["path"]: r["caption"] for r in pq.read_table(tmp_path / "captions.parquet").to_pylist()}
     assert second.stdout == rows["b.png"] + "\n"  # this run's image only, not the earlier one
     assert "Captioning 1 image with" in second.stderr  # not "1 images"

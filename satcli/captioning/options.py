@@ -43,7 +43,8 @@ class CaptionOptions:
 
 @dataclass
 class CaptionSummary:
-    """What a caption run did. Counts cover the whole output file; ``n_processed`` only this run."""
+    """What a caption run did. Counts cover this run's images, those done before included (``n_kept``: the
+    earlier rows of other images the output also holds); ``n_processed`` only the images captioned now."""
 
     output: Path
     n_images: int

@@ -70,7 +70,7 @@ def caption_images(options: CaptionOptions) -> CaptionSummary:
     state_existed = state.directory.exists() and not options.overwrite
     if not state_existed and seed is not None and done_before == keep:
         summary.n_resumed = len(keep)
-        _count(summary, read_column(output, "error"))
+        _count(summary, _errors(output, summary.paths))
         summary.seconds = time.perf_counter() - started
         log.info("Nothing to do: %s already in %s",
                  "the image is" if len(keep) == 1 else f"all {len(keep):,} images are", output)
@@ -96,13 +96,24 @@ def caption_images(options: CaptionOptions) -> CaptionSummary:
         state.remove()
     finally:
         state.unlock()
-    summary.errors = {kind: n for kind, n in counts.items() if kind != "rows"}
-    summary.n_captioned = counts["rows"] - summary.n_errors
+    if summary.paths is None:
+        summary.errors = {kind: n for kind, n in counts.items() if kind != "rows"}
+        summary.n_captioned = counts["rows"] - summary.n_errors
+    else:  # the counts are this run's images', not those of the earlier rows kept
+        _count(summary, _errors(output, summary.paths))
     summary.seconds = time.perf_counter() - started
     if shard[1] > 1:
         log.info("Wrote part %d of %d: %s. When every part is done: satcli merge -o %s",
                  shard[0], shard[1], output, options.output)
     return summary
+
+
+def _errors(output: Path, paths: frozenset[str] | None) -> list[str | None]:
+    """The error column of ``output``, of the rows of ``paths`` only (None: every row)."""
+    errors = read_column(output, "error")
+    if paths is None:
+        return errors
+    return [error for path, error in zip(read_column(output, "path"), errors, strict=True) if path in paths]
 
 
 def _count(summary: CaptionSummary, errors: list[str | None]) -> None:
