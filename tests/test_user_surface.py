@@ -245,6 +245,25 @@ def test_progress_lines_carry_the_loss_and_a_finished_run_says_how_to_train_long
     assert "the run is finished (1 of 1 epochs trained)" in again.stderr and "--epochs 11" in again.stderr
 
 
+def test_ctrl_c_in_training_says_what_last_pt_holds(tmp_path, monkeypatch):
+    import satcli.training.supervised
+
+    root = _shapes(tmp_path / "data")
+    real_epoch = satcli.training.supervised.Supervised.epoch
+
+    def epoch(self, number):
+        if number == 1:
+            raise KeyboardInterrupt  # Ctrl-C during the second epoch
+        return real_epoch(self, number)
+
+    monkeypatch.setattr(satcli.training.supervised.Supervised, "epoch", epoch)
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["train", "--dataset", "shapes", "--data-root", str(root), "--out", str(out),
+                                 "--epochs", "3", *TINY])
+    assert result.exit_code != 0
+    assert f"Interrupted: {out / 'last.pt'} holds epoch 1; add --resume to the same command" in result.stderr
+
+
 def test_a_dataset_without_val_or_test_split_is_refused_before_feature_caching(tmp_path):
     root = _shapes(tmp_path / "data", n_val=0, n_test=0)
     result = runner.invoke(app, ["train", "--dataset", "shapes", "--data-root", str(root), "--out",
