@@ -201,17 +201,6 @@ def test_ctrl_c_in_a_terminal_puts_the_warning_on_its_own_line(model, tmp_path):
     assert re.search(r"[\r\n]WARNING +Interrupted: ", text), text[-2000:]  # not glued onto the bar's "^C"
 
 
-def test_pycocoevalcaps_tokenizer_prints_nothing(tmp_path):
-    if shutil.which("java") is None:
-        pytest.skip("needs Java")
-    pytest.importorskip("pycocoevalcap")
-    code = ("from satcli.scoring.metrics import coco_metrics; "
-            "s = coco_metrics([['a red circle', 'a circle']], ['a red circle']); print(s.backend)")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
-    assert done.returncode == 0 and "Java" in done.stdout, done.stderr
-    assert done.stderr == ""  # Java's "PTBTokenizer tokenized 3 tokens at ..." went to the debug log
-
-
 def test_encoders_takes_dash_q():
     result = runner.invoke(app, ["encoders", "-q"])
     assert result.exit_code == 0, result.output
