@@ -44,8 +44,9 @@ class CaptionPipeline:
 
         Each dict: ``path``, ``caption`` (str), ``words`` (list of str), ``word_probs`` (each word's
         probability), ``sum_logprob``, ``finished``, ``attention`` (float32 numpy array (n_words, H, W), each
-        grid summing to 1) and ``error`` (None, or why the file could not be captioned, as ``kind: reason``;
-        the other fields are then None).
+        grid summing to 1), ``error`` (None, or why the file could not be captioned, as ``kind: reason``;
+        the other fields are then None) and ``alternatives`` (``n_best`` > 1: the runners-up, best first, each
+        ``{"caption", "sum_logprob", "finished"}``; else None).
         """
         if isinstance(paths, (str, Path)):
             paths = [paths]
@@ -66,7 +67,7 @@ class CaptionPipeline:
         for index, path in enumerate(paths):
             _, image, _, _, error = files.load(index)
             rows.append({"path": path, "caption": None, "words": None, "word_probs": None, "sum_logprob": None,
-                         "finished": None, "attention": None, "error": error})
+                         "finished": None, "attention": None, "error": error, "alternatives": None})
             if error is None:
                 images.append(image)
         if images:
@@ -75,12 +76,17 @@ class CaptionPipeline:
             for row in rows:
                 if row["error"] is not None:
                     continue
-                best = next(results).best
+                result = next(results)
+                best = result.best
                 tokens = [words[i] for i in best.tokens]
                 row.update(caption=detokenize(tokens), words=tokens,
                            word_probs=[float(np.exp(v)) for v in best.token_logprobs],
                            sum_logprob=float(best.sum_logprob), finished=bool(best.finished),
                            attention=best.attention.float().cpu().numpy())
+                if options.n_best > 1:  # the runners-up, as the results' alternatives column holds them
+                    row["alternatives"] = [{"caption": detokenize([words[i] for i in h.tokens]),
+                                            "sum_logprob": float(h.sum_logprob), "finished": bool(h.finished)}
+                                           for h in result.hypotheses[1:]]
         return rows
 
 

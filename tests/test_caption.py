@@ -240,7 +240,9 @@ def test_new_images_extend_a_finished_output_without_redoing_others(photos, chec
     (folder / "a1.jpg").unlink()
     second = run(_options(folder, checkpoint, output))
     assert second.n_processed == 1  # only the new image went through the model
-    assert pq.read_table(output).column("path").to_pylist() == ["a0.jpg", "a10.jpg", "a2.jpg"]
+    # no row is lost without a word: the removed image's row stays, counted as kept (--overwrite drops it)
+    assert second.n_kept == 1
+    assert pq.read_table(output).column("path").to_pylist() == ["a0.jpg", "a1.jpg", "a10.jpg", "a2.jpg"]
 
 
 def test_other_model_or_options_are_refused_unless_overwrite(reference, photos, checkpoint, tmp_path):

@@ -138,11 +138,13 @@ def test_coco_metrics_without_java_say_meteor_was_skipped_and_why(monkeypatch):
 
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("java") is None, reason="METEOR needs Java")
-def test_coco_metrics_with_java_agree_with_the_java_free_path():
+def test_coco_metrics_with_java_agree_with_the_java_free_path(capfd):
     pytest.importorskip("pycocoevalcap")
     from satcli.scoring.metrics import coco_metrics
 
     official = coco_metrics(REFERENCES, HYPOTHESES)
+    # Java's "PTBTokenizer tokenized N tokens at ..." went to the debug log, not past -q onto the terminal
+    assert capfd.readouterr().err == ""
     ours = coco_metrics(REFERENCES, HYPOTHESES, java=False)
     assert official.skipped == {} and 0 < official.scores["meteor"] < 1
     for key, value in ours.scores.items():

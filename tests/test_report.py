@@ -25,12 +25,16 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
 
 
 @pytest.fixture(scope="module")
-def browser():
+def browser(tmp_path_factory):
     sync_api = pytest.importorskip("playwright.sync_api")
     if not os.access(CHROMIUM, os.X_OK):
         pytest.skip(f"no {CHROMIUM}: install chromium, or run make test as root, or make test CHROMIUM=/path")
+    # Chromium's own files (~/.pki, fontconfig's cache) go to a home of its own, not the session's (conftest).
+    home = tmp_path_factory.mktemp("chromium-home")
+    env = {**os.environ, "HOME": str(home), "XDG_CONFIG_HOME": str(home / ".config"),
+           "XDG_CACHE_HOME": str(home / ".cache")}
     with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, env=env)
         yield browser
         browser.close()
 
@@ -189,7 +193,7 @@ def test_report_command(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(app, ["report", "r.parquet", "-o", "site/index.html", "--overlays", "ov"])
     assert result.exit_code == 0, result.output
-    assert "site/index.html (1 images, 0 errors)" in result.output and "not found" not in result.output
+    assert "site/index.html (1 image, 0 errors)" in result.output and "not found" not in result.output
     thumb = Image.open(tmp_path / "site" / "index_files" / f"{overlay_name('pics/red.png')}.jpg")
     assert thumb.size == (40, 30)  # small images are not blown up
     assert len(list((tmp_path / "ov").glob("*.gif"))) == 1

@@ -44,11 +44,14 @@ class CaptionOptions:
 
 @dataclass
 class CaptionSummary:
-    """What a caption run did. Counts cover the whole output file; ``n_processed`` only this run."""
+    """What a caption run did. Counts cover this run's images, those done before included (``n_kept``: the
+    earlier rows of other images the output also holds); ``n_processed`` only the images captioned now."""
 
     output: Path
     n_images: int
     n_resumed: int = 0
+    n_kept: int = 0  # earlier rows of images not among this run's inputs, kept in the output
+    paths: frozenset[str] | None = None  # this run's images when the output holds others too (None: every row)
     n_processed: int = 0
     n_captioned: int = 0
     errors: dict[str, int] = field(default_factory=dict)
@@ -74,6 +77,8 @@ class CaptionSummary:
         table.add_row("images", f"{self.n_images:,}")
         if self.n_resumed:
             table.add_row("done before", f"{self.n_resumed:,}")
+        if self.n_kept:
+            table.add_row("earlier rows kept", f"{self.n_kept:,}")
         table.add_row("captioned", f"{self.n_captioned:,}")
         table.add_row("errors", f"{self.n_errors:,}")
         for kind, n in sorted(self.errors.items()):
@@ -110,6 +115,9 @@ def check_options(options: CaptionOptions) -> None:
     if options.max_pixels is not None and not 1 <= options.max_pixels <= HARD_MAX_PIXELS:
         raise SatcliError(f"--max-pixels must be between 1 and {HARD_MAX_PIXELS:,} (Pillow's own hard limit), "
                           f"got {options.max_pixels:,}")
+    if str(options.output) == "-":
+        raise SatcliError("-o - would write the Parquet results to a file named '-'; for results on stdout use "
+                          "--json (a JSON line per image), or name a .parquet file with -o")
     if options.output.exists() and options.output.is_dir():
         raise SatcliError("the output is a directory; name a .parquet file with -o", options.output)
     if options.overlays is not None and options.overlays.exists() and not options.overlays.is_dir():

@@ -23,7 +23,7 @@ from satcli.captioning.options import CaptionOptions, CaptionSummary, check_opti
 from satcli.captioning.shards import part_path, resolve_shard
 from satcli.captioning.state import RunState
 from satcli.captioning.writer import CaptionedBatch, ChunkWriter
-from satcli.core.console import make_progress
+from satcli.core.console import counted, make_progress
 from satcli.core.defaults import default_model
 from satcli.core.device import resolve_device
 from satcli.core.errors import SatcliError
@@ -60,12 +60,18 @@ def caption_images(options: CaptionOptions) -> CaptionSummary:
     keep = {s.path for s in sources}
     seed = previous_output(output, run_fingerprint, options.overwrite)
     done_before = set(seed or ()) & keep
+    earlier = set(seed or ()) - keep  # rows of other inputs, made with the same model and options: kept
+    if earlier:
+        summary.n_kept, summary.paths = len(earlier), frozenset(keep)
+        log.info("Keeping the %s of %s whose images are not among these inputs (--overwrite to write only "
+                 "these)", counted(len(earlier), "earlier row"), output)
     state_existed = state.directory.exists() and not options.overwrite
-    if not state_existed and seed is not None and len(done_before) == len(keep) == len(seed):
+    if not state_existed and seed is not None and done_before == keep:
         summary.n_resumed = len(keep)
-        _count(summary, read_column(output, "error"))
+        _count(summary, _errors(output, summary.paths))
         summary.seconds = time.perf_counter() - started
-        log.info("Nothing to do: all %d images are already in %s", len(keep), output)
+        log.info("Nothing to do: %s already in %s",
+                 "the image is" if len(keep) == 1 else f"all {len(keep):,} images are", output)
         return summary
     try:
         done_before |= state.start(run_fingerprint, options.overwrite) & keep
@@ -74,8 +80,9 @@ def caption_images(options: CaptionOptions) -> CaptionSummary:
             log.info("Resuming: %d of %d images are already captioned", summary.n_resumed, len(sources))
         todo = batches(sources, done_before, options.batch_size)
         workers = default_workers(device) if options.workers is None else options.workers
-        log.info("Captioning %d images with %s on %s (%d workers, batches of %d, beam %d)",
-                 sum(len(b) for b in todo), model_path, device, workers, options.batch_size, decoding.beam_size)
+        log.info("Captioning %s with %s on %s (%d workers, batches of %d, beam %d)",
+                 counted(sum(len(b) for b in todo), "image"), model_path, device, workers, options.batch_size,
+                 decoding.beam_size)
         summary.n_processed = _caption(sources, todo, loaded, decoding, options, state, metadata, workers, device,
                                        summary.n_resumed)
         sources_to_merge = ([output] if seed is not None else []) + state.chunks
@@ -83,17 +90,28 @@ def caption_images(options: CaptionOptions) -> CaptionSummary:
         if not keep <= written:  # chunks removed behind our back: finishing now would drop images
             raise SatcliError(f"{len(keep - written)} images are missing from {state.directory} (was something "
                               "removed while satcli ran?); run the same command again to caption them", output)
-        counts = merge_results(sources_to_merge, output, metadata, keep=keep)
+        counts = merge_results(sources_to_merge, output, metadata, keep=keep | earlier)
         state.remove()
     finally:
         state.unlock()
-    summary.errors = {kind: n for kind, n in counts.items() if kind != "rows"}
-    summary.n_captioned = counts["rows"] - summary.n_errors
+    if summary.paths is None:
+        summary.errors = {kind: n for kind, n in counts.items() if kind != "rows"}
+        summary.n_captioned = counts["rows"] - summary.n_errors
+    else:  # the counts are this run's images', not those of the earlier rows kept
+        _count(summary, _errors(output, summary.paths))
     summary.seconds = time.perf_counter() - started
     if shard[1] > 1:
         log.info("Wrote part %d of %d: %s. When every part is done: satcli merge -o %s",
                  shard[0], shard[1], output, options.output)
     return summary
+
+
+def _errors(output: Path, paths: frozenset[str] | None) -> list[str | None]:
+    """The error column of ``output``, of the rows of ``paths`` only (None: every row)."""
+    errors = read_column(output, "error")
+    if paths is None:
+        return errors
+    return [error for path, error in zip(read_column(output, "path"), errors, strict=True) if path in paths]
 
 
 def _count(summary: CaptionSummary, errors: list[str | None]) -> None:
@@ -105,7 +123,8 @@ def _count(summary: CaptionSummary, errors: list[str | None]) -> None:
 
 
 def previous_output(output: Path, run_fingerprint: dict[str, Any], overwrite: bool) -> list[str] | None:
-    """The paths of an existing output made with the same model and options (None: start without it)."""
+    """The paths of an existing output made with the same model and options (None: start without it): a rerun
+    keeps them all, those of other inputs included."""
     if overwrite or not output.exists():
         return None
     try:
@@ -170,6 +189,7 @@ def _caption(sources: list[ImageSource], todo: list[list[int]], loaded: LoadedCh
             with contextlib.suppress(Exception):
                 writer.close()  # what was captioned is kept
             if isinstance(error, KeyboardInterrupt):
+                progress.stop()  # the bar goes first: the warning gets a line of its own, not the bar's
                 log.warning("Interrupted: %d images are kept in %s; run the same command again to continue",
                             n_done + writer.n_written, state.directory)
             raise

@@ -52,7 +52,7 @@ from satcli.cli.output import (
     print_trained,
 )
 from satcli.core.atomic import disk_error
-from satcli.core.console import VisibleRichHandler, out_console, set_quiet, shown
+from satcli.core.console import VisibleFormatter, VisibleRichHandler, out_console, set_quiet, shown
 from satcli.core.console import console as human
 from satcli.core.errors import SatcliError
 from satcli.core.version import __version__
@@ -124,12 +124,13 @@ def _main(
 ) -> None:
     ctx.obj = {"verbose": verbose}
     set_quiet(quiet)
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO,
-        format="%(message)s",
-        handlers=[VisibleRichHandler(console=err_console, show_path=verbose, show_time=False)],
-        force=True,
-    )
+    # Not a terminal (a log file, CI): plain lines that never wrap, so commands in them stay copyable.
+    handler = (VisibleRichHandler(console=err_console, show_path=verbose, show_time=False) if err_console.is_terminal
+               else logging.StreamHandler())
+    if not err_console.is_terminal:
+        handler.setFormatter(VisibleFormatter("%(levelname)-8s %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO,
+                        format="%(message)s", handlers=[handler], force=True)
 
 
 @app.command()
@@ -224,7 +225,7 @@ def caption(
         device=device, shard=None if shard is None else parse_shard(shard), root=root,
         max_pixels=max_pixels, overlays=overlays,
     ))
-    print_captions(summary.output, summary.n_images, as_json)
+    print_captions(summary.output, summary.n_images, as_json, summary.paths)
     human.print(summary.table())
     if strict and summary.n_errors:
         err_console.print(f"[bold red]error:[/] {summary.n_errors:,} of {summary.n_images:,} images could not be "

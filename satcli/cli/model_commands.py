@@ -50,7 +50,7 @@ def export(
                   highlight=False, soft_wrap=True)
 
 
-def encoders() -> None:
+def encoders(quiet: QuietOption = False) -> None:
     """List the image encoders, their input size, feature grid and where their weights come from."""
     from satcli.commands import encoders as step
 

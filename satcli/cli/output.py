@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import typer
 
 from satcli.core.console import console as human
-from satcli.core.console import shown, visible
+from satcli.core.console import counted, shown, visible
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -23,14 +23,16 @@ if TYPE_CHECKING:
 FEW_IMAGES = 20  # caption prints `path → caption` lines up to this many images, the summary alone above it
 
 
-def print_captions(results: Path, n_images: int, as_json: bool) -> None:
+def print_captions(results: Path, n_images: int, as_json: bool, paths: frozenset[str] | None = None) -> None:
     """stdout: a JSON line per image (--json), the caption alone (one image), `path → caption` lines (a few);
-    failed images are named on stderr."""
+    failed images are named on stderr. ``paths``: only these rows (None: every row of ``results``)."""
     from satcli.core.printing import result_records
 
     if n_images == 0 or (not as_json and n_images > FEW_IMAGES):
         return
     for record in result_records(results):
+        if paths is not None and record["path"] not in paths:
+            continue
         if as_json:
             typer.echo(json.dumps(record, ensure_ascii=False))
         elif record["error"] is not None:
@@ -56,7 +58,7 @@ def print_drawn(summary: OverlaySummary) -> None:
     """How many attention pictures were drawn, and where; images that were not found."""
     human.print(f"attention pictures: {summary.n_written:,} in {shown(summary.directory)}", highlight=False)
     if summary.n_missing_images:
-        human.print(f"[yellow]{summary.n_missing_images:,} images not found[/] (drawn grey)", highlight=False)
+        human.print(f"[yellow]{counted(summary.n_missing_images, 'image')} not found[/] (drawn grey)", highlight=False)
 
 
 def print_evaluated(result: EvaluateResult, what: str, as_json: bool) -> None:
@@ -74,9 +76,10 @@ def print_evaluated(result: EvaluateResult, what: str, as_json: bool) -> None:
 
 def print_reported(summary: ReportSummary) -> None:
     """Where the HTML report went, how many images and errors it shows, and images that were not found."""
-    human.print(f"report: {shown(summary.output)} ({summary.n_rows:,} images, {summary.n_errors:,} errors)")
+    human.print(f"report: {shown(summary.output)} ({counted(summary.n_rows, 'image')}, "
+                f"{counted(summary.n_errors, 'error')})")
     if summary.n_missing_images:
-        human.print(f"[yellow]{summary.n_missing_images:,} images not found[/]: pass --image-root")
+        human.print(f"[yellow]{counted(summary.n_missing_images, 'image')} not found[/]: pass --image-root")
 
 
 def print_info(info: ModelInfo, as_json: bool) -> None:

@@ -7,6 +7,7 @@ Human text (tables, progress, notes) goes to stderr, so stdout carries only resu
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 
@@ -28,6 +29,7 @@ from rich.text import Text
 console = Console(stderr=True)  # human text: tables, per-epoch lines, notes
 err_console = console
 out_console = Console()  # results only: what a script reads from stdout
+console.soft_wrap = not console.is_terminal  # in a log file, lines (paths, commands to copy) never wrap
 
 # Seconds between progress lines when stderr is not a terminal ($SATCLI_PROGRESS_INTERVAL to change).
 LINE_INTERVAL = 30.0
@@ -68,6 +70,19 @@ class VisibleRichHandler(RichHandler):
         return super().render_message(record, visible(message))
 
 
+class VisibleFormatter(logging.Formatter):
+    """Plain log lines (stderr not a terminal) with the message passed through :func:`visible`, as on a terminal."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 — logging's own name
+        record.message = visible(record.message)
+        return super().formatMessage(record)
+
+
+def counted(n: int, noun: str) -> str:
+    """``1 image``, ``1,200 images``: a count and its noun, in the plural unless it is one."""
+    return f"{n:,} {noun}" + ("" if n == 1 else "s")
+
+
 def set_quiet(quiet: bool) -> None:
     """``-q``: no progress, no tables or notes on stderr (warnings and errors still show; stdout unchanged)."""
     console.quiet = quiet
@@ -79,6 +94,13 @@ class RateColumn(ProgressColumn):
     def render(self, task: Task) -> Text:
         unit = task.fields.get("unit", "it")
         return Text("" if task.speed is None else f"{task.speed:,.1f} {unit}/s", style="progress.data.speed")
+
+
+class DetailColumn(ProgressColumn):
+    """The task's ``detail`` field (``loss 2.314``), nothing until the task sets one."""
+
+    def render(self, task: Task) -> Text:
+        return Text(task.fields.get("detail", ""), style="progress.data.speed")
 
 
 class LineProgress(Progress):
@@ -132,7 +154,8 @@ class LineProgress(Progress):
 
 
 def progress_line(task: Task, started: float, completed_at_start: float, now: float) -> str:
-    """``description: done/total unit (pct%), rate unit/s, ETA h:mm:ss`` (rate over this run's own work)."""
+    """``description: done/total unit (pct%), rate unit/s, ETA h:mm:ss[, detail]`` (rate over this run's own
+    work; ``detail``: the task's field of that name, e.g. ``loss 2.314``)."""
     unit = task.fields.get("unit", "it")
     done = task.completed
     seconds = max(now - started, 1e-9)
@@ -149,6 +172,8 @@ def progress_line(task: Task, started: float, completed_at_start: float, now: fl
         parts.append(f"ETA {_clock((task.total - done) / rate)}")
     elif task.total is not None and done >= task.total:
         parts.append(f"done in {_clock(seconds)}")
+    if task.fields.get("detail"):
+        parts.append(task.fields["detail"])
     return ", ".join(parts)
 
 
@@ -159,8 +184,9 @@ def _clock(seconds: float) -> str:
 
 
 def make_progress(*extra: ProgressColumn) -> Progress:
+    """The progress display: description, bar, count, rate, ETA, the task's ``detail`` field, then ``extra``."""
     progress = LineProgress(TextColumn("{task.description}", style="bold", markup=False), BarColumn(),
-                            MofNCompleteColumn(), RateColumn(), TimeRemainingColumn(), *extra, console=console,
-                            transient=True)
+                            MofNCompleteColumn(), RateColumn(), TimeRemainingColumn(), DetailColumn(), *extra,
+                            console=console, transient=True)
     progress.disable = console.quiet
     return progress

@@ -1,13 +1,17 @@
 """Which model ``satcli caption`` uses when none is named: ``SATCLI_MODEL``, else the last one trained here.
 
 ``satcli train`` calls :func:`remember_model` with the checkpoint it wrote; the absolute path goes into a small
-file under ``$SATCLI_STATE_DIR`` (or ``$XDG_STATE_HOME/satcli``, or ``~/.local/state/satcli``).
+file under ``$SATCLI_STATE_DIR``, else the platform's user state folder (platformdirs): ``$XDG_STATE_HOME/satcli``
+or ``~/.local/state/satcli`` on Linux, ``~/Library/Application Support/satcli`` on macOS,
+``%LOCALAPPDATA%\\satcli`` on Windows.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+
+import platformdirs
 
 from satcli.core.atomic import write_text
 from satcli.core.errors import SatcliError
@@ -24,9 +28,7 @@ def state_dir() -> Path:
     """Where satcli keeps small state between runs."""
     if os.environ.get(STATE_ENV):
         return Path(os.environ[STATE_ENV]).expanduser()
-    if os.environ.get("XDG_STATE_HOME"):
-        return Path(os.environ["XDG_STATE_HOME"]).expanduser() / "satcli"
-    return Path.home() / ".local" / "state" / "satcli"
+    return Path(platformdirs.user_state_dir("satcli", appauthor=False))
 
 
 def remember_model(path: str | Path) -> Path:

@@ -18,13 +18,14 @@ def word_probability(logprob: float | None) -> float | None:
     return math.exp(min(logprob, 0.0))
 
 
-COLUMNS = ("path", "caption", "tokens", "token_logprobs", "sum_logprob", "finished", "error")
+COLUMNS = ("path", "caption", "tokens", "token_logprobs", "sum_logprob", "finished", "error", "alternatives")
 
 
 def result_records(path: str | Path, batch_size: int = 1024) -> Iterator[dict[str, Any]]:
     """One dict per row of a results file, without the attention grids: ``path``, ``caption``, ``words``,
     ``word_probs`` (each word's probability, ``exp`` of ``token_logprobs``; null in files written before that
-    column), ``sum_logprob``, ``finished`` and ``error``. Read in batches: memory stays flat for any size."""
+    column), ``sum_logprob``, ``finished``, ``error`` and ``alternatives`` (with ``--n-best`` N > 1: the runners-up,
+    best first, each ``{caption, sum_logprob, finished}``; else null). Read in batches: memory stays flat."""
     file = pq.ParquetFile(path)
     columns = [c for c in COLUMNS if c in file.schema_arrow.names]
     for batch in file.iter_batches(batch_size=batch_size, columns=columns):
@@ -38,4 +39,5 @@ def result_records(path: str | Path, batch_size: int = 1024) -> Iterator[dict[st
                 "sum_logprob": row["sum_logprob"],
                 "finished": row["finished"],
                 "error": row["error"],
+                "alternatives": row.get("alternatives"),
             }

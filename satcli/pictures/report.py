@@ -42,7 +42,10 @@ log = logging.getLogger(__name__)
 THUMB_SIZE = 224
 PAGE_SIZE = 50
 _COLUMNS = ["path", "caption", "tokens", "sum_logprob", "finished", "attention", "grid_height", "grid_width",
-            "image_width", "image_height", "error", "token_logprobs"]
+            "image_width", "image_height", "error", "token_logprobs", "alternatives"]
+# What the picture's place says for a row without a thumbnail: what is wrong with the file, by error kind.
+_NO_PICTURE = {"empty": "empty file", "not-an-image": "not an image", "truncated": "truncated or corrupt image",
+               "too-large": "too large to show"}
 _THREADS = 4  # thumbnails: decoding and resizing release the GIL
 
 
@@ -114,6 +117,22 @@ def word_probabilities(token_logprobs: list[float | None] | None) -> list[float 
     return [None if p is None else round(p, 4) for p in map(word_probability, token_logprobs)]
 
 
+def no_picture_note(error: str | None, image: Path) -> str:
+    """Why a row shows no picture: what is wrong with the file (its error), else whether the file is gone."""
+    if error is not None:
+        kind = error.split(":", 1)[0]
+        return _NO_PICTURE.get(kind, error if kind == "unreadable" else kind.replace("-", " "))
+    return "image cannot be read" if image.exists() else "image not found"
+
+
+def alternatives(value: list[dict[str, Any]] | None) -> list[list[Any]] | None:
+    """The runners-up (``--n-best``) for the page: [caption, sum_logprob (2 decimals)], best first; None without."""
+    if not value:
+        return None
+    return [[a["caption"], None if a["sum_logprob"] is None or not math.isfinite(a["sum_logprob"])
+             else round(a["sum_logprob"], 2)] for a in value]
+
+
 def _rows(options: ReportOptions, root: Path, thumbs: Path, summary: ReportSummary,
           total: int) -> Iterator[list[Any]]:
     """The page's rows, thumbnails written on a few threads as the rows stream past."""
@@ -127,6 +146,7 @@ def _rows(options: ReportOptions, root: Path, thumbs: Path, summary: ReportSumma
         def drain() -> Iterator[list[Any]]:
             for row, made in batch:
                 thumb = f"{folder}/{overlay_name(row['path'])}.jpg" if made is not None and made.result() else None
+                note = None if thumb else no_picture_note(row["error"], resolve_image(row["path"], root))
                 if thumb is None and row["error"] is None:
                     summary.n_missing_images += 1
                 attention, peaks = encode_attention(row["attention"]) if row["error"] is None else ("", [])
@@ -134,7 +154,8 @@ def _rows(options: ReportOptions, root: Path, thumbs: Path, summary: ReportSumma
                 sum_logprob = round(value, 4) if value is not None and math.isfinite(value) else None
                 yield [row["path"], row["caption"], row["tokens"], sum_logprob, row["finished"], row["error"],
                        row["grid_height"], row["grid_width"], attention, peaks, thumb, row["image_width"],
-                       row["image_height"], word_probabilities(row["token_logprobs"])]
+                       row["image_height"], word_probabilities(row["token_logprobs"]),
+                       alternatives(row["alternatives"]), note]
                 bar.advance(task)
             batch.clear()
 

@@ -4,10 +4,11 @@
 (function () {
   const DATA = JSON.parse(document.getElementById("satcli-data").textContent);
   // [path, caption, tokens, sum_logprob, finished, error, grid_h, grid_w, attention, peaks, thumb, width, height,
-  //  probs: each word's probability given the words before it, or null for files written without them]
+  //  probs: each word's probability given the words before it, or null for files written without them,
+  //  alternatives: [caption, sum_logprob] of the runners-up (--n-best) or null, note: why there is no picture]
   const ROWS = DATA.rows;
   const PATH = 0, CAPTION = 1, TOKENS = 2, SUM = 3, FINISHED = 4, ERROR = 5, GH = 6, GW = 7, ATT = 8, PEAKS = 9,
-        THUMB = 10, WIDTH = 11, HEIGHT = 12, PROBS = 13;
+        THUMB = 10, WIDTH = 11, HEIGHT = 12, PROBS = 13, ALTERNATIVES = 14, NOTE = 15;
   const PAGE_SIZE = DATA.page_size;
   const BOX = DATA.thumb_size;
   const FLOOR = DATA.blend[0], GAIN = DATA.blend[1]; // the same blend as the PNG overlays
@@ -71,7 +72,7 @@
       ctx.drawImage(card.image, 0, 0, canvas.width, canvas.height);
     } else if (!r[THUMB]) {
       ctx.fillStyle = "#bbb"; ctx.font = "12px system-ui, sans-serif";
-      ctx.fillText("image not found", 8, 18);
+      ctx.fillText(r[NOTE] || "image not found", 8, 18);
     }
     if (t !== null && t !== undefined && r[ATT]) ctx.drawImage(overlay(r, t, canvas.width, canvas.height), 0, 0);
     canvas.dataset.word = t === null || t === undefined ? "" : String(t);
@@ -97,6 +98,7 @@
     const row = el("article", "row");
     row.dataset.index = index;
     const canvas = el("canvas");
+    if (r[NOTE]) canvas.setAttribute("aria-label", r[NOTE]);
     [canvas.width, canvas.height] = size(r);
     const text = el("div", "text");
     const c = { index, canvas, look: el("p", "look"), image: null };
@@ -119,6 +121,14 @@
       });
       caption.addEventListener("mouseleave", () => draw(c, selected.get(index)));
       text.append(caption);
+    }
+    if (r[ALTERNATIVES]) {
+      const others = el("ol", "alternatives");
+      others.start = 2;
+      for (const [other, logp] of r[ALTERNATIVES]) {
+        others.append(el("li", "", logp === null ? other : `${other} (log p ${logp.toFixed(2)})`));
+      }
+      text.append(others);
     }
     const meta = [r[PATH]];
     if (r[SUM] !== null) {

@@ -9,9 +9,12 @@ import importlib.util
 import io
 import logging
 import math
+import os
 import re
 import shutil
 import subprocess
+import sys
+import tempfile
 import unicodedata
 import warnings
 from collections import Counter
@@ -272,6 +275,25 @@ def coco_metrics(references: Sequence[Sequence[str]], hypotheses: Sequence[str],
     return CocoScores(scores, "satcli (Python PTB-like tokenizer, no Java)", {"meteor": reason})
 
 
+@contextlib.contextmanager
+def _children_stderr_to_debug_log():
+    """pycocoevalcap's PTB tokenizer lets Java write ``PTBTokenizer tokenized N tokens at ...`` straight to the
+    stderr it inherits, past ``-q`` and into every log: the child processes started here write into a file
+    instead, whose lines go to the debug log (``-v`` shows them)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            for line in capture.read().decode("utf-8", "replace").splitlines():
+                log.debug("pycocoevalcap: %s", line)
+
+
 def _pycocoevalcap(references: Sequence[Sequence[str]], hypotheses: Sequence[str]) -> CocoScores:
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
@@ -282,8 +304,9 @@ def _pycocoevalcap(references: Sequence[Sequence[str]], hypotheses: Sequence[str
     tokenizer = PTBTokenizer()
     # One line per caption goes through the jar; an empty caption would drop its line, "." keeps it (and is
     # removed as punctuation).
-    gts = tokenizer.tokenize({i: [{"caption": c or "."} for c in refs] for i, refs in enumerate(references)})
-    res = tokenizer.tokenize({i: [{"caption": c or "."}] for i, c in enumerate(hypotheses)})
+    with _children_stderr_to_debug_log():
+        gts = tokenizer.tokenize({i: [{"caption": c or "."} for c in refs] for i, refs in enumerate(references)})
+        res = tokenizer.tokenize({i: [{"caption": c or "."}] for i, c in enumerate(hypotheses)})
     scores: dict[str, float] = {}
     with contextlib.redirect_stdout(io.StringIO()):  # pycocoevalcap prints its BLEU counts
         bleus, _ = Bleu(4).compute_score(gts, res, verbose=0)

@@ -24,6 +24,7 @@ from models.captioner import Captioner
 from satcli.core.atomic import write_text
 from satcli.core.defaults import remember_model
 from satcli.core.errors import SatcliError
+from satcli.data.store import StoredDataset
 from satcli.data.vocab import Vocabulary
 from satcli.formats.checkpoint import read_checkpoint, save_checkpoint
 from satcli.formats.model_info import write_model_card
@@ -99,6 +100,17 @@ class Job(Protocol):
     def report(self, epoch: int, line: dict[str, Any], improved: bool) -> None: ...  # main rank, after saving
 
     def close(self) -> None: ...
+
+
+def validation_split(dataset: StoredDataset) -> str:
+    """The split validation scores: ``val``, else ``test``. Refused before any work (feature caching) when the
+    dataset has neither with images."""
+    for split in ("val", "test"):
+        if split in dataset.splits and dataset.n_images(split):
+            return split
+    raise SatcliError(f"dataset {dataset.name!r} has no 'val' or 'test' split to validate on (it has: "
+                      f"{', '.join(dataset.splits) or 'no splits'}); preprocess it with one, e.g. a split field in the "
+                      "caption file or the Flickr8k split files", dataset.root)
 
 
 def run_folder(options: TrainOptions, default: str) -> Path:
@@ -188,8 +200,23 @@ def restore(run: Run, resume_from: dict[str, Any], metric: str) -> None:
     run.standing = Standing(state["epoch"] + 1, state[f"best_{metric}"], state["best_bleu4"],
                             state["epochs_since_improvement"], list(state["history"]))
     if run.ranks.main:
-        log.info("resuming %s at epoch %d", run.out, run.standing.start_epoch + 1)
+        note = finished_note(run.standing, run.options)
+        if note:
+            log.warning("%s: %s", run.out, note)
+        else:
+            log.info("resuming %s at epoch %d", run.out, run.standing.start_epoch + 1)
         write_metrics(run.out, run.standing.history)
+
+
+def finished_note(standing: Standing, options: TrainOptions) -> str | None:
+    """Why ``--resume`` of this run has nothing to train, and how to train longer; None when it has."""
+    if standing.start_epoch >= options.epochs:
+        return (f"the run is finished ({standing.start_epoch} of {options.epochs} epochs trained); to train "
+                f"longer, resume with more epochs, e.g. --resume --epochs {standing.start_epoch + 10}")
+    if standing.since_best >= options.patience:
+        return (f"the run is finished: it stopped early after {standing.since_best} epochs without validation "
+                f"improvement (--patience {options.patience}); to train on, resume with a larger --patience")
+    return None
 
 
 def run_epochs(run: Run, job: Job) -> TrainResult:
@@ -213,6 +240,11 @@ def run_epochs(run: Run, job: Job) -> TrainResult:
             if ranks.main:
                 job.report(epoch, line, improved)
             barrier(ranks)
+    except KeyboardInterrupt:
+        if ranks.main:  # the epoch's bar is gone by now: the warning gets a line of its own
+            log.warning("Interrupted: %s", f"{run.out / LAST} holds epoch {len(standing.history)}; add --resume to "
+                        "the same command to continue" if standing.history else "no epoch finished, nothing to resume")
+        raise
     finally:
         job.close()
     best, last = run.out / BEST, run.out / LAST

@@ -25,7 +25,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from rich.progress import TextColumn
 
 from models.captioner import Captioner, CaptionerConfig
 from models.decoding import DecodingOptions, decode, sample
@@ -42,7 +41,17 @@ from satcli.scoring.metrics import CiderD
 from satcli.training.batches import image_features, image_plan
 from satcli.training.distributed import Ranks
 from satcli.training.options import TrainOptions, TrainResult
-from satcli.training.run import LAST, Run, Trained, open_run, plateau_scheduler, restore, run_epochs, run_folder
+from satcli.training.run import (
+    LAST,
+    Run,
+    Trained,
+    open_run,
+    plateau_scheduler,
+    restore,
+    run_epochs,
+    run_folder,
+    validation_split,
+)
 
 
 @dataclass
@@ -86,9 +95,8 @@ def scst_epoch(model: Captioner, optimizer: torch.optim.Optimizer, features: np.
                 epoch: int, device: torch.device) -> dict[str, Any]:
     """One pass over the training images; returns the epoch's mean rewards and rates."""
     plan = image_plan(len(features), options.batch_size, options.seed, epoch)
-    progress = make_progress(TextColumn("reward {task.fields[reward]:.3f}"))
-    task = progress.add_task(f"SCST epoch {epoch + 1}/{options.epochs}", total=len(plan), unit="steps",
-                             reward=float("nan"))
+    progress = make_progress()
+    task = progress.add_task(f"SCST epoch {epoch + 1}/{options.epochs}", total=len(plan), unit="steps")
     sample_sum = greedy_sum = loss_sum = 0.0
     n_images = 0
     started = time.perf_counter()
@@ -112,7 +120,7 @@ def scst_epoch(model: Captioner, optimizer: torch.optim.Optimizer, features: np.
             greedy_sum += float(rewards.greedy.sum())
             loss_sum += float(loss.detach()) * len(rows)
             n_images += len(rows)
-            progress.update(task, advance=1, reward=sample_sum / n_images)
+            progress.update(task, advance=1, detail=f"reward {sample_sum / n_images:.3f}")
     seconds = time.perf_counter() - started
     return {"loss": loss_sum / max(n_images, 1), "sample_reward": sample_sum / max(n_images, 1),
             "greedy_reward": greedy_sum / max(n_images, 1), "samples_per_s": n_images / seconds,
@@ -139,7 +147,7 @@ def train_scst(options: TrainOptions, ranks: Ranks) -> TrainResult:
         raise SatcliError(f"the model's vocabulary is not the one of dataset {options.dataset!r}; SCST must use "
                           "the dataset the model was trained on", source)
     model = _model(start, source, device)
-    val_split = "val" if "val" in dataset.splits else "test"
+    val_split = validation_split(dataset)
     optimizer = scst_optimizer(model, options)
     run = Run(out, options, ranks, device, model, dataset.vocab, optimizer, plateau_scheduler(optimizer, options),
               val_split)

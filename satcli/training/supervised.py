@@ -22,7 +22,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from rich.progress import TextColumn
 
 from models.captioner import (
     Captioner,
@@ -57,7 +56,17 @@ from satcli.training.batches import (
 )
 from satcli.training.distributed import Ranks, all_reduce, barrier, distributed
 from satcli.training.options import TrainOptions, TrainResult, check_grid, check_resume_vocabulary
-from satcli.training.run import LAST, Run, Trained, open_run, plateau_scheduler, restore, run_epochs, run_folder
+from satcli.training.run import (
+    LAST,
+    Run,
+    Trained,
+    open_run,
+    plateau_scheduler,
+    restore,
+    run_epochs,
+    run_folder,
+    validation_split,
+)
 
 
 class Stepper:
@@ -135,7 +144,7 @@ def train_supervised(options: TrainOptions, ranks: Ranks) -> TrainResult:
     dataset = StoredDataset.open(options.data_root, options.dataset)
     if resume_from is not None:
         check_resume_vocabulary(resume_from, dataset.vocab, options.dataset, out / LAST)
-    val_split = "val" if "val" in dataset.splits else "test"
+    val_split = validation_split(dataset)
     check_grid(options, dataset)
     model = _model(options, len(dataset.vocab), resume_from, device, out / LAST)
     table = CaptionTable.from_store(dataset, "train")
@@ -238,12 +247,11 @@ class Supervised:
         plan = image_batch_plan(self.table.image, options.batch_size, options.seed, epoch) if self.tuning \
             else batch_plan(self.table.lengths, options.batch_size, options.seed, epoch)
         self.steps_per_epoch = len(plan)
-        progress = make_progress(TextColumn("loss {task.fields[loss]:.3f}")) if ranks.main else None
+        progress = make_progress() if ranks.main else None
         try:
             if progress:
                 progress.start()
-                task = progress.add_task(f"epoch {epoch + 1}/{options.epochs}", total=len(plan), unit="steps",
-                                         loss=float("nan"))
+                task = progress.add_task(f"epoch {epoch + 1}/{options.epochs}", total=len(plan), unit="steps")
             started, n_samples, n_tokens, n_steps = time.perf_counter(), 0, 0, 0
             loss_sum = torch.zeros((), device=run.device)
             for batch in prefetch(self._batches(plan, epoch)):
@@ -258,10 +266,10 @@ class Supervised:
                 if self.steps:
                     self.steps.step(epoch + 1, epoch * len(plan) + n_steps, loss * ranks.world,
                                     learning_rates(run.optimizer))
-                if progress:
+                if progress and (n_steps == 1 or n_steps % 20 == 0):  # reading the loss waits for the device
+                    progress.update(task, advance=1, detail=f"loss {float(loss_sum) / n_steps:.3f}")
+                elif progress:
                     progress.advance(task)
-                    if n_steps % 20 == 0:  # reading the loss waits for the device: only now and then
-                        progress.update(task, loss=float(loss_sum) / n_steps)
             all_reduce(loss_sum, ranks)  # each rank returned its share of every global batch's loss
             mean_loss = float(loss_sum) / max(n_steps, 1)
             seconds = time.perf_counter() - started
