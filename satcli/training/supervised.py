@@ -40,7 +40,7 @@ from satcli.data.features import cached_features
 from satcli.data.store import StoredDataset
 from satcli.data.text import tokenize
 from satcli.data.views import FeatureViews
-from satcli.data.vocab import Vocabulary
+from satcli.data.vocab import Vocabulary, banned_words
 from satcli.scoring.decode import decode_split, split_chunks, validation_scores
 from satcli.training.batches import (
     CaptionTable,
@@ -104,13 +104,14 @@ class Stepper:
 
 def validate(model: Captioner, dataset: StoredDataset, split: str, vocab: Vocabulary, device: torch.device,
              features: np.ndarray | None, beam_size: int, max_length: int, batch_size: int = 100) -> dict[str, float]:
-    """BLEU-1..4 of captions *decoded* from ``split`` (cached features when given, else images)."""
+    """BLEU-1..4 of captions *decoded* from ``split`` (cached features when given, else images), ``<unk>`` banned
+    as ``satcli caption`` and ``evaluate`` ban it, so best.pt is chosen on the captions users get."""
     references = [[tokenize(c) for c in captions] for captions in dataset.captions(split)]
     with make_progress() as progress:
         task = progress.add_task(f"validating on {split}", total=len(references), unit="images")
         chunks = split_chunks(dataset, split, model, device, batch_size, features, progress, f"encoding {split}")
-        (decoded,) = decode_split(model, chunks, [DecodingOptions(beam_size=beam_size, max_length=max_length)],
-                                  device, lambda n: progress.advance(task, n))
+        decoding = DecodingOptions(beam_size=beam_size, max_length=max_length, banned_ids=banned_words(allow_unk=False))
+        (decoded,) = decode_split(model, chunks, [decoding], device, lambda n: progress.advance(task, n))
     return validation_scores(references, [vocab.decode(result.tokens) for result in decoded.results])
 
 

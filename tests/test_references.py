@@ -1,0 +1,175 @@
+"""Training and scoring as the references do them (issue 24, part 2): each test checks a rule against the
+reference named in its docstring, and failed before the fix."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+import satcli.training.scst
+import satcli.training.supervised
+from models.decoding import sample
+from satcli.commands.preprocess import run as preprocess
+from satcli.data.preprocess import PreprocessOptions
+from satcli.data.store import DatasetKind, StoredDataset
+from satcli.data.vocab import END, END_ID, SPECIALS, UNK_ID, Vocabulary
+from satcli.scoring.metrics import CiderD
+from satcli.training import TrainOptions
+from satcli.training.scst import CiderReward, Scst, scst_epoch
+from tests.helpers import random_features, tiny_captioner
+
+# --- 1. SCST's reward scores the end token (Rennie et al. 2017, appendix; ruotianluo/self-critical.pytorch) ------
+
+WORDS = ["a", "dog", "on", "mat", "cat", "sofa", "red", "ball"]
+VOCAB = Vocabulary([*SPECIALS, *WORDS])
+CORPUS = [
+    [["a", "dog", "on", "a", "mat"], ["a", "dog", "on", "a", "red", "mat"]],
+    [["a", "cat", "on", "a", "sofa"], ["a", "cat", "on", "a", "red", "sofa"]],
+    [["a", "red", "ball"]],
+]
+
+
+def ids(words: list[str], end: bool = True) -> list[int]:
+    return [VOCAB.id(w) for w in words] + ([END_ID] if end else [])
+
+
+def reference_cider(corpus, candidates: dict[int, str]) -> dict[int, float]:
+    """CIDEr-D the way ruotianluo's ``get_self_critical_reward`` calls it: every string ends with the end token
+    (``array_to_str`` keeps the 0 it stops at; ``prepro_ngrams`` adds ``<eos>`` to every reference before the
+    document frequencies), and the document frequencies come from the whole training corpus. pycocoevalcap's
+    ``Cider`` takes its frequencies from the references it is given, so it is given the whole corpus."""
+    from pycocoevalcap.cider.cider import Cider
+
+    gts = {i: [" ".join([*ref, END]) for ref in refs] for i, refs in enumerate(corpus)}
+    res = {i: [candidates.get(i, "a")] for i in gts}
+    _, per_image = Cider().compute_score(gts, res)
+    return {i: float(per_image[i]) for i in candidates}
+
+
+def test_the_scst_reward_is_cider_d_with_the_end_token_on_both_sides():
+    reward = CiderReward(CORPUS)
+    truncated, whole = ["a", "dog", "on", "a"], ["a", "dog", "on", "a", "mat"]
+    rewards = reward.rewards([[ids(truncated), ids(whole)]], [ids(["a", "cat"])], [0], VOCAB)
+    expected = reference_cider(CORPUS, {0: " ".join([*truncated, END])})[0]
+    assert rewards.samples[0, 0] == pytest.approx(expected, rel=1e-9)
+    assert rewards.samples[0, 1] == pytest.approx(reference_cider(CORPUS, {0: " ".join([*whole, END])})[0], rel=1e-9)
+    # without the end token the truncated "a dog on a" keeps every n-gram of "a dog on a mat" it has; with it,
+    # the n-grams that end the sentence are missing, so it scores lower than before
+    without = CiderD(CORPUS).scores([truncated], [CORPUS[0]])[0]
+    assert rewards.samples[0, 0] < without - 0.1
+    assert rewards.samples[0, 1] - rewards.samples[0, 0] > 1.0
+
+
+def test_a_caption_cut_at_max_length_gets_no_end_token_in_its_reward():
+    """ruotianluo's ``array_to_str`` adds the end token only where the sequence wrote one (its 0)."""
+    reward = CiderReward(CORPUS)
+    cut = ["a", "dog", "on", "a", "mat"]
+    rewards = reward.rewards([[ids(cut, end=False)]], [ids(cut, end=False)], [0], VOCAB)
+    assert rewards.samples[0, 0] == pytest.approx(reference_cider(CORPUS, {0: " ".join(cut)})[0], rel=1e-9)
+
+
+# --- 4. <unk> is banned in validation, the SCST baseline and SCST sampling, as in caption and evaluate -----------
+
+def unk_loving_model(vocab_size: int = 12):
+    """A tiny captioner whose every step prefers <unk> by far (then <end> and words, in random order)."""
+    torch.manual_seed(0)
+    model = tiny_captioner(vocab_size=vocab_size)
+    with torch.no_grad():
+        model.decoder.out.bias[UNK_ID] += 50.0
+    return model
+
+
+def has_unk(tokens) -> bool:
+    return UNK_ID in list(tokens)
+
+
+def test_the_unk_loving_model_really_writes_unk_when_allowed():
+    model = unk_loving_model()
+    drawn = sample(model, random_features(model, 2), n_samples=3, max_length=5)
+    assert (drawn.tokens == UNK_ID).float().mean() > 0.5  # so the tests below can fail
+
+
+@pytest.fixture(scope="module")
+def tiny_store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    preprocess(PreprocessOptions(dataset=DatasetKind.shapes, data_root=root, n_train=8, n_val=4, n_test=4,
+                                 image_size=64, min_word_freq=1))
+    return StoredDataset.open(root, "shapes")
+
+
+def recording(monkeypatch, module, name="decode_split"):
+    """Wrap ``module.name`` (the real function) so the test sees what it returned."""
+    seen = []
+    real = getattr(module, name)
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        seen.append(out)
+        return out
+
+    monkeypatch.setattr(module, name, spy)
+    return seen
+
+
+def test_validation_never_writes_unk(tiny_store, monkeypatch):
+    model = unk_loving_model(len(tiny_store.vocab))
+    features = random_features(model, tiny_store.n_images("val")).numpy()
+    seen = recording(monkeypatch, satcli.training.supervised)
+    satcli.training.supervised.validate(model, tiny_store, "val", tiny_store.vocab, torch.device("cpu"), features,
+                                        beam_size=1, max_length=6)
+    results = [r for (decoded,) in seen for r in decoded.results]
+    assert len(results) == tiny_store.n_images("val")
+    assert not any(has_unk(r.tokens) for r in results)
+
+
+def test_scst_validation_never_writes_unk(monkeypatch):
+    model = unk_loving_model()
+    seen = recording(monkeypatch, satcli.training.scst)
+    run = SimpleNamespace(model=model, options=TrainOptions(dataset="x", val_beam_size=2, val_max_length=6),
+                          device=torch.device("cpu"), vocab=Vocabulary([*SPECIALS, *(f"w{i}" for i in range(8))]))
+    fake = SimpleNamespace(run=run, val_features=random_features(model, 3).numpy(), val_refs=[[["w1"]]] * 3)
+    Scst.score(fake)
+    (decoded,) = seen[0]
+    assert len(decoded.results) == 3 and not any(has_unk(r.tokens) for r in decoded.results)
+
+
+class RecordingReward(CiderReward):
+    def __init__(self, references):
+        super().__init__(references)
+        self.sampled, self.greedy = [], []
+
+    def rewards(self, sampled, greedy, rows, vocab):
+        self.sampled.extend(sampled)
+        self.greedy.extend(greedy)
+        return super().rewards(sampled, greedy, rows, vocab)
+
+
+def test_scst_sampling_and_its_greedy_baseline_never_write_unk():
+    model = unk_loving_model()
+    vocab = Vocabulary([*SPECIALS, *(f"w{i}" for i in range(8))])
+    reward = RecordingReward([[["w1", "w2"]]] * 4)
+    options = TrainOptions(dataset="x", batch_size=2, epochs=1, scst_samples=3, val_max_length=6)
+    optimizer = torch.optim.SGD(model.decoder.parameters(), lr=0.0)
+    scst_epoch(model, optimizer, random_features(model, 4).numpy(), reward, vocab, options, 0, torch.device("cpu"))
+    assert len(reward.greedy) == 4 and len(reward.sampled) == 4
+    assert not any(has_unk(g) for g in reward.greedy)
+    assert not any(has_unk(s) for per_image in reward.sampled for s in per_image)
+
+
+def test_the_python_api_bans_unk_by_default_like_caption(tmp_path):
+    from PIL import Image
+
+    import satcli
+    from satcli.formats.checkpoint import save_checkpoint
+
+    model = unk_loving_model()
+    vocab = Vocabulary([*SPECIALS, *(f"w{i}" for i in range(8))])
+    checkpoint = save_checkpoint(tmp_path / "unk.pt", model, vocab)
+    picture = tmp_path / "a.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(picture)
+    pipeline = satcli.load(checkpoint, device="cpu")
+    (row,) = pipeline.caption([picture], beam_size=2, max_length=6)
+    assert row["error"] is None and "<unk>" not in row["words"]
+    (allowed,) = pipeline.caption([picture], beam_size=2, max_length=6, banned_ids=())
+    assert "<unk>" in allowed["words"]  # the model does prefer it
