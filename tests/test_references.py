@@ -173,3 +173,54 @@ def test_the_python_api_bans_unk_by_default_like_caption(tmp_path):
     assert row["error"] is None and "<unk>" not in row["words"]
     (allowed,) = pipeline.caption([picture], beam_size=2, max_length=6, banned_ids=())
     assert "<unk>" in allowed["words"]  # the model does prefer it
+
+
+# --- 3. Fine-tuning keeps BatchNorm statistics frozen ---------------------------------------------------------------
+
+def batchnorm_statistics(state: dict) -> dict:
+    return {k: v.clone() for k, v in state.items()
+            if k.startswith("encoder.") and (k.endswith("running_mean") or k.endswith("running_var"))}
+
+
+def test_model_train_leaves_the_tuned_blocks_batchnorm_in_eval_mode():
+    model = tiny_captioner(image_size=64)
+    model.encoder.set_fine_tuning(2)
+    model.train()
+    model.decoder.train()
+    batchnorms = [m for m in model.encoder.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    tuned = [m for m in batchnorms if m.weight.requires_grad]
+    assert tuned and len(tuned) < len(batchnorms)  # the top blocks' BatchNorm layers, scale and shift trainable
+    assert not any(m.training for m in batchnorms)
+    before = batchnorm_statistics(model.state_dict())
+    for _ in range(2):
+        features = model.encode(torch.randn(3, 3, 64, 64))
+        out = model(features, torch.tensor([[1, 5, 6, 2]] * 3), torch.tensor([3, 3, 3]))
+        out.logprobs.sum().backward()
+        torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1).step()
+        model.train()  # what every training epoch does
+    after = batchnorm_statistics(model.state_dict())
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(m.weight.grad is not None for m in tuned)  # scale and shift still learn
+
+
+def test_a_fine_tuning_run_keeps_the_pretrained_batchnorm_statistics(tmp_path, monkeypatch):
+    from models.captioner import Captioner, CaptionerConfig
+    from satcli.formats.checkpoint import read_checkpoint
+    from satcli.training import train
+
+    monkeypatch.setenv("SATCLI_STATE_DIR", str(tmp_path / "state"))
+    data = tmp_path / "data"
+    preprocess(PreprocessOptions(dataset=DatasetKind.shapes, data_root=data, n_train=12, n_val=4, n_test=0,
+                                 image_size=64, min_word_freq=1))
+    result = train(TrainOptions(dataset="shapes", data_root=data, out=tmp_path / "run", epochs=1, image_size=64,
+                                embed_dim=16, attention_dim=16, decoder_dim=24, dropout=0.0, batch_size=4,
+                                fine_tune_encoder=True, fine_tune_blocks=2, device="cpu"))
+    checkpoint = read_checkpoint(result.last)
+    pretrained = Captioner(CaptionerConfig.from_dict(checkpoint["config"]), pretrained_encoder=True).state_dict()
+    tuned = checkpoint["state_dict"]
+    expected = batchnorm_statistics(pretrained)
+    assert expected and all(torch.equal(tuned[k], expected[k]) for k in expected)
+    # the run did fine-tune: the top block's convolutions moved
+    moved = [k for k in pretrained if k.startswith("encoder.") and k.endswith("weight")
+             and not torch.equal(tuned[k], pretrained[k])]
+    assert moved
