@@ -224,3 +224,57 @@ def test_a_fine_tuning_run_keeps_the_pretrained_batchnorm_statistics(tmp_path, m
     moved = [k for k in pretrained if k.startswith("encoder.") and k.endswith("weight")
              and not torch.equal(tuned[k], pretrained[k])]
     assert moved
+
+
+# --- 2. --objects on COCO is Rohrbach et al.'s CHAIR (LisaAnne/Hallucination, utils/chair.py) ----------------------
+
+# Per image: COCO instance labels, reference captions, the generated caption. What CHAIR counts, worked out by hand
+# from the reference's rules (synonyms.txt; double words such as "baby elephant" -> elephant; ground truth =
+# instance labels + objects named in the reference captions):
+#   1. "baby elephant" is one elephant, not a person and an elephant: 1 mention, 0 hallucinated
+#   2. man -> person, named by the references though no box has it; table -> dining table; pizza: 3 mentions, 0
+#   3. "glass" is no COCO word (only "wine glass" is); cup; table: 2 mentions, 0
+#   4. "bat" and "board" are no COCO words (only "baseball bat", "surfboard"); bird: 1 mention, 0
+#   5. cat; bed (named by the references); dog, hallucinated: 3 mentions, 1
+# CHAIR-i = 1 / 10, CHAIR-s = 1 / 5.
+CHAIR_CASES = [
+    (["elephant"], ["an adult elephant and a baby elephant", "two elephants in a field"],
+     "a baby elephant walking in the grass"),
+    (["dining table", "pizza"], ["a man eating a pizza at a table", "a man with a pizza"],
+     "a man sitting at a table with a pizza"),
+    (["dining table", "cup"], ["a glass of water on a table", "a cup on a wooden table"],
+     "a glass of water and a cup on a table"),
+    (["bird"], ["a bird sitting on a wooden board", "a small bird on a plank"], "a bat on a board near a bird"),
+    (["cat"], ["a cat sleeping on a bed", "a cat lying on a blanket"], "a cat on a bed next to a dog"),
+]
+
+
+def coco_lexicon():
+    from satcli.data.instances import SYNONYMS, category_words
+    from satcli.scoring.objects import build_lexicon
+
+    return build_lexicon([[{"label": name, "words": category_words(name)} for name in SYNONYMS]])
+
+
+def test_chair_on_coco_follows_the_reference_rules():
+    from satcli.data.text import tokenize
+    from satcli.scoring.objects import mentions, object_scores, present_objects
+
+    lexicon = coco_lexicon()
+    items = [(tokenize(caption), present_objects(labels, [tokenize(r) for r in refs], lexicon))
+             for labels, refs, caption in CHAIR_CASES]
+    assert [mentions(tokens, lexicon) for tokens, _ in items] == [
+        ["elephant"], ["person", "dining table", "pizza"], ["cup", "dining table"], ["bird"],
+        ["cat", "bed", "dog"]]
+    scores = object_scores(items, lexicon)
+    assert (scores.n_mentions, scores.n_hallucinated) == (10, 1)
+    assert scores.chair_i == pytest.approx(1 / 10) and scores.chair_s == pytest.approx(1 / 5)
+
+
+def test_baby_and_adult_name_a_person_only_when_no_animal_follows():
+    from satcli.data.text import tokenize
+    from satcli.scoring.objects import mentions
+
+    lexicon = coco_lexicon()
+    assert mentions(tokenize("a baby dog and two adult giraffes"), lexicon) == ["dog", "giraffe"]
+    assert mentions(tokenize("a baby sitting next to a dog"), lexicon) == ["person", "dog"]

@@ -43,7 +43,7 @@ from satcli.formats.results import result_row, results_metadata, write_results
 from satcli.scoring.decode import Decoded, decode_split, split_chunks
 from satcli.scoring.grounding import GroundingScores, grounding_scores, objects_from_store
 from satcli.scoring.metrics import bleu, coco_metrics
-from satcli.scoring.objects import Lexicon, ObjectScores, build_lexicon, object_scores
+from satcli.scoring.objects import Lexicon, ObjectScores, build_lexicon, object_scores, present_objects
 
 log = logging.getLogger(__name__)
 REPORT = "report.json"
@@ -198,6 +198,9 @@ def evaluate(options: EvaluateOptions) -> EvaluateResult:
     words = loaded.vocab.words
     raw_references = table.column("captions").to_pylist()
     references = [[tokenize(c) for c in captions] for captions in raw_references]
+    present = [present_objects((o["label"] for o in rows or ()), refs, lexicon)  # CHAIR's: boxes + references
+               for rows, refs in zip(table.column("objects").to_pylist(), references, strict=True)] \
+        if options.objects else []
     result = EvaluateResult(out / REPORT, [], n_images)
     model_sha256 = checkpoint_sha256(model_path)  # recorded in every predictions file
     for decoding, decoded in zip(decodings, outputs, strict=True):
@@ -214,9 +217,7 @@ def evaluate(options: EvaluateOptions) -> EvaluateResult:
                 (tokens, r.attention.float().numpy(), objs)
                 for tokens, r, objs in zip(captions, decoded.results, objects, strict=True))
         if options.objects:
-            beam.objects = object_scores(
-                ((tokens, [o["label"] for o in rows or ()])
-                 for tokens, rows in zip(captions, table.column("objects").to_pylist(), strict=True)), lexicon)
+            beam.objects = object_scores(zip(captions, present, strict=True), lexicon)
         beam.predictions = _write_predictions(out / f"predictions-{options.split}-beam{decoding.beam_size}.parquet",
                                               table, decoded.results, words, decoding.n_best,
                                               _metadata(loaded, model_sha256, decoding, dataset, options.split))
