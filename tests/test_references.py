@@ -278,3 +278,70 @@ def test_baby_and_adult_name_a_person_only_when_no_animal_follows():
     lexicon = coco_lexicon()
     assert mentions(tokenize("a baby dog and two adult giraffes"), lexicon) == ["dog", "giraffe"]
     assert mentions(tokenize("a baby sitting next to a dog"), lexicon) == ["person", "dog"]
+
+
+# --- 6. --coco follows the official protocol (pycocoevalcap's COCOEvalCap) ----------------------------------------
+
+RAW_REFERENCES = [
+    ["A man in a red T-shirt stands on the grass.", "A man's shirt is red; he's standing on a lawn."],
+    ["Two dogs run across a wide, open field!", "Two brown dogs running in the grass"],
+    ["A well-dressed woman holds an umbrella.", "A woman under a black umbrella"],
+]
+CAPTIONS = [["a", "man", "in", "a", "red", "t", "shirt", "stands", "on", "the", "grass"],
+            ["two", "dogs", "run", "across", "a", "wide", "field"],
+            ["a", "woman", "holds", "an", "umbrella"]]
+
+
+def official_coco_eval(references: list[list[str]], captions: list[str], monkeypatch) -> dict[str, float]:
+    """pycocoevalcap's COCOEvalCap.evaluate itself, on raw references and captions (SPICE left out: it needs a
+    download)."""
+    import pycocoevalcap.eval
+    from pycocoevalcap.eval import COCOEvalCap
+
+    class NoSpice:
+        def compute_score(self, gts, res):
+            return 0.0, [0.0] * len(gts)
+
+        def method(self):
+            return "SPICE"
+
+    monkeypatch.setattr(pycocoevalcap.eval, "Spice", NoSpice)
+    gts = SimpleNamespace(imgToAnns={i: [{"image_id": i, "caption": c} for c in refs]
+                                     for i, refs in enumerate(references)},
+                          getImgIds=lambda: list(range(len(references))))
+    res = SimpleNamespace(imgToAnns={i: [{"image_id": i, "caption": c}] for i, c in enumerate(captions)})
+    evaluator = COCOEvalCap(gts, res)
+    evaluator.evaluate()
+    names = {"Bleu_1": "bleu1", "Bleu_2": "bleu2", "Bleu_3": "bleu3", "Bleu_4": "bleu4", "METEOR": "meteor",
+             "ROUGE_L": "rouge_l", "CIDEr": "cider_d"}
+    return {ours: evaluator.eval[theirs] for theirs, ours in names.items()}
+
+
+def test_coco_metrics_are_the_official_evaluations_on_the_raw_references(monkeypatch):
+    from satcli.scoring.evaluate import coco_scores
+    from satcli.scoring.metrics import coco_unavailable
+
+    if coco_unavailable() is not None:
+        pytest.skip(coco_unavailable())
+    expected = official_coco_eval(RAW_REFERENCES, [" ".join(c) for c in CAPTIONS], monkeypatch)
+    got = coco_scores(RAW_REFERENCES, CAPTIONS).scores
+    assert got == pytest.approx(expected, rel=1e-6)
+    # the vocabulary protocol is another number, so which one was used matters
+    other = coco_scores(RAW_REFERENCES, CAPTIONS, references="vocabulary").scores
+    assert other["cider_d"] != pytest.approx(expected["cider_d"], rel=1e-3)
+
+
+def test_the_report_and_the_table_say_which_coco_protocol_was_used(tiny_store, tmp_path):
+    import json
+
+    from satcli.formats.checkpoint import save_checkpoint
+    from satcli.scoring.evaluate import EvaluateOptions, evaluate
+
+    torch.manual_seed(0)
+    model = tiny_captioner(vocab_size=len(tiny_store.vocab), image_size=64)
+    checkpoint = save_checkpoint(tmp_path / "m.pt", model, tiny_store.vocab)
+    result = evaluate(EvaluateOptions(dataset="shapes", data_root=tiny_store.root.parent, model=checkpoint, coco=True,
+                                      java=False, max_length=6, out=tmp_path / "eval", device="cpu"))
+    coco = json.loads(result.report.read_text())["coco"]
+    assert coco["references"] == "official" and "raw reference captions" in coco["protocol"]
+    assert "raw reference captions through the PTB tokenizer" in str(result.table().caption)

@@ -40,6 +40,13 @@ class Attention(str, Enum):
     hard = "hard"
 
 
+class CocoReferences(str, Enum):
+    """How ``evaluate --coco`` treats the references (satcli.scoring.evaluate.COCO_REFERENCES)."""
+
+    official = "official"
+    vocabulary = "vocabulary"
+
+
 # Options shared by the commands that caption images (caption now; evaluate reuses them), declared once.
 ModelOption = Annotated[Path | None, typer.Option(
     "--model", "-m", dir_okay=False, show_default=False,
