@@ -345,3 +345,60 @@ def test_the_report_and_the_table_say_which_coco_protocol_was_used(tiny_store, t
     coco = json.loads(result.report.read_text())["coco"]
     assert coco["references"] == "official" and "raw reference captions" in coco["protocol"]
     assert "raw reference captions through the PTB tokenizer" in str(result.table().caption)
+
+
+# --- 5. caption and evaluate decode at one precision: the same picture gets the same caption ------------------------
+
+def caption_and_evaluate(store, folder, device: str):
+    """The test split's captions from ``satcli evaluate`` (cached features) and from ``satcli.load().caption`` on
+    the very same pictures (the stored JPEGs written out as files), as {path: (tokens, sum_logprob)}."""
+    import pyarrow.parquet as pq
+
+    import satcli
+    from models.captioner import Captioner
+    from satcli.formats.checkpoint import save_checkpoint
+    from satcli.scoring.evaluate import EvaluateOptions, evaluate
+    from tests.helpers import tiny_config
+
+    torch.manual_seed(0)
+    model = Captioner(tiny_config(vocab_size=len(store.vocab), image_size=64, encoder="efficientnet-lite0"),
+                      pretrained_encoder=True)
+    with torch.no_grad():
+        for parameter in model.decoder.parameters():
+            parameter.mul_(2.0)  # captions that depend on the picture
+    checkpoint = save_checkpoint(folder / "model.pt", model, store.vocab)
+    result = evaluate(EvaluateOptions(dataset=store.name, data_root=store.root.parent, model=checkpoint,
+                                      split="test", max_length=8, out=folder / "eval", device=device))
+    evaluated = pq.read_table(result.beams[0].predictions).to_pydict()
+    table = store.read("test", ["path", "image"]).to_pydict()
+    files = []
+    for i, data in enumerate(table["image"]):
+        files.append(folder / f"{i}.jpg")
+        files[-1].write_bytes(data)
+    rows = satcli.load(checkpoint, device=device).caption(files, beam_size=3, max_length=8)
+    by_path = dict(zip(table["path"], rows, strict=True))
+    return ({p: (t, s) for p, t, s in zip(evaluated["path"], evaluated["tokens"], evaluated["sum_logprob"],
+                                          strict=True)},
+            {p: (r["words"], r["sum_logprob"]) for p, r in by_path.items()})
+
+
+def assert_same_captions(evaluated, captioned):
+    assert evaluated.keys() == captioned.keys()
+    for path, (tokens, sum_logprob) in evaluated.items():
+        assert captioned[path][0] == tokens, path
+        assert captioned[path][1] == pytest.approx(sum_logprob, abs=1e-6), path
+
+
+def test_caption_and_evaluate_give_the_same_image_the_same_caption(tiny_store, tmp_path):
+    evaluated, captioned = caption_and_evaluate(tiny_store, tmp_path, "cpu")
+    assert len({tuple(t) for t, _ in evaluated.values()}) > 1  # captions that depend on the picture
+    assert_same_captions(evaluated, captioned)
+
+
+@pytest.mark.cuda
+def test_caption_and_evaluate_agree_on_cuda(tiny_store, tmp_path, monkeypatch):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    monkeypatch.setenv("SATCLI_GPU_JPEG", "0")  # the same JPEG decoder (Pillow) as evaluate's store reader
+    evaluated, captioned = caption_and_evaluate(tiny_store, tmp_path, "cuda")
+    assert_same_captions(evaluated, captioned)

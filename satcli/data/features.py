@@ -11,6 +11,7 @@ float16 array (n_images, n_pixels, dim) in the split's row order; a ``<split>.js
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -29,7 +30,7 @@ from satcli.data.store import StoredDataset
 from satcli.data.views import AUGMENT, augment, view_generator
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: encoded through encode_images (channels-last, one precision policy)
 
 
 def encoder_sha256(model: Captioner) -> str:
@@ -141,7 +142,26 @@ def encode_split(dataset: StoredDataset, split: str, model: Captioner, device: t
 
 
 def _encode(model: Captioner, images: torch.Tensor, device: torch.device, progress: Progress, task) -> torch.Tensor:
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        features = model.encode(images.to(device, non_blocking=True))
+    features = encode_images(model, images.to(device, non_blocking=True))
     progress.advance(task, len(images))
-    return features.float()
+    return features
+
+
+def inference_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """The encoder's precision at inference: autocast to bfloat16 on CUDA (float16 where the GPU has no bfloat16),
+    full precision elsewhere."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+
+
+def encode_images(model: Captioner, images: torch.Tensor) -> torch.Tensor:
+    """Normalised images (B, 3, S, S) on the model's device → (B, n_pixels, dim) float32 features, the one
+    precision policy of every decoding path: the encoder under :func:`inference_autocast` on channels-last
+    images (the faster convolutions, whose sums round differently from the default layout's), its output rounded
+    to float16 as the feature cache stores it; the decoder and beam search then run in float32. ``caption``,
+    ``evaluate``, validation and the cache all encode through here, so the same picture gets the same features,
+    and the same caption, from each of them."""
+    with inference_autocast(images.device):
+        features = model.encode(images.contiguous(memory_format=torch.channels_last))
+    return features.to(torch.float16).float()
