@@ -402,3 +402,43 @@ def test_caption_and_evaluate_agree_on_cuda(tiny_store, tmp_path, monkeypatch):
     monkeypatch.setenv("SATCLI_GPU_JPEG", "0")  # the same JPEG decoder (Pillow) as evaluate's store reader
     evaluated, captioned = caption_and_evaluate(tiny_store, tmp_path, "cuda")
     assert_same_captions(evaluated, captioned)
+
+
+# --- 7. --feature-flips reads the features of the mirrored picture ------------------------------------------------
+
+def test_flipped_captions_read_the_encoders_features_of_the_mirrored_picture(tiny_store):
+    """What fine-tuning does to pixels (flip the picture, swap left/right in the words), the cache must give:
+    the encoder's output on the mirrored image, not the picture's grid mirrored cell by cell."""
+    from models.data import DataConfig, image_to_tensor
+    from satcli.data.features import cached_features, encode_images
+    from satcli.data.views import FLIP_VIEW
+    from satcli.training.batches import CaptionTable, FeatureFlips, feature_batches, flip_table
+    from satcli.training.distributed import Ranks
+
+    torch.manual_seed(0)
+    model = tiny_captioner(vocab_size=len(tiny_store.vocab), image_size=64).eval()
+    device = torch.device("cpu")
+    plain = cached_features(tiny_store, "train", model, device)
+    mirrored = cached_features(tiny_store, "train", model, device, view=FLIP_VIEW)
+    data = DataConfig.for_config(model.config)
+    pictures = torch.stack([image_to_tensor(tiny_store.decode_image(b), data)
+                            for b in tiny_store.read("train", ["image"]).column("image").to_pylist()])
+    with torch.inference_mode():
+        expected = encode_images(model, pictures.flip(-1))
+    torch.testing.assert_close(torch.from_numpy(np.asarray(mirrored, np.float32)), expected, rtol=0, atol=1e-5)
+
+    table = CaptionTable.from_store(tiny_store, "train")
+    vocab = tiny_store.vocab
+    flips = FeatureFlips.for_epoch(mirrored, flip_table(vocab), len(table), seed=0, epoch=0)
+    plan = [torch.arange(len(table))]
+    (grids, tokens, _, _, _), = feature_batches(plain, table, plan, Ranks(0, 1), flips)
+    rows = table.image.numpy()
+    chosen = flips.chosen.numpy()
+    assert 0 < chosen.sum() < len(table)
+    torch.testing.assert_close(grids[chosen], expected[rows[chosen]], rtol=0, atol=1e-5)
+    torch.testing.assert_close(grids[~chosen], torch.from_numpy(np.asarray(plain, np.float32))[rows[~chosen]])
+    left, right = vocab.id("left"), vocab.id("right")
+    original = table.tokens[:, : tokens.shape[1]]
+    said_left, said_right = (original == left)[chosen], (original == right)[chosen]
+    assert said_left.any() and (tokens[chosen][said_left] == right).all()
+    assert said_right.any() and (tokens[chosen][said_right] == left).all()

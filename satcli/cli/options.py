@@ -76,8 +76,8 @@ OverlaysOption = Annotated[Path | None, typer.Option(
 
 # train's frozen-encoder augmentations: one command's options, declared here to keep train's signature readable.
 FeatureFlipsOption = Annotated[bool, typer.Option(
-    "--feature-flips", help="Frozen encoder: mirror half the cached feature grids left-right each epoch, "
-    "swapping the words left/right with them.")]
+    "--feature-flips", help="Frozen encoder: half the captions each epoch read the features of their picture "
+    "mirrored left-right (cached once, as a view), with the words left/right swapped.")]
 FeatureShiftsOption = Annotated[bool, typer.Option(
     "--feature-shifts", help="Frozen encoder: move the cached feature grids by up to one cell each epoch "
     "(what a small crop does).")]

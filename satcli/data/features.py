@@ -27,7 +27,7 @@ from models.data import DataConfig, image_to_tensor
 from satcli.core.atomic import atomic_path, remove_stale_temps, write_text
 from satcli.core.console import make_progress
 from satcli.data.store import StoredDataset
-from satcli.data.views import AUGMENT, augment, view_generator
+from satcli.data.views import AUGMENT, FLIP_VIEW, augment, view_generator, view_name
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 2  # 2: encoded through encode_images (channels-last, one precision policy)
@@ -56,7 +56,9 @@ def _describe(dataset: StoredDataset, model: Captioner, split: str, weights_sha2
                  "image_size": c.image_size, "interpolation": data.interpolation, "grid_size": c.grid_size,
                  "split": split, "n_images": dataset.n_images(split), "store_created": dataset.meta.get("created"),
                  "shape": [dataset.n_images(split), model.grid_shape[0] * model.grid_shape[1], model.encoder.spec.dim]}
-    if view:
+    if view == FLIP_VIEW:
+        described.update(view="flip")
+    elif view:
         described.update(view=view, augment=AUGMENT.describe())
     return described
 
@@ -66,11 +68,12 @@ def cached_features(dataset: StoredDataset, split: str, model: Captioner, device
                     data: DataConfig | None = None, view: int = 0) -> np.ndarray:
     """(n_images, n_pixels, dim) float16 features of ``split``, memory-mapped; computed on first use.
     ``data``: how to prepare the images (a loaded checkpoint's); default: the model config's. ``view`` 1, 2, ...
-    are the pictures augmented (satcli.data.views), each view a cache of its own."""
+    are the pictures augmented (satcli.data.views), ``FLIP_VIEW`` the pictures mirrored left-right, each view a
+    cache of its own."""
     data = data or DataConfig.for_config(model.config)
     weights = encoder_sha256(model)  # hashing the weights once, for the folder and the description alike
     folder = cache_dir(dataset, model, weights)
-    name = f"{split}.view{view}" if view else split
+    name = f"{split}.{view_name(view)}" if view else split
     array_path, info_path = folder / f"{name}.npy", folder / f"{name}.json"
     expected = _describe(dataset, model, split, weights, data, view)
     if info_path.is_file() and array_path.is_file():
@@ -84,7 +87,7 @@ def cached_features(dataset: StoredDataset, split: str, model: Captioner, device
     with atomic_path(array_path) as tmp:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=tuple(expected["shape"]))
         row = 0
-        description = f"encoding {dataset.name}/{split}" + (f" (view {view})" if view else "")
+        description = f"encoding {dataset.name}/{split}" + (f" ({view_name(view)})" if view else "")
         for features in encode_split(dataset, split, model, device, batch_size, progress, description, data, view):
             out[row : row + len(features)] = features.to(torch.float16).cpu().numpy()
             row += len(features)
@@ -105,7 +108,7 @@ def encode_split(dataset: StoredDataset, split: str, model: Captioner, device: t
                  view: int = 0):
     """Yield (B, n_pixels, dim) encoder features for ``split`` in row order, decoding images in a thread pool
     while the encoder runs. ``data``: how to prepare the images; default: the model config's. ``view`` > 0: the
-    pictures augmented as satcli.data.views describes."""
+    pictures augmented as satcli.data.views describes; ``FLIP_VIEW``: mirrored left-right."""
     data = data or DataConfig.for_config(model.config)
     was_training = model.training
     model.eval()
@@ -118,6 +121,8 @@ def encode_split(dataset: StoredDataset, split: str, model: Captioner, device: t
     def load(batch, first_row: int) -> torch.Tensor:
         images = torch.stack([image_to_tensor(dataset.decode_image(b), data)
                               for b in batch.column("image").to_pylist()])
+        if view == FLIP_VIEW:
+            return images.flip(-1)
         if view:  # each picture's own random stream: the same view whatever the batch size
             images = torch.stack([augment(image, data.mean, data.std, view_generator(view, first_row + i))
                                   for i, image in enumerate(images)])

@@ -39,7 +39,7 @@ from satcli.core.steplog import StepLog, require_tensorboard
 from satcli.data.features import cached_features
 from satcli.data.store import StoredDataset
 from satcli.data.text import tokenize
-from satcli.data.views import FeatureViews
+from satcli.data.views import FLIP_VIEW, FeatureViews
 from satcli.data.vocab import Vocabulary, banned_words
 from satcli.scoring.decode import decode_split, split_chunks, validation_scores
 from satcli.training.batches import (
@@ -202,6 +202,14 @@ class Supervised:
         if not ranks.main:
             self.train_views = [cached_features(dataset, "train", model, device, view=v) for v in views]
         self.train_features = self.train_views[0] if self.train_views else None
+        # --feature-flips: the mirrored training pictures, a cached view of their own (main rank first)
+        self.train_mirrored = None
+        if options.feature_flips and needs_cache:
+            if ranks.main:
+                self.train_mirrored = cached_features(dataset, "train", model, device, view=FLIP_VIEW)
+            barrier(ranks)
+            if not ranks.main:
+                self.train_mirrored = cached_features(dataset, "train", model, device, view=FLIP_VIEW)
         self.flip = flip_table(run.vocab)
         self.preprocessing = DataConfig.for_config(model.config)
         self.steps = StepLog(run.out, keep_epochs=start, tensorboard=options.tensorboard) if ranks.main else None
@@ -211,8 +219,8 @@ class Supervised:
         if self.tuning:
             return image_batches(self.dataset, self.table, plan, run.ranks, self.preprocessing, self.flip,
                                  options.seed, epoch)
-        flips = FeatureFlips.for_epoch(run.model.grid_shape, self.flip, len(self.table), options.seed, epoch) \
-            if options.feature_flips else None
+        flips = FeatureFlips.for_epoch(self.train_mirrored, self.flip, len(self.table), options.seed, epoch) \
+            if self.train_mirrored is not None else None
         shifts = FeatureShifts.for_epoch(run.model.grid_shape, len(self.table), options.seed, epoch) \
             if options.feature_shifts else None
         views = (self.train_views, FeatureViews.for_epoch(options.feature_views, len(self.table), options.seed,
