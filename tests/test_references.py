@@ -442,3 +442,24 @@ def test_flipped_captions_read_the_encoders_features_of_the_mirrored_picture(tin
     said_left, said_right = (original == left)[chosen], (original == right)[chosen]
     assert said_left.any() and (tokens[chosen][said_left] == right).all()
     assert said_right.any() and (tokens[chosen][said_right] == left).all()
+
+
+def test_evaluate_coco_references_reach_the_evaluation(monkeypatch, tmp_path):
+    from typer.testing import CliRunner
+
+    import satcli.commands.evaluate
+    from satcli.cli import app
+
+    received = []
+
+    def run(options):
+        received.append(options)
+        raise KeyboardInterrupt  # the options are all this test needs
+
+    monkeypatch.setattr(satcli.commands.evaluate, "run", run)
+    base = ["evaluate", "--dataset", "shapes", "--data-root", str(tmp_path), "--coco"]
+    CliRunner().invoke(app, base)
+    CliRunner().invoke(app, [*base, "--coco-references", "vocabulary"])
+    assert [o.coco_references for o in received] == ["official", "vocabulary"]
+    bad = CliRunner().invoke(app, [*base, "--coco-references", "nope"])
+    assert bad.exit_code != 0 and len(received) == 2
