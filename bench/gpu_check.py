@@ -8,6 +8,8 @@ Steps, each in its own process with its own time limit (a step that fails or run
   env      the GPU, the driver, torch, satcli's worker count for the device
   tests    the CUDA-only tests (every test file with a ``cuda`` marker, ``-m cuda``), then a CUDA pass of the
            model and decoding tests (``SATCLI_TEST_DEVICE=cuda``: every tensor they make lands on the GPU)
+  precision  ``satcli caption`` and ``satcli evaluate`` give the same pictures the same captions (tokens and
+           sum_logprob) on the GPU: one precision policy (tests/test_references.py)
   caption  bench.caption_throughput on the GPU: beam 1/3/5, EfficientNet-Lite0 224 px and ResNet-101 256 px,
            (a) ``satcli caption`` from JPEG files, (b) the model-only floor from tensors on the GPU, (c) one image
            at a time; (a′) is (a) again with the GPU JPEG decoder off (``SATCLI_GPU_JPEG=0``)
@@ -37,9 +39,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-STEPS = ("env", "tests", "caption", "decode", "train", "demo")
+STEPS = ("env", "tests", "precision", "caption", "decode", "train", "demo")
 # Seconds each step may take on the GPU; the whole check stops starting steps when --budget is spent.
-LIMITS = {"env": 20, "tests": 100, "caption": 130, "decode": 40, "train": 90, "demo": 150}
+LIMITS = {"env": 20, "tests": 100, "precision": 60, "caption": 130, "decode": 40, "train": 90, "demo": 150}
 CPU_DEMO = {  # README.md's Results table: `satcli demo` on the project's 2-core CPU, 6 epochs, beam 3
     "bleu1": 73.5, "bleu2": 64.2, "bleu3": 53.6, "bleu4": 42.8, "coco_cider_d": 263.1,
 }
@@ -114,6 +116,19 @@ def step_tests(args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
+def step_precision(args: argparse.Namespace) -> str:
+    """caption and evaluate on the same pictures give the same captions (tokens and sum_logprob) on the device:
+    one precision policy (satcli.data.features.encode_images)."""
+    test = "agree_on_cuda" if args.device.startswith("cuda") else "same_image_the_same_caption"
+    command = ["-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_references.py", "-k", test]
+    status, output = _python(*command)
+    summary = next((line for line in reversed(output.splitlines()) if line.strip()), "(no output)")
+    if status != 0 or "skipped" in summary:
+        FAILURES.append("precision")
+    return "\n".join(["| check | exit | pytest's summary |", "|---|---:|---|",
+                      f"| caption and evaluate agree on {args.device} ({test}) | {status} | {summary.strip('= ')} |"])
+
+
 def _bench(module: str, options: list[str]) -> str:
     status, output = _python("-m", module, *options)
     start = output.find("Command: `")  # the bench's table; what it printed before (progress) is in the log
@@ -166,8 +181,8 @@ def step_demo(args: argparse.Namespace) -> str:
             f"beam {options.beam_size}):\n\n" + "\n".join(lines))
 
 
-STEP_FUNCTIONS = {"env": step_env, "tests": step_tests, "caption": step_caption, "decode": step_decode,
-                  "train": step_train, "demo": step_demo}
+STEP_FUNCTIONS = {"env": step_env, "tests": step_tests, "precision": step_precision, "caption": step_caption,
+                  "decode": step_decode, "train": step_train, "demo": step_demo}
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -318,11 +318,13 @@ class Samples:
     finished: Tensor  # (B, n_samples) bool: wrote <end> within max_length
 
 
-def sample(model: StepModel, features: Tensor, n_samples: int, max_length: int) -> Samples:
+def sample(model: StepModel, features: Tensor, n_samples: int, max_length: int,
+           banned_ids: tuple[int, ...] = ()) -> Samples:
     """Draw ``n_samples`` captions per image from the model's own distribution; features (B, L, D).
 
     Unlike :func:`decode` this keeps the autograd graph (the log-probabilities are what a policy gradient
-    differentiates) and runs in whatever mode the model is in. ``<start>`` and ``<pad>`` are never drawn.
+    differentiates) and runs in whatever mode the model is in. ``<start>``, ``<pad>`` and ``banned_ids`` (as in
+    :class:`DecodingOptions`) are never drawn.
     Sampling is a Gumbel-max over the log-probabilities, on the device; the loop stops once every caption
     has written ``<end>`` (checked every few steps) or after ``max_length`` tokens.
     """
@@ -343,6 +345,8 @@ def sample(model: StepModel, features: Tensor, n_samples: int, max_length: int) 
         allowed = step_logprobs.detach().clone()
         allowed[..., start_id] = float("-inf")
         allowed[..., pad_id] = float("-inf")
+        if banned_ids:
+            allowed[..., list(banned_ids)] = float("-inf")
         uniform = torch.rand_like(allowed).clamp_(min=torch.finfo(allowed.dtype).tiny)
         word = (allowed - (-uniform.log()).log()).argmax(dim=-1)  # (B, n)
         word_logprob = step_logprobs.gather(2, word.unsqueeze(-1)).squeeze(-1)

@@ -300,7 +300,12 @@ class Encoder(nn.Module):
     """A named CNN trunk giving ``(batch, n_pixels, dim)`` features, optionally pooled to a fixed grid.
 
     Frozen by default: its parameters take no gradient and it stays in eval mode (BatchNorm statistics are
-    the pretrained ones) even when the captioner trains. ``fine_tune_blocks=N`` unfreezes the top N blocks.
+    the pretrained ones) even when the captioner trains. ``fine_tune_blocks=N`` unfreezes the top N blocks; their
+    BatchNorm layers still normalise with the pretrained running statistics (eval mode, never updated), while
+    their scale and shift train with the convolutions. Fine-tuning batches are small (a dozen pictures, a few per
+    GPU): batch statistics of so few would replace ImageNet's with noise. sgrvinod's PyTorch tutorial fine-tunes
+    its ResNet with BatchNorm in train mode; detection codebases (Detectron2, torchvision's detection models)
+    freeze the statistics for this very reason, and so do we.
     """
 
     def __init__(self, name: str, pretrained: bool = False, grid_size: int | None = None,
@@ -337,6 +342,9 @@ class Encoder(nn.Module):
         if mode:
             for block in self._tuned:
                 block.train()
+                for module in block.modules():
+                    if isinstance(module, (nn.BatchNorm2d, nn.SyncBatchNorm)):
+                        module.eval()  # tuned blocks keep their statistics too (see the class docstring)
         return self
 
     def grid_shape(self, height: int, width: int) -> tuple[int, int]:
@@ -350,7 +358,7 @@ class Encoder(nn.Module):
 
         On a CPU the batch runs through the trunk a few images at a time: a whole batch's early activations
         (64 × 32 × 112 × 112 floats for EfficientNet-Lite0) spill out of the caches and run 2-3× slower
-        (``python -m bench.encoder_chunk``). Not while BatchNorm layers are training: their statistics would change.
+        (``python -m bench.encoder_chunk``). While blocks fine-tune, the batch goes through in one call.
         """
         if images.device.type == "cpu" and len(images) > CPU_CHUNK and not (self.training and self._tuned):
             return torch.cat([self._forward(chunk) for chunk in images.split(CPU_CHUNK)])

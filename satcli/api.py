@@ -22,6 +22,7 @@ from satcli.core.device import resolve_device
 from satcli.core.errors import SatcliError
 from satcli.data.images import DEFAULT_MAX_PIXELS
 from satcli.data.text import detokenize
+from satcli.data.vocab import banned_words
 from satcli.formats.checkpoint import LoadedCheckpoint, load_captioner
 
 
@@ -40,7 +41,8 @@ class CaptionPipeline:
 
     def caption(self, paths: str | Path | Sequence[str | Path], **decoding: Any) -> list[dict[str, Any]]:
         """Caption image files. ``decoding``: :class:`models.decoding.DecodingOptions` fields (``beam_size=3``,
-        ``max_length``, ``length_penalty``, ``n_best``, ``no_repeat_ngram_size``, ``min_length``).
+        ``max_length``, ``length_penalty``, ``n_best``, ``no_repeat_ngram_size``, ``min_length``; ``banned_ids``
+        defaults to ``<unk>``, as ``satcli caption`` bans it, and ``banned_ids=()`` allows it).
 
         Each dict: ``path``, ``caption`` (str), ``words`` (list of str), ``word_probs`` (each word's
         probability), ``sum_logprob``, ``finished``, ``attention`` (float32 numpy array (n_words, H, W), each
@@ -51,7 +53,7 @@ class CaptionPipeline:
         if isinstance(paths, (str, Path)):
             paths = [paths]
         try:
-            options = DecodingOptions(**{"beam_size": 3, **decoding})
+            options = DecodingOptions(**{"beam_size": 3, "banned_ids": banned_words(allow_unk=False), **decoding})
         except (TypeError, ValueError) as error:
             raise SatcliError(str(error)) from None
         out: list[dict[str, Any]] = []

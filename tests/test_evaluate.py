@@ -154,10 +154,10 @@ def test_coco_scores_compare_like_with_like_hyphens_and_unk():
     references = [["a man in a red t-shirt stands on the grass"], ["two dogs run across a wide field"]]
     captions = [["a", "man", "in", "a", "red", "t", "shirt", "stands", "on", "the", "grass"],
                 ["two", "dogs", "run", "across", "a", "wide", "field"]]
-    assert coco_scores(references, captions, java=False).scores["bleu4"] == pytest.approx(1.0)
+    assert coco_scores(references, captions, java=False, references="vocabulary").scores["bleu4"] == pytest.approx(1.0)
     # <unk> is one (wrong) word, as it is in the caption: one token of seven, not three
     with_unk = [captions[0], ["two", "<unk>", "run", "across", "a", "wide", "field"]]
     one_wrong_word = [captions[0], ["two", "cats", "run", "across", "a", "wide", "field"]]
-    assert coco_scores(references, with_unk, java=False).scores == pytest.approx(
+    assert coco_scores(references, with_unk, java=False, references="vocabulary").scores == pytest.approx(
         coco_metrics([[" ".join(captions[0])], references[1]], [" ".join(c) for c in one_wrong_word],
                      java=False).scores)

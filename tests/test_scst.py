@@ -150,7 +150,7 @@ def test_an_interrupted_scst_run_resumes_to_the_same_model(trained, tmp_path, mo
     real_epoch = satcli.training.scst.scst_epoch
 
     def dies_in_epoch_2(*args, **kwargs):
-        if args[7] == 1:
+        if args[6] == 1:  # the epoch
             raise KeyboardInterrupt
         return real_epoch(*args, **kwargs)
 

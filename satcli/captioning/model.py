@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from models.captioner import Captioner
 from models.data import DataConfig, normalise
 from models.decoding import DecodingOptions, DecodingResult, decode
+from satcli.data.features import encode_images
 
 
 def prepare_model(model: Captioner, device: torch.device) -> Captioner:
@@ -22,15 +21,11 @@ def caption_batch(model: Captioner, images: torch.Tensor, preprocessing: DataCon
                   options: DecodingOptions) -> list[DecodingResult]:
     """uint8 images (B, 3, S, S), on any device → one DecodingResult per image (encoder + batched beam search).
 
-    Normalises on the model's device; on CUDA runs under autocast (bfloat16 where supported, else float16).
+    Normalises on the model's device; encodes with :func:`satcli.data.features.encode_images`, the precision
+    ``evaluate`` decodes at too (on CUDA the encoder under autocast, the beam search in float32).
     """
-    device = model.device
-    x = images.to(device, non_blocking=True)
+    x = images.to(model.device, non_blocking=True)
     x = normalise(x, preprocessing).contiguous(memory_format=torch.channels_last)
-    if device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        autocast: contextlib.AbstractContextManager = torch.autocast("cuda", dtype=dtype)
-    else:
-        autocast = contextlib.nullcontext()
-    with autocast:
-        return decode(model, x, options)
+    with torch.inference_mode():
+        features = encode_images(model, x)
+    return decode(model, features, options)

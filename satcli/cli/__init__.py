@@ -23,6 +23,7 @@ from satcli.cli.options import (
     Attention,
     BatchSizeOption,
     BeamSizeOption,
+    CocoReferences,
     ConfigOption,
     DataRootOption,
     DeviceOption,
@@ -366,6 +367,10 @@ def evaluate(
         "--objects", help="Does the caption name the objects present? Object precision/recall, exact-set rate, "
         "CHAIR-i/-s (datasets with objects).")] = False,
     java: Annotated[bool, typer.Option(help="Let --coco use Java (METEOR, PTB tokenizer).")] = True,
+    coco_references: Annotated[CocoReferences, typer.Option(
+        "--coco-references", help="official: the raw reference captions through the PTB tokenizer, as the COCO "
+        "evaluation does; vocabulary: re-tokenised by the vocabulary's rule first (not comparable with "
+        "published numbers).")] = CocoReferences.official,
     out: Annotated[Path | None, typer.Option(
         "--out", file_okay=False, show_default=False,
         help="Folder for report.json and the predictions. Default: <model folder>/evaluate-<dataset>-<split>.")] = None,
@@ -390,9 +395,9 @@ def evaluate(
     result = step.run(step.EvaluateOptions(
         dataset=dataset, model=model, data_root=data_root, split=split,
         beam_sizes=step.parse_beam_sizes(beam_sizes) if beam_sizes else (beam_size,), bleu=bleu, coco=coco,
-        grounding=grounding, objects=objects, java=java, out=out, max_length=max_length,
-        length_penalty=length_penalty, n_best=n_best, no_repeat_ngram_size=no_repeat_ngram, min_length=min_length,
-        allow_unk=allow_unk, batch_size=batch_size, device=device,
+        grounding=grounding, objects=objects, java=java, coco_references=coco_references.value, out=out,
+        max_length=max_length, length_penalty=length_penalty, n_best=n_best, no_repeat_ngram_size=no_repeat_ngram,
+        min_length=min_length, allow_unk=allow_unk, batch_size=batch_size, device=device,
     ))
     print_evaluated(result, f"{dataset}/{split}", as_json)
     if overlays is not None:

@@ -42,6 +42,13 @@ class Attention(str, Enum):
     hard = "hard"
 
 
+class CocoReferences(str, Enum):
+    """How ``evaluate --coco`` treats the references (satcli.scoring.evaluate.COCO_REFERENCES)."""
+
+    official = "official"
+    vocabulary = "vocabulary"
+
+
 # Options shared by the commands that caption images (caption now; evaluate reuses them), declared once.
 def resolve_model(path: Path | None) -> Path | None:
     """A run folder given as the model means the checkpoint in it: best.pt, else last.pt."""
@@ -82,8 +89,8 @@ OverlaysOption = Annotated[Path | None, typer.Option(
 
 # train's frozen-encoder augmentations: one command's options, declared here to keep train's signature readable.
 FeatureFlipsOption = Annotated[bool, typer.Option(
-    "--feature-flips", help="Frozen encoder: mirror half the cached feature grids left-right each epoch, "
-    "swapping the words left/right with them.")]
+    "--feature-flips", help="Frozen encoder: half the captions each epoch read the features of their picture "
+    "mirrored left-right (cached once, as a view), with the words left/right swapped.")]
 FeatureShiftsOption = Annotated[bool, typer.Option(
     "--feature-shifts", help="Frozen encoder: move the cached feature grids by up to one cell each epoch "
     "(what a small crop does).")]

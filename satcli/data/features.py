@@ -11,6 +11,7 @@ float16 array (n_images, n_pixels, dim) in the split's row order; a ``<split>.js
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -31,10 +32,10 @@ from satcli.core.atomic import atomic_path, remove_stale_temps, write_text
 from satcli.core.console import make_progress
 from satcli.core.errors import SatcliError
 from satcli.data.store import StoredDataset
-from satcli.data.views import AUGMENT, augment, view_generator
+from satcli.data.views import AUGMENT, FLIP_VIEW, augment, view_generator, view_name
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: encoded through encode_images (channels-last, one precision policy)
 
 
 def encoder_sha256(model: Captioner) -> str:
@@ -60,7 +61,9 @@ def _describe(dataset: StoredDataset, model: Captioner, split: str, weights_sha2
                  "image_size": c.image_size, "interpolation": data.interpolation, "grid_size": c.grid_size,
                  "split": split, "n_images": dataset.n_images(split), "store_created": dataset.meta.get("created"),
                  "shape": [dataset.n_images(split), model.grid_shape[0] * model.grid_shape[1], model.encoder.spec.dim]}
-    if view:
+    if view == FLIP_VIEW:
+        described.update(view="flip")
+    elif view:
         described.update(view=view, augment=AUGMENT.describe())
     return described
 
@@ -70,11 +73,12 @@ def cached_features(dataset: StoredDataset, split: str, model: Captioner, device
                     data: DataConfig | None = None, view: int = 0) -> np.ndarray:
     """(n_images, n_pixels, dim) float16 features of ``split``, memory-mapped; computed on first use.
     ``data``: how to prepare the images (a loaded checkpoint's); default: the model config's. ``view`` 1, 2, ...
-    are the pictures augmented (satcli.data.views), each view a cache of its own."""
+    are the pictures augmented (satcli.data.views), ``FLIP_VIEW`` the pictures mirrored left-right, each view a
+    cache of its own."""
     data = data or DataConfig.for_config(model.config)
     weights = encoder_sha256(model)  # hashing the weights once, for the folder and the description alike
     folder = cache_dir(dataset, model, weights)
-    name = f"{split}.view{view}" if view else split
+    name = f"{split}.{view_name(view)}" if view else split
     array_path, info_path = folder / f"{name}.npy", folder / f"{name}.json"
     expected = _describe(dataset, model, split, weights, data, view)
     if info_path.is_file() and array_path.is_file():
@@ -86,7 +90,7 @@ def cached_features(dataset: StoredDataset, split: str, model: Captioner, device
     with atomic_path(array_path) as tmp, open(tmp, "wb") as out:
         _start_array(out, shape)
         row = 0
-        description = f"encoding {dataset.name}/{split}" + (f" (view {view})" if view else "")
+        description = f"encoding {dataset.name}/{split}" + (f" ({view_name(view)})" if view else "")
         for features in encode_split(dataset, split, model, device, batch_size, progress, description, data, view):
             out.write(features.to(torch.float16).cpu().numpy().tobytes())  # rows in order: one sequential write
             row += len(features)
@@ -146,7 +150,7 @@ def encode_split(dataset: StoredDataset, split: str, model: Captioner, device: t
                  view: int = 0):
     """Yield (B, n_pixels, dim) encoder features for ``split`` in row order, decoding images in a thread pool
     while the encoder runs. ``data``: how to prepare the images; default: the model config's. ``view`` > 0: the
-    pictures augmented as satcli.data.views describes."""
+    pictures augmented as satcli.data.views describes; ``FLIP_VIEW``: mirrored left-right."""
     data = data or DataConfig.for_config(model.config)
     was_training = model.training
     model.eval()
@@ -159,6 +163,8 @@ def encode_split(dataset: StoredDataset, split: str, model: Captioner, device: t
     def load(batch, first_row: int) -> torch.Tensor:
         images = torch.stack([image_to_tensor(dataset.decode_image(b), data)
                               for b in batch.column("image").to_pylist()])
+        if view == FLIP_VIEW:
+            return images.flip(-1)
         if view:  # each picture's own random stream: the same view whatever the batch size
             images = torch.stack([augment(image, data.mean, data.std, view_generator(view, first_row + i))
                                   for i, image in enumerate(images)])
@@ -183,7 +189,26 @@ def encode_split(dataset: StoredDataset, split: str, model: Captioner, device: t
 
 
 def _encode(model: Captioner, images: torch.Tensor, device: torch.device, progress: Progress, task) -> torch.Tensor:
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        features = model.encode(images.to(device, non_blocking=True))
+    features = encode_images(model, images.to(device, non_blocking=True))
     progress.advance(task, len(images))
-    return features.float()
+    return features
+
+
+def inference_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """The encoder's precision at inference: autocast to bfloat16 on CUDA (float16 where the GPU has no bfloat16),
+    full precision elsewhere."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+
+
+def encode_images(model: Captioner, images: torch.Tensor) -> torch.Tensor:
+    """Normalised images (B, 3, S, S) on the model's device → (B, n_pixels, dim) float32 features, the one
+    precision policy of every decoding path: the encoder under :func:`inference_autocast` on channels-last
+    images (the faster convolutions, whose sums round differently from the default layout's), its output rounded
+    to float16 as the feature cache stores it; the decoder and beam search then run in float32. ``caption``,
+    ``evaluate``, validation and the cache all encode through here, so the same picture gets the same features,
+    and the same caption, from each of them."""
+    with inference_autocast(images.device):
+        features = model.encode(images.contiguous(memory_format=torch.channels_last))
+    return features.to(torch.float16).float()

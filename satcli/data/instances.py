@@ -2,9 +2,15 @@
 
 ``satcli preprocess --dataset coco ... --instances instances_val2014.json`` gives every image its annotated
 objects: ``box`` ``[x0, y0, x1, y1]`` in pixels (COCO stores ``[x, y, width, height]``), ``label`` the category
-name, and ``words`` the words a caption may use for it: the name, a few synonyms (a small table in the spirit of
-CHAIR's, Rohrbach et al. 2018) and their plurals. Images are matched by file name, so the instance file of the
-other split simply matches nothing.
+name, and ``words`` the words a caption may use for it: the name, a few synonyms and their plurals. Images are
+matched by file name, so the instance file of the other split simply matches nothing.
+
+The words follow CHAIR's rules (Rohrbach et al. 2018; LisaAnne/Hallucination, ``data/synonyms.txt`` and
+``utils/chair.py``): every synonym here is one that list gives the category, except a few it leaves out that
+can only mean it (``surfer``, ``kitty``, ``mug``, ...); the words it keeps out because they mean other things
+too (``glass``, ``board``, ``bat``, ``glove``, ``meter``, ``plant``, ``controller``) are not here either, so "a
+glass of water" names no wine glass. And as CHAIR's "double words" do, ``baby <animal>`` and ``adult <animal>``
+are phrases naming the animal, not a person: "a baby elephant" names an elephant only.
 """
 
 from __future__ import annotations
@@ -19,21 +25,21 @@ from satcli.data.datasets_records import ImageRecord, ObjectBox
 SYNONYMS: dict[str, tuple[str, ...]] = {
     "person": ("man", "woman", "boy", "girl", "child", "kid", "people", "guy", "lady", "player", "skier",
                "surfer", "skateboarder", "baby", "adult", "men", "women", "children", "person"),
-    "bicycle": ("bike", "cycle"), "car": ("automobile", "taxi", "suv"), "motorcycle": ("motorbike", "scooter"),
+    "bicycle": ("bike",), "car": ("automobile", "taxi", "suv"), "motorcycle": ("motorbike", "scooter"),
     "airplane": ("plane", "jet", "aircraft", "airliner"), "bus": ("buses",), "train": ("locomotive",),
     "truck": ("pickup",), "boat": ("ship", "kayak", "canoe", "sailboat"), "traffic light": ("stoplight",),
-    "fire hydrant": ("hydrant",), "stop sign": (), "parking meter": ("meter",), "bench": (),
+    "fire hydrant": ("hydrant",), "stop sign": (), "parking meter": (), "bench": (),
     "bird": ("pigeon", "seagull", "duck", "parrot"), "cat": ("kitten", "kitty"), "dog": ("puppy", "pup"),
     "horse": ("pony",), "sheep": ("lamb",), "cow": ("cattle", "bull", "calf"), "elephant": (), "bear": (),
     "zebra": (), "giraffe": (), "backpack": (), "umbrella": ("parasol",), "handbag": ("purse",), "tie": (),
     "suitcase": ("luggage",), "frisbee": (), "skis": ("ski",), "snowboard": (), "sports ball": ("ball",),
-    "kite": (), "baseball bat": ("bat",), "baseball glove": ("glove", "mitt"), "skateboard": (),
-    "surfboard": ("board",), "tennis racket": ("racket", "racquet"), "bottle": (), "wine glass": ("glass",),
+    "kite": (), "baseball bat": (), "baseball glove": (), "skateboard": (),
+    "surfboard": ("longboard",), "tennis racket": ("racket", "racquet"), "bottle": (), "wine glass": (),
     "cup": ("mug",), "fork": (), "knife": (), "spoon": (), "bowl": (), "banana": (), "apple": (),
     "sandwich": ("burger", "sub"), "orange": (), "broccoli": (), "carrot": (), "hot dog": (), "pizza": (),
     "donut": ("doughnut",), "cake": ("cupcake",), "chair": ("stool",), "couch": ("sofa",),
-    "potted plant": ("plant", "houseplant"), "bed": (), "dining table": ("table", "desk"), "toilet": (),
-    "tv": ("television",), "laptop": ("computer", "notebook"), "mouse": (), "remote": ("controller",),
+    "potted plant": ("houseplant",), "bed": (), "dining table": ("table", "desk"), "toilet": (),
+    "tv": ("television",), "laptop": ("computer", "notebook"), "mouse": (), "remote": (),
     "keyboard": (), "cell phone": ("phone", "cellphone", "smartphone"), "microwave": (), "oven": ("stove",),
     "toaster": (), "sink": (), "refrigerator": ("fridge",), "book": ("novel",), "clock": (), "vase": (),
     "scissors": (), "teddy bear": ("teddybear",), "hair drier": ("hairdryer", "hair dryer"),
@@ -59,9 +65,17 @@ def plural(name: str) -> str:
     return " ".join([*head, last])
 
 
+# CHAIR's animals: "baby dog" and "adult dog" name the dog (CHAIR's double words), not a person and a dog
+ANIMALS = ("bird", "cat", "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe")
+
+
 def category_words(name: str) -> list[str]:
-    """The words a caption may use for a COCO category: its name, synonyms and their plurals."""
-    singular = [name.lower(), *SYNONYMS.get(name.lower(), ())]
+    """The words a caption may use for a COCO category: its name, synonyms, ``baby``/``adult`` + an animal's name
+    (see the module docstring), and their plurals."""
+    name = name.lower()
+    singular = [name, *SYNONYMS.get(name, ())]
+    if name in ANIMALS:
+        singular += [f"baby {name}", f"adult {name}"]
     return list(dict.fromkeys(w for word in singular for w in (word, plural(word))))
 
 

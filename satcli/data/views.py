@@ -4,7 +4,11 @@ picture's features from one view chosen at random. The decoder then learns the w
 seeing each object, at the cost of encoding the training split once more per view (the views are cached like the
 plain features, so later runs pay nothing).
 
-No hue change and no mirror image: colours, left and right are words in the captions.
+No hue change, and no mirror image among these views: colours, left and right are words in the captions. The
+mirrored picture is a view of its own (:data:`FLIP_VIEW`, ``satcli train --feature-flips``): the training
+pictures flipped left-right and encoded, cached like the others, and read only by captions whose ``left`` and
+``right`` training swaps (satcli.training.batches.FeatureFlips). Mirroring the cached grid instead is not the
+same: each cell's features describe its own pixels unmirrored (cosine about 0.9 to the mirrored picture's).
 """
 
 from __future__ import annotations
@@ -33,6 +37,12 @@ class ViewAugment:
 
 
 AUGMENT = ViewAugment()
+FLIP_VIEW = -1  # the view number of the mirrored picture (views 1, 2, ... are the augmented ones)
+
+
+def view_name(view: int) -> str:
+    """How a view is named in its cache file: ``view2``, ``flip``."""
+    return "flip" if view == FLIP_VIEW else f"view{view}"
 
 
 def view_generator(view: int, row: int) -> torch.Generator:

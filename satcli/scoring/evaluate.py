@@ -43,7 +43,7 @@ from satcli.formats.results import result_row, results_metadata, write_results
 from satcli.scoring.decode import Decoded, decode_split, split_chunks
 from satcli.scoring.grounding import GroundingScores, grounding_scores, objects_from_store
 from satcli.scoring.metrics import bleu, coco_metrics
-from satcli.scoring.objects import Lexicon, ObjectScores, build_lexicon, object_scores
+from satcli.scoring.objects import Lexicon, ObjectScores, build_lexicon, object_scores, present_objects
 
 log = logging.getLogger(__name__)
 REPORT = "report.json"
@@ -64,6 +64,7 @@ class EvaluateOptions:
     grounding: bool = False
     objects: bool = False
     java: bool = True  # False: the Java-free COCO metrics even where Java is installed
+    coco_references: str = "official"  # how --coco treats the references: a key of COCO_REFERENCES
     out: Path | None = None  # default: <model folder>/evaluate-<dataset>-<split>
     max_length: int = 50
     length_penalty: float = 0.0
@@ -93,11 +94,14 @@ class EvaluateResult:
     beams: list[BeamResult]
     n_images: int
     coco_backend: str | None = None
+    coco_references: str | None = None  # the protocol --coco used (a key of COCO_REFERENCES)
     skipped: dict[str, str] = field(default_factory=dict)
 
     def table(self, title: str = "") -> Table:
         """The scores of every beam size side by side, on the 0–100 scale."""
         table = Table(title=title or "Scores (0–100 scale)")
+        if self.coco_references is not None:
+            table.caption = f"COCO metrics: {COCO_REFERENCES[self.coco_references]}"
         table.add_column("metric")
         for beam in self.beams:
             table.add_column(f"beam {beam.beam_size}", justify="right")
@@ -140,14 +144,28 @@ def _cell(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.1f}"
 
 
-def coco_scores(raw_references: list[list[str]], captions: list[list[str]], java: bool = True) -> Any:
-    """COCO metrics of vocabulary-word captions, scored like with like: the references go through the rule
-    that built the vocabulary (:func:`satcli.data.text.tokenize`, which splits ``t-shirt`` into ``t shirt``) before
-    the PTB tokenizer both sides share, so a caption can match what its vocabulary can spell; ``<unk>`` is one
-    word that matches nothing (PTB would split it into ``< unk >``)."""
-    references = [[detokenize(tokenize(c)) for c in captions_of_image] for captions_of_image in raw_references]
+# How --coco treats the references: "official" is the COCO caption evaluation's protocol (pycocoevalcap's
+# COCOEvalCap: the raw reference sentences through the PTB tokenizer), the one behind published tables.
+COCO_REFERENCES = {
+    "official": "raw reference captions through the PTB tokenizer (COCOEvalCap's protocol)",
+    "vocabulary": "reference captions re-tokenised by the vocabulary's rule, then the PTB tokenizer (not the "
+                  "official protocol)",
+}
+
+
+def coco_scores(raw_references: list[list[str]], captions: list[list[str]], java: bool = True,
+                references: str = "official") -> Any:
+    """COCO metrics of vocabulary-word captions (``<unk>`` is one word that matches nothing; PTB would split it
+    into ``< unk >``). ``references="official"``: the raw reference sentences go to the PTB tokenizer as
+    pycocoevalcap's COCOEvalCap gives them. ``"vocabulary"``: they first go through the rule that built the
+    vocabulary (:func:`satcli.data.text.tokenize`, which splits ``t-shirt`` into ``t shirt``), so a caption can
+    match what its vocabulary can spell; such numbers do not compare with published ones."""
+    if references not in COCO_REFERENCES:
+        raise SatcliError(f"--coco-references must be one of {', '.join(COCO_REFERENCES)}, got {references!r}")
+    refs = raw_references if references == "official" else \
+        [[detokenize(tokenize(c)) for c in captions_of_image] for captions_of_image in raw_references]
     hypotheses = [detokenize(["unk" if w == UNK else w for w in words]) for words in captions]
-    return coco_metrics(references, hypotheses, java=java)
+    return coco_metrics(refs, hypotheses, java=java)
 
 
 def parse_beam_sizes(text: str) -> tuple[int, ...]:
@@ -166,6 +184,9 @@ def evaluate(options: EvaluateOptions) -> EvaluateResult:
     started = time.perf_counter()
     if not options.beam_sizes or min(options.beam_sizes) < 1:
         raise SatcliError(f"beam sizes must be at least 1, got {options.beam_sizes}")
+    if options.coco_references not in COCO_REFERENCES:
+        raise SatcliError(f"--coco-references must be one of {', '.join(COCO_REFERENCES)}, "
+                          f"got {options.coco_references!r}")
     try:
         decodings = [DecodingOptions(beam_size=k, max_length=options.max_length,
                                      length_penalty=options.length_penalty, n_best=options.n_best,
@@ -198,6 +219,9 @@ def evaluate(options: EvaluateOptions) -> EvaluateResult:
     words = loaded.vocab.words
     raw_references = table.column("captions").to_pylist()
     references = [[tokenize(c) for c in captions] for captions in raw_references]
+    present = [present_objects((o["label"] for o in rows or ()), refs, lexicon)  # CHAIR's: boxes + references
+               for rows, refs in zip(table.column("objects").to_pylist(), references, strict=True)] \
+        if options.objects else []
     result = EvaluateResult(out / REPORT, [], n_images)
     for decoding, decoded in zip(decodings, outputs, strict=True):
         beam = BeamResult(decoding.beam_size, seconds=decoded.seconds)
@@ -205,17 +229,16 @@ def evaluate(options: EvaluateOptions) -> EvaluateResult:
         if want_bleu:
             beam.metrics.update(bleu(references, captions))
         if options.coco:
-            coco = coco_scores(raw_references, captions, java=options.java)
+            coco = coco_scores(raw_references, captions, java=options.java, references=options.coco_references)
             beam.metrics.update({f"coco_{k}": v for k, v in coco.scores.items()})
             result.coco_backend, result.skipped = coco.backend, coco.skipped
+            result.coco_references = options.coco_references
         if options.grounding:
             beam.grounding = grounding_scores(
                 (tokens, r.attention.float().numpy(), objs)
                 for tokens, r, objs in zip(captions, decoded.results, objects, strict=True))
         if options.objects:
-            beam.objects = object_scores(
-                ((tokens, [o["label"] for o in rows or ()])
-                 for tokens, rows in zip(captions, table.column("objects").to_pylist(), strict=True)), lexicon)
+            beam.objects = object_scores(zip(captions, present, strict=True), lexicon)
         beam.predictions = _write_predictions(out / f"predictions-{options.split}-beam{decoding.beam_size}.parquet",
                                               table, decoded.results, words, decoding.n_best,
                                               _metadata(loaded, model_sha256, decoding, dataset, options.split))
@@ -277,8 +300,9 @@ def _write_report(result: EvaluateResult, options: EvaluateOptions, dataset: Sto
                      "length_penalty": options.length_penalty, "n_best": options.n_best,
                      "no_repeat_ngram_size": options.no_repeat_ngram_size, "min_length": options.min_length,
                      "allow_unk": options.allow_unk},
-        "coco": None if result.coco_backend is None else {"backend": result.coco_backend,
-                                                           "skipped": result.skipped},
+        "coco": None if result.coco_backend is None else {
+            "backend": result.coco_backend, "skipped": result.skipped, "references": result.coco_references,
+            "protocol": COCO_REFERENCES[result.coco_references or "official"]},
         "results": [{"beam_size": b.beam_size, "metrics": b.metrics,
                      "grounding": None if b.grounding is None else b.grounding.to_dict(),
                      "objects": None if b.objects is None else b.objects.to_dict(),

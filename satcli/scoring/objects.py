@@ -8,6 +8,12 @@ shortest one (``"dog"`` names *dog*, not *hot dog*); a mention shared by several
 (``"red circle"`` when circles come large and small) names none. Entries with spaces (``"hot dog"``) are matched
 as phrases before that.
 
+The labels *present* in an image are those of its objects and, as in CHAIR (Rohrbach et al. 2018;
+LisaAnne/Hallucination's ``get_annotations`` joins COCO's instance labels and the objects its reference captions
+name), those its reference captions name (:func:`present_objects`): a caption naming a person that every
+reference mentions but no instance box outlines hallucinates nothing. On datasets whose references name
+exactly their objects (shapes) this changes nothing.
+
 Per image, the named labels (a set) against the labels present (a set) give
 
 - object precision and recall, over all images (micro-averaged),
@@ -71,6 +77,12 @@ def _resolve(labels: frozenset[str]) -> str | None:
     ranked = sorted(labels, key=lambda label: len(label.split()))
     shortest = len(ranked[0].split())
     return ranked[0] if len(ranked[1].split()) > shortest else None
+
+
+def present_objects(labels: Iterable[str], references: Iterable[Sequence[str]], lexicon: Lexicon) -> set[str]:
+    """The labels present in an image: its objects' ``labels`` and every label its tokenised ``references``
+    name (CHAIR's ground truth, see the module docstring)."""
+    return set(labels).union(*(mentions(tokens, lexicon) for tokens in references))
 
 
 @dataclass

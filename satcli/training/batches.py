@@ -107,7 +107,7 @@ def feature_batches(features: np.ndarray, table: CaptionTable, plan: list[torch.
                     views: tuple[list[np.ndarray], FeatureViews] | None = None
                     ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int]]:
     """(features, tokens, lengths, global captions, global tokens) of this rank's share of each batch; with
-    ``flips``, half the captions see their image's feature grid mirrored left-right and say right for left;
+    ``flips``, half the captions see the mirrored picture's features and say right for left;
     with ``shifts``, grids move by up to a cell; with ``views`` (the cached views, and which one each caption
     reads this epoch), a caption may see its picture augmented."""
     for batch in plan:
@@ -123,7 +123,7 @@ def feature_batches(features: np.ndarray, table: CaptionTable, plan: list[torch.
         else:
             grids = torch.from_numpy(np.asarray(features[rows], dtype=np.float32))
         if flips is not None:
-            grids, tokens = flips(grids, tokens, mine)
+            grids, tokens = flips(grids, tokens, mine, rows)
         if shifts is not None:
             grids = shifts(grids, mine)
         yield grids, tokens, lengths, len(batch), global_tokens
@@ -144,30 +144,31 @@ def flip_table(vocab: Vocabulary) -> torch.Tensor:
 
 @dataclass
 class FeatureFlips:
-    """Mirror cached (B, H*W, D) feature grids left-right for a seeded half of the captions, swapping the words
-    ``left``/``right`` with them (the flip that encoder fine-tuning applies to pixels, on the cache)."""
+    """For a seeded half of the captions, the features of the mirrored picture (the cached flip view,
+    ``satcli.data.views.FLIP_VIEW``) in place of the picture's, and ``left``/``right`` swapped in the words: the
+    flip that encoder fine-tuning applies to pixels, from the cache."""
 
-    grid_shape: tuple[int, int]
+    mirrored: np.ndarray  # (n_images, H*W, D): the flip view of the training split
     swap: torch.Tensor  # vocabulary id → id after a flip
-    chosen: torch.Tensor  # (n_captions,) bool: which captions see the mirrored grid this epoch
+    chosen: torch.Tensor  # (n_captions,) bool: which captions see the mirrored picture this epoch
 
     @classmethod
-    def for_epoch(cls, grid_shape: tuple[int, int], swap: torch.Tensor, n_captions: int, seed: int,
+    def for_epoch(cls, mirrored: np.ndarray, swap: torch.Tensor, n_captions: int, seed: int,
                   epoch: int) -> FeatureFlips:
         # A function of (seed, epoch) alone, so every rank and every resumed run flips the same captions.
         generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch + 17)
-        return cls(grid_shape, swap, torch.rand(n_captions, generator=generator) < 0.5)
+        return cls(mirrored, swap, torch.rand(n_captions, generator=generator) < 0.5)
 
-    def __call__(self, grids: torch.Tensor, tokens: torch.Tensor, captions: torch.Tensor
+    def __call__(self, grids: torch.Tensor, tokens: torch.Tensor, captions: torch.Tensor, rows: np.ndarray
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-        """grids (B, H*W, D), tokens (B, T+1), captions (B,) their index in the caption table."""
+        """grids (B, H*W, D), tokens (B, T+1), captions (B,) their index in the caption table, rows (B,) their
+        pictures' rows in the split."""
         flipped = self.chosen[captions]
         if not flipped.any():
             return grids, tokens
-        height, width = self.grid_shape
         grids, tokens = grids.clone(), tokens.clone()
-        dim = grids.shape[-1]
-        grids[flipped] = grids[flipped].view(-1, height, width, dim).flip(2).reshape(-1, height * width, dim)
+        picked = flipped.numpy()
+        grids[flipped] = torch.from_numpy(np.asarray(self.mirrored[rows[picked]], dtype=np.float32))
         tokens[flipped] = self.swap[tokens[flipped]]
         return grids, tokens
 

@@ -56,7 +56,8 @@ class TrainOptions:
     # head, on the default -stage6 the four blocks of stage 6 and the last two of stage 5; the low blocks keep their
     # generic ImageNet filters, as the reference code keeps ResNet's stem and layer1
     fine_tune_blocks: int = 6
-    feature_flips: bool = False  # frozen encoder: mirror half the cached feature grids, swapping left/right words
+    feature_flips: bool = False  # frozen encoder: half the captions read the mirrored picture's cached features,
+    # with left/right swapped in their words
     feature_shifts: bool = False  # frozen encoder: move cached feature grids by up to a cell (a small crop)
     feature_views: int = 0  # frozen encoder: also cache this many augmented views of train (satcli.data.views)
     val_beam_size: int = 1

@@ -7,7 +7,12 @@ and one is decoded greedily; each sample's reward is its CIDEr-D against the ima
 
     loss = - mean over samples of (CIDEr-D(sample) - CIDEr-D(greedy)) · log p(sample)
 
-so a sample better than what the model would say anyway is made more likely, a worse one less. Checkpoints
+so a sample better than what the model would say anyway is made more likely, a worse one less. As in Rennie et
+al. (appendix) and ruotianluo/self-critical.pytorch (``array_to_str`` keeps the end token; ``prepro_ngrams``
+counts it in the document frequencies), the reward scores the end token as a word on both sides: a caption that
+wrote ``<end>`` carries it, every reference carries it, so a caption cut short ("... on a") loses the n-grams
+that end a sentence. A caption cut at ``max_length`` without ``<end>`` has none. Greedy baseline and samples
+never write ``<unk>``, the rule of ``satcli caption`` (:func:`satcli.data.vocab.banned_words`). Checkpoints
 are the ordinary format (``best.pt`` by validation CIDEr-D, ``last.pt`` with the optimiser and RNG state for
 ``--resume``), so evaluate and caption use them unchanged. The encoder stays frozen (cached features). As in
 Rennie et al., the reward is the whole objective: the attention regulariser (``--doubly-stochastic``) belongs
@@ -34,7 +39,7 @@ from satcli.core.errors import SatcliError, first_line
 from satcli.data.features import cached_features
 from satcli.data.store import StoredDataset
 from satcli.data.text import tokenize
-from satcli.data.vocab import Vocabulary
+from satcli.data.vocab import END, END_ID, Vocabulary, banned_words
 from satcli.formats.checkpoint import build_captioner, read_checkpoint
 from satcli.scoring.decode import decode_split, feature_chunks, validation_scores
 from satcli.scoring.metrics import CiderD
@@ -80,6 +85,35 @@ def scst_rewards(scorer: CiderD, sampled: Sequence[Sequence[Sequence[str]]], gre
     return Rewards(sample_scores, scorer.scores(list(greedy), references))
 
 
+def reward_words(ids: Sequence[int], vocab: Vocabulary) -> list[str]:
+    """A caption's words as its reward scores them: up to and including ``<end>`` when ``ids`` hold one (as
+    ruotianluo's ``array_to_str`` keeps the end token), without ``<start>`` and ``<pad>``."""
+    words = vocab.decode(ids)
+    return [*words, END] if END_ID in ids else words
+
+
+def reward_references(references: Sequence[Sequence[Sequence[str]]]) -> list[list[list[str]]]:
+    """Every reference caption with the end token after its last word (both sides of the reward carry it)."""
+    return [[[*ref, END] for ref in refs] for refs in references]
+
+
+class CiderReward:
+    """The SCST reward: CIDEr-D with the end token as a word on both sides, document frequencies from the
+    training references (``references[i]``: image i's tokenised captions, without the end token)."""
+
+    def __init__(self, references: Sequence[Sequence[Sequence[str]]]):
+        self.references = reward_references(references)
+        self.scorer = CiderD(self.references)
+
+    def rewards(self, sampled: Sequence[Sequence[Sequence[int]]], greedy: Sequence[Sequence[int]],
+                rows: Sequence[int], vocab: Vocabulary) -> Rewards:
+        """``sampled[b][k]``: the ids of sample k of image ``rows[b]`` (``<end>`` included when written);
+        ``greedy[b]`` the greedy caption's ids, likewise."""
+        words = [[reward_words(ids, vocab) for ids in per_image] for per_image in sampled]
+        return scst_rewards(self.scorer, words, [reward_words(ids, vocab) for ids in greedy],
+                            [self.references[i] for i in rows])
+
+
 def policy_loss(logprobs: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
     """-mean_k (A_k · log p(sample_k)). logprobs (B, n, T) per token, 0 after <end>; advantages (B, n)."""
     return -(advantages.to(logprobs.dtype) * logprobs.sum(dim=2)).mean()
@@ -91,8 +125,8 @@ def scst_optimizer(model: Captioner, options: TrainOptions) -> torch.optim.Optim
 
 
 def scst_epoch(model: Captioner, optimizer: torch.optim.Optimizer, features: np.ndarray,
-                references: list[list[list[str]]], vocab: Vocabulary, scorer: CiderD, options: TrainOptions,
-                epoch: int, device: torch.device) -> dict[str, Any]:
+                reward: CiderReward, vocab: Vocabulary, options: TrainOptions, epoch: int,
+                device: torch.device) -> dict[str, Any]:
     """One pass over the training images; returns the epoch's mean rewards and rates."""
     plan = image_plan(len(features), options.batch_size, options.seed, epoch)
     progress = make_progress()
@@ -100,16 +134,15 @@ def scst_epoch(model: Captioner, optimizer: torch.optim.Optimizer, features: np.
     sample_sum = greedy_sum = loss_sum = 0.0
     n_images = 0
     started = time.perf_counter()
+    banned = banned_words(allow_unk=False)
     model.train()
     with progress:
         for rows in plan:
             batch, order = image_features(features, rows, device)
-            greedy = [vocab.decode(r.tokens) for r in decode(model, batch, beam_size=1,
-                                                              max_length=options.val_max_length)]
-            drawn = sample(model, batch, options.scst_samples, options.val_max_length)
-            tokens = drawn.tokens.cpu().tolist()
-            sampled = [[vocab.decode(ids) for ids in per_image] for per_image in tokens]
-            rewards = scst_rewards(scorer, sampled, greedy, [references[i] for i in order.tolist()])
+            greedy = [[*r.tokens, END_ID] if r.best.finished else r.tokens
+                      for r in decode(model, batch, beam_size=1, max_length=options.val_max_length, banned_ids=banned)]
+            drawn = sample(model, batch, options.scst_samples, options.val_max_length, banned)
+            rewards = reward.rewards(drawn.tokens.cpu().tolist(), greedy, order.tolist(), vocab)
             advantages = torch.from_numpy(rewards.advantages).to(device)
             loss = policy_loss(drawn.logprobs, advantages)
             optimizer.zero_grad(set_to_none=True)
@@ -179,21 +212,22 @@ class Scst:
         self.val_features = cached_features(dataset, run.val_split, run.model, run.device)
         self.train_refs = [[tokenize(c) for c in captions] for captions in dataset.captions("train")]
         self.val_refs = [[tokenize(c) for c in captions] for captions in dataset.captions(run.val_split)]
-        self.scorer = CiderD(self.train_refs)
+        self.reward = CiderReward(self.train_refs)
         if before:
             scores = self.score()
             console.print(f"before SCST: val CIDEr-D {100 * scores['cider_d']:.1f}  BLEU-4 {100 * scores['bleu4']:.1f}")
 
     def epoch(self, epoch: int) -> Trained:
         run = self.run
-        line = scst_epoch(run.model, run.optimizer, self.train_features, self.train_refs, run.vocab, self.scorer,
-                          run.options, epoch, run.device)
+        line = scst_epoch(run.model, run.optimizer, self.train_features, self.reward, run.vocab, run.options, epoch,
+                          run.device)
         return Trained(line, {"scst": True})
 
     def score(self) -> dict[str, float]:
         """BLEU-1..4 and CIDEr-D (document frequencies from the validation references) of decoded captions."""
         run, options = self.run, self.run.options
-        decoding = DecodingOptions(beam_size=options.val_beam_size, max_length=options.val_max_length)
+        decoding = DecodingOptions(beam_size=options.val_beam_size, max_length=options.val_max_length,
+                                   banned_ids=banned_words(allow_unk=False))
         (decoded,) = decode_split(run.model, feature_chunks(self.val_features, 100), [decoding], run.device)
         return validation_scores(self.val_refs, [run.vocab.decode(r.tokens) for r in decoded.results], cider=True)
 

@@ -39,8 +39,8 @@ from satcli.core.steplog import StepLog, require_tensorboard
 from satcli.data.features import cached_features
 from satcli.data.store import StoredDataset
 from satcli.data.text import tokenize
-from satcli.data.views import FeatureViews
-from satcli.data.vocab import Vocabulary
+from satcli.data.views import FLIP_VIEW, FeatureViews
+from satcli.data.vocab import Vocabulary, banned_words
 from satcli.formats.checkpoint import build_captioner
 from satcli.scoring.decode import decode_split, split_chunks, validation_scores
 from satcli.training.batches import (
@@ -115,13 +115,14 @@ class Stepper:
 
 def validate(model: Captioner, dataset: StoredDataset, split: str, vocab: Vocabulary, device: torch.device,
              features: np.ndarray | None, beam_size: int, max_length: int, batch_size: int = 100) -> dict[str, float]:
-    """BLEU-1..4 of captions *decoded* from ``split`` (cached features when given, else images)."""
+    """BLEU-1..4 of captions *decoded* from ``split`` (cached features when given, else images), ``<unk>`` banned
+    as ``satcli caption`` and ``evaluate`` ban it, so best.pt is chosen on the captions users get."""
     references = [[tokenize(c) for c in captions] for captions in dataset.captions(split)]
     with make_progress() as progress:
         task = progress.add_task(f"validating on {split}", total=len(references), unit="images")
         chunks = split_chunks(dataset, split, model, device, batch_size, features, progress, f"encoding {split}")
-        (decoded,) = decode_split(model, chunks, [DecodingOptions(beam_size=beam_size, max_length=max_length)],
-                                  device, lambda n: progress.advance(task, n))
+        decoding = DecodingOptions(beam_size=beam_size, max_length=max_length, banned_ids=banned_words(allow_unk=False))
+        (decoded,) = decode_split(model, chunks, [decoding], device, lambda n: progress.advance(task, n))
     return validation_scores(references, [vocab.decode(result.tokens) for result in decoded.results])
 
 
@@ -213,6 +214,14 @@ class Supervised:
         if not ranks.main:
             self.train_views = [cached_features(dataset, "train", model, device, view=v) for v in views]
         self.train_features = self.train_views[0] if self.train_views else None
+        # --feature-flips: the mirrored training pictures, a cached view of their own (main rank first)
+        self.train_mirrored = None
+        if options.feature_flips and needs_cache:
+            if ranks.main:
+                self.train_mirrored = cached_features(dataset, "train", model, device, view=FLIP_VIEW)
+            barrier(ranks)
+            if not ranks.main:
+                self.train_mirrored = cached_features(dataset, "train", model, device, view=FLIP_VIEW)
         self.flip = flip_table(run.vocab)
         self.preprocessing = DataConfig.for_config(model.config)
         self.steps = StepLog(run.out, keep_epochs=start, tensorboard=options.tensorboard) if ranks.main else None
@@ -222,8 +231,8 @@ class Supervised:
         if self.tuning:
             return image_batches(self.dataset, self.table, plan, run.ranks, self.preprocessing, self.flip,
                                  options.seed, epoch)
-        flips = FeatureFlips.for_epoch(run.model.grid_shape, self.flip, len(self.table), options.seed, epoch) \
-            if options.feature_flips else None
+        flips = FeatureFlips.for_epoch(self.train_mirrored, self.flip, len(self.table), options.seed, epoch) \
+            if self.train_mirrored is not None else None
         shifts = FeatureShifts.for_epoch(run.model.grid_shape, len(self.table), options.seed, epoch) \
             if options.feature_shifts else None
         views = (self.train_views, FeatureViews.for_epoch(options.feature_views, len(self.table), options.seed,
