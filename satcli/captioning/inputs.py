@@ -1,107 +1,11 @@
-"""Which images a caption run takes: files, directories (walked recursively) and glob patterns → sorted sources."""
+"""Kept so that ``from satcli.captioning.inputs import find_images`` still works: local files are now one of the
+sources in :mod:`satcli.captioning.sources` (``sources/local.py``)."""
 
-from __future__ import annotations
-
-import glob
-import logging
-import os
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from pathlib import Path
-
-from satcli.core.errors import SatcliError
-from satcli.data.images import is_image_name
-
-log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, order=True)
-class ImageSource:
-    """An input image: ``path`` as written to the results, ``file`` the absolute path to open."""
-
-    path: str
-    file: str
-
-
-def find_images(inputs: Sequence[str], root: str | Path | None = None) -> list[ImageSource]:
-    """Files, directories (recursive) and glob patterns → image files, sorted by their result path.
-
-    Inside directories and glob matches, hidden names and non-image extensions are skipped; a file named
-    explicitly is taken whatever its name (it becomes an error row if it is no image). Directory symlinks are
-    followed once (a loop is harmless). ``path`` is relative to ``root`` when the file lies under it (the
-    current directory by default), else absolute; symlinks are not resolved, so paths read as the user wrote.
-    """
-    base = os.path.abspath(root if root is not None else os.getcwd())
-    found: dict[str, ImageSource] = {}
-
-    def add(file: str) -> None:
-        absolute = os.path.abspath(file)
-        relative = os.path.relpath(absolute, base)
-        shown = printable_path(absolute if relative == ".." or relative.startswith(".." + os.sep) else relative)
-        found.setdefault(shown, ImageSource(shown, absolute))
-
-    for pattern in inputs:
-        if os.path.isdir(pattern):
-            for file in _walk(pattern):
-                add(file)
-        elif os.path.lexists(pattern):
-            add(pattern)
-        elif glob.has_magic(pattern):
-            matches = glob.glob(pattern, recursive=True)
-            if not matches:
-                raise SatcliError("the pattern matches no files", pattern)
-            for match in matches:
-                if os.path.isdir(match):
-                    for file in _walk(match):
-                        add(file)
-                elif is_image_name(match):
-                    add(match)
-        else:
-            raise SatcliError("no such file or directory", pattern)
-    return sorted(found.values())
-
-
-def printable_path(path: str) -> str:
-    """``path`` as valid UTF-8: bytes of a name that is not (Python holds them as lone surrogates) become ``\\xNN``.
-
-    Such a file cannot be named in the results' UTF-8 ``path`` column, so it gets a ``bad-name`` error row
-    under this spelling instead of a caption (docs/formats.md).
-    """
-    if utf8_name(path):
-        return path
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
-
-
-def utf8_name(path: str) -> bool:
-    """Whether ``path`` is valid UTF-8 (False for names read from disk with undecodable bytes)."""
-    try:
-        path.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-BAD_NAME = "bad-name: the file name is not valid UTF-8 (its bytes are shown as \\xNN); rename the file to caption it"
-
-
-def _walk(top: str) -> Iterator[str]:
-    seen: set[tuple[int, int]] = set()
-    for directory, dirnames, filenames in os.walk(top, followlinks=True, onerror=_walk_error):
-        try:
-            info = os.stat(directory)
-        except OSError:
-            dirnames.clear()
-            continue
-        key = (info.st_dev, info.st_ino)
-        if key in seen:  # reached again through a symlink: a loop, or the same tree twice
-            dirnames.clear()
-            continue
-        seen.add(key)
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        for name in filenames:
-            if not name.startswith(".") and is_image_name(name):
-                yield os.path.join(directory, name)
-
-
-def _walk_error(error: OSError) -> None:
-    log.warning("cannot read directory %s: %s", error.filename, error.strerror)
+from satcli.captioning.sources.local import (  # noqa: F401
+    BAD_NAME,
+    ImageSource,
+    find_images,
+    printable_path,
+    search_images,
+    utf8_name,
+)

@@ -17,11 +17,11 @@ from torch.utils.data import DataLoader
 
 from models.decoding import DecodingOptions, DecodingResult
 from satcli.captioning.fingerprint import difference, fingerprint
-from satcli.captioning.inputs import ImageSource, find_images
 from satcli.captioning.loading import ImageFiles, collate, lower_priority
 from satcli.captioning.model import caption_batch, prepare_model
 from satcli.captioning.options import CaptionOptions, CaptionSummary, check_options, decoding_options
 from satcli.captioning.shards import part_path, resolve_shard
+from satcli.captioning.sources.local import ImageSource, find_images
 from satcli.captioning.state import RunState
 from satcli.captioning.writer import CaptionedBatch, ChunkWriter
 from satcli.core.console import make_progress
