@@ -68,7 +68,7 @@ class CaptionPipeline:
         image could not be captioned, as ``kind: reason``; the other fields are then None).
         """
         results = self.stream(inputs, batch_size=batch_size, progress=progress, **decoding)
-        if _one_input(inputs) or isinstance(inputs, Sequence):
+        if _one_input(inputs) or isinstance(inputs, Sequence | np.ndarray | torch.Tensor):
             return list(results)
         return results
 
@@ -79,7 +79,7 @@ class CaptionPipeline:
         size = self.batch_size if batch_size is None else batch_size
         if size < 1:
             raise SatcliError(f"batch_size must be at least 1, got {size}")
-        items = [inputs] if _one_input(inputs) else inputs
+        items = [inputs] if _one_input(inputs) or isinstance(inputs, np.ndarray | torch.Tensor) else inputs
         total = len(items) if isinstance(items, Sequence) and all(_single_file(i) for i in items) else None
         rows = caption_samples(self.checkpoint, _samples(items), options, size, max_pixels=self.max_pixels)
         return _with_progress((result_dict(row) for row in rows), total) if progress else \
