@@ -118,6 +118,9 @@ def _write_rows(path: Path, rows: Iterator[CaptionRow], metadata: dict[str, Any]
 def caption_shards(options: CaptionOptions, found: Inputs, decoding: DecodingOptions, shard: tuple[int, int],
                    started: float) -> CaptionSummary:
     """Caption this run's share of ``found.shards`` into one results file each under ``options.output``."""
+    if options.overlays is not None:
+        raise SatcliError("--overlays draws over image files; with tar or Parquet shards as inputs the pictures are "
+                          "inside the shards, so it is not available")
     shards = found.shards[shard[0]::shard[1]]
     folder = OutputFolder(options.output, options.storage_options)
     loaded, model_path, run_fingerprint = load_run_model(options.model, decoding, options.max_pixels)
@@ -143,21 +146,27 @@ def caption_shards(options: CaptionOptions, found: Inputs, decoding: DecodingOpt
     progress.disable = progress.disable or not options.progress
     with progress:
         task = progress.add_task("captioning", total=None, unit="images")
-        for input_shard in todo:
-            samples = _new_samples(input_shard.samples(), seen, summary) if options.skip_existing \
-                else input_shard.samples()
+        for input_shard in todo:  # a shard at a time: its file is written as soon as its last batch is captioned
+            samples = input_shard.samples()
+            if options.skip_existing:
+                samples = _new_samples(samples, seen, summary)
             rows = _advancing(caption_samples(loaded, samples, decoding, options.batch_size,
                                               max_pixels=options.max_pixels), progress, task)
-            counts = folder.write(input_shard.output_name, rows,
-                                  {**metadata, "satcli.source": {"shard": input_shard.url, "kind": input_shard.kind}})
-            summary.n_processed += counts.pop("rows")
-            for kind, n in counts.items():
-                summary.errors[kind] = summary.errors.get(kind, 0) + n
-            log.info("%s → %s", input_shard.url, folder.name(input_shard.output_name))
+            _write_shard(folder, input_shard, rows, metadata, summary)
     summary.n_images = summary.n_processed
     summary.n_captioned = summary.n_processed - summary.n_errors
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+def _write_shard(folder: OutputFolder, shard: Shard, rows: Iterator[CaptionRow], metadata: dict[str, Any],
+                 summary: CaptionSummary) -> None:
+    counts = folder.write(shard.output_name, rows, {**metadata, "satcli.source": {"shard": shard.url,
+                                                                                    "kind": shard.kind}})
+    summary.n_processed += counts.pop("rows")
+    for kind, n in counts.items():
+        summary.errors[kind] = summary.errors.get(kind, 0) + n
+    log.info("%s → %s", shard.url, folder.name(shard.output_name))
 
 
 def _complete(folder: OutputFolder, shard: Shard, existing: set[str], run_fingerprint: dict[str, Any],
