@@ -289,6 +289,11 @@ def test_missing_bucket_and_unreachable_endpoint_are_one_line_errors(s3_server, 
     assert result.output.count("\n") == 1 and "s3://no-such-bucket" in result.output and "bucket" in result.output
     result = runner.invoke(app, ["caption", "s3://no-such-bucket/photos/", *args, *s3_server.cli_options])
     assert result.exit_code == 1 and "no such" in result.output and result.output.count("\n") == 1
+    (tmp_path / "a.tar").write_bytes(tar_shard([("k.jpg", b"")]))
+    result = runner.invoke(app, ["caption", str(tmp_path / "a.tar"), "--model", str(checkpoint), "-o",
+                                 "s3://no-such-bucket/out", *s3_server.cli_options])
+    assert result.exit_code == 1 and result.output.count("\n") == 1
+    assert "s3://no-such-bucket/out: no such bucket" in result.output
     from tests.s3 import free_port
 
     closed = f"http://127.0.0.1:{free_port()}"
