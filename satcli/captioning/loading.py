@@ -1,20 +1,53 @@
-"""Image loading in DataLoader workers: files → uint8 tensors (or JPEG bytes for the GPU decoder), in batches."""
+"""Image loading: :func:`decode_sample`, the one way a sample (file, URL, bytes or picture) becomes a uint8 tensor
+at the model's size, and :class:`ImageFiles`, which runs it in DataLoader workers over a run's files (or hands
+plain JPEGs' bytes to the GPU decoder), in batches."""
 
 from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import pyarrow as pa
 import torch
 from torch.utils.data import Dataset
 
 from models.data import DataConfig, resize
-from satcli.captioning.inputs import BAD_NAME, utf8_name
+from satcli.captioning.sources.local import BAD_NAME, utf8_name
+from satcli.captioning.sources.remote import is_url, read_url
+from satcli.captioning.sources.sample import Sample
+from satcli.core.errors import SatcliError
 from satcli.data.feed import JpegBytes, read_jpeg
-from satcli.data.images import ImageError, load_image
+from satcli.data.images import ImageError, load_image, load_picture
+
+Loaded = tuple[torch.Tensor | None, int | None, int | None, str | None]  # image, width, height, error
+
+
+def decode_sample(sample: Sample, data: DataConfig, max_pixels: int | None) -> Loaded:
+    """A sample → (uint8 (3, S, S) tensor, original width, height, None), or (None, width, height, error) when
+    it cannot be used: the same opening (EXIF, modes, pixel limit, :mod:`satcli.data.images`) and the same
+    resize (the model's :class:`~models.data.DataConfig`) for files, URLs, bytes and pictures alike."""
+    if sample.error is not None:
+        return None, None, None, sample.error
+    try:
+        if sample.image is not None:
+            loaded = load_picture(sample.image, max_pixels)
+        else:
+            source = sample.data
+            if source is None and sample.file is not None:
+                source = read_url(sample.file, sample.storage_options) if is_url(sample.file) else sample.file
+            if source is None:
+                return None, None, None, "no-image: the sample carries no image"
+            loaded = load_image(source, max_pixels, min_size=data.image_size)
+        return resize(loaded.image, data), loaded.width, loaded.height, None
+    except ImageError as error:
+        return None, error.width, error.height, str(error)
+    except SatcliError as error:  # a URL that could not be read
+        return None, None, None, f"unreadable: {error}"
+    except Exception as error:  # noqa: BLE001 — one strange file must not end a long run
+        return None, None, None, f"failed: {type(error).__name__}: {str(error)[:200]}"
 
 
 class ImageFiles(Dataset):
@@ -25,19 +58,21 @@ class ImageFiles(Dataset):
     copying them one reference count at a time (which makes DataLoader memory grow with the number of files).
     """
 
-    def __init__(self, files: Sequence[str], data: DataConfig, max_pixels: int | None, jpeg_bytes: bool = False):
+    def __init__(self, files: Sequence[str], data: DataConfig, max_pixels: int | None, jpeg_bytes: bool = False,
+                 storage_options: Mapping[str, Any] | None = None):
         # A name that is not UTF-8 cannot go into Arrow (nor into the results): it becomes a bad-name row.
         self.files = pa.array([file if utf8_name(file) else None for file in files], pa.string())
         self.data = data
         self.max_pixels = max_pixels
         self.jpeg_bytes = jpeg_bytes
+        self.storage_options = storage_options  # for files that are URLs
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor | JpegBytes | None, int | None, int | None,
                                                str | None]:
-        if self.jpeg_bytes and self.files[index].is_valid:
+        if self.jpeg_bytes and self.files[index].is_valid and not is_url(self.files[index].as_py()):
             try:
                 raw = read_jpeg(self.files[index].as_py(), self.max_pixels)
             except ImageError as error:
@@ -51,13 +86,8 @@ class ImageFiles(Dataset):
         file = self.files[index].as_py()
         if file is None:
             return index, None, None, None, BAD_NAME
-        try:
-            loaded = load_image(file, self.max_pixels, min_size=self.data.image_size)
-            return index, resize(loaded.image, self.data), loaded.width, loaded.height, None
-        except ImageError as error:
-            return index, None, error.width, error.height, str(error)
-        except Exception as error:  # noqa: BLE001 — one strange file must not end a long run
-            return index, None, None, None, f"failed: {type(error).__name__}: {str(error)[:200]}"
+        return index, *decode_sample(Sample(file, file=file, storage_options=self.storage_options), self.data,
+                                     self.max_pixels)
 
 
 def lower_priority(worker_id: int) -> None:

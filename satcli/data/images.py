@@ -20,6 +20,7 @@ scaling, as ``Image.thumbnail`` does): a 1600×1200 photo for a 224-pixel model 
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from dataclasses import dataclass
@@ -67,26 +68,30 @@ class LoadedImage:
     height: int
 
 
-def load_image(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+def load_image(path: str | Path | bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS,
                min_size: int | None = None) -> LoadedImage:
-    """Open ``path`` as 8-bit RGB with EXIF orientation applied. Raises :class:`ImageError` when it cannot.
+    """Open ``path`` (a file, or an encoded image's bytes) as 8-bit RGB with EXIF orientation applied. Raises
+    :class:`ImageError` when it cannot.
 
     ``max_pixels``: refuse images with more pixels than this (``None``: Pillow's own limit only). Pillow itself
     refuses anything over twice ``PIL.Image.MAX_IMAGE_PIXELS`` (:data:`HARD_MAX_PIXELS`) whatever this says.
     ``min_size``: the caller will shrink the image to ``min_size`` × ``min_size``; JPEGs may then be decoded at
     1/2, 1/4 or 1/8 scale, never below that size on either side.
     """
-    path = Path(path)
-    try:
-        n_bytes = os.stat(path).st_size
-    except OSError as error:
-        raise ImageError("unreadable", error.strerror or str(error)) from error
+    if isinstance(path, bytes | bytearray | memoryview):
+        n_bytes, opened = len(path), io.BytesIO(path)
+    else:
+        opened = path = Path(path)
+        try:
+            n_bytes = os.stat(path).st_size
+        except OSError as error:
+            raise ImageError("unreadable", error.strerror or str(error)) from error
     if n_bytes == 0:
         raise ImageError("empty", "the file is empty (0 bytes)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit decides, below
-            with open_image_file(path) as im:
+            with open_image_file(opened) as im:
                 return _load_opened(im, max_pixels, min_size)
     except ImageError:
         raise
@@ -105,6 +110,17 @@ def open_image_file(source: str | Path | IO[bytes]) -> Image.Image:
     """``Image.open`` restricted to :data:`IMAGE_FORMATS` (lazy: only the header is read). Raises Pillow's
     ``UnidentifiedImageError`` for any other format, before a decoder of it (or Ghostscript) can run."""
     return Image.open(source, formats=IMAGE_FORMATS)
+
+
+def load_picture(im: Image.Image, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> LoadedImage:
+    """A picture already in memory (a PIL image) the way :func:`load_image` treats a file: the pixel limit, EXIF
+    orientation, 8-bit RGB. Raises :class:`ImageError` when it cannot."""
+    try:
+        return _load_opened(im, max_pixels, None)
+    except ImageError:
+        raise
+    except (OSError, ValueError) as error:
+        raise ImageError("unreadable", f"cannot use this picture ({str(error)[:200]})") from error
 
 
 def _load_opened(im: Image.Image, max_pixels: int | None, min_size: int | None) -> LoadedImage:

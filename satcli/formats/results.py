@@ -46,9 +46,12 @@ SCHEMA = pa.schema([
     pa.field("alternatives", pa.list_(pa.struct([("caption", pa.string()), ("sum_logprob", pa.float32()),
                                                    ("finished", pa.bool_())]))),
     pa.field("token_logprobs", pa.list_(pa.float32())),
+    pa.field("key", pa.string()),
+    pa.field("shard", pa.string()),
+    pa.field("source_meta", pa.string()),
 ])
 # Columns added after the first release: files written before them still read, with the column all null.
-_LATER_COLUMNS = ("alternatives", "token_logprobs")
+_LATER_COLUMNS = ("alternatives", "token_logprobs", "key", "shard", "source_meta")
 
 ROW_GROUP_SIZE = 512  # rows per Parquet row group in merged files: bounded memory when reading and merging
 _COMPRESSION = "zstd"
@@ -69,14 +72,20 @@ class CaptionRow:
     error: str | None = None
     alternatives: list[tuple[str, float, bool]] | None = None  # (caption, sum_logprob, finished): 2nd … Nth
     token_logprobs: list[float] | None = None  # one per token: log P(word | words before it)
+    key: str | None = None  # the sample's own key in a sharded dataset (WebDataset __key__, img2dataset key)
+    shard: str | None = None  # the input shard it came from (00000.tar)
+    source_meta: str | None = None  # JSON: what the source carried along (the sample's .json/.txt, Parquet columns)
 
 
 def result_row(path: str, result: DecodingResult | None, words: Sequence[str], n_best: int = 1,
-               width: int | None = None, height: int | None = None, error: str | None = None) -> CaptionRow:
+               width: int | None = None, height: int | None = None, error: str | None = None, *,
+               key: str | None = None, shard: str | None = None, source_meta: str | None = None) -> CaptionRow:
     """One image's row: the best caption of ``result`` (with ``n_best`` > 1 the runners-up go to
-    ``alternatives``), or, when ``result`` is None, a row holding only the image size and ``error``."""
+    ``alternatives``), or, when ``result`` is None, a row holding only the image size and ``error``; ``key``,
+    ``shard`` and ``source_meta`` say where a sample of a sharded dataset came from."""
     if result is None:
-        return CaptionRow(path, image_width=width, image_height=height, error=error)
+        return CaptionRow(path, image_width=width, image_height=height, error=error, key=key, shard=shard,
+                          source_meta=source_meta)
     best = result.best
     tokens = [words[i] for i in best.tokens]
     alternatives = None
@@ -84,8 +93,8 @@ def result_row(path: str, result: DecodingResult | None, words: Sequence[str], n
         alternatives = [(detokenize([words[i] for i in h.tokens]), h.sum_logprob, h.finished)
                         for h in result.hypotheses[1:]]
     return CaptionRow(path, detokenize(tokens), tokens, best.sum_logprob, best.finished,
-                      best.attention.float().numpy(), width, height, alternatives=alternatives,
-                      token_logprobs=best.token_logprobs)
+                      best.attention.float().cpu().numpy(), width, height, alternatives=alternatives,
+                      token_logprobs=best.token_logprobs, key=key, shard=shard, source_meta=source_meta)
 
 
 def results_metadata(loaded: LoadedCheckpoint, model_sha256: str, decoding: DecodingOptions, *,
@@ -154,6 +163,9 @@ def to_table(rows: Sequence[CaptionRow], metadata: dict[str, str] | None = None)
                                   [{"caption": c, "sum_logprob": lp, "finished": f} for c, lp, f in r.alternatives]
                                   for r in rows], SCHEMA.field("alternatives").type),
         "token_logprobs": pa.array([r.token_logprobs for r in rows], SCHEMA.field("token_logprobs").type),
+        "key": pa.array([r.key for r in rows], pa.string()),
+        "shard": pa.array([r.shard for r in rows], pa.string()),
+        "source_meta": pa.array([r.source_meta for r in rows], pa.string()),
     }
     return pa.Table.from_pydict(columns, schema=SCHEMA.with_metadata(_encode(metadata)))
 
