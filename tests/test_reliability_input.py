@@ -124,7 +124,7 @@ def test_report_and_overlays_draw_an_eps_file_grey_without_running_ghostscript(f
                                  str(tmp_path / "ov")])
     assert result.exit_code == 0, result.output
     assert not stub_gs.exists(), "Ghostscript was run"
-    assert "1 images not found" in result.output  # the EPS file, drawn grey like a moved image
+    assert "1 image not found" in result.output  # the EPS file, drawn grey like a moved image
     assert len(list((tmp_path / "ov").glob("*.png"))) == 2
     assert len(list((tmp_path / "r_files").glob("*.jpg"))) == 1  # a thumbnail for a.jpg only
 

@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from satcli.core.atomic import atomic_path, make_folder
-from satcli.core.console import make_progress
+from satcli.core.console import counted, make_progress
 from satcli.core.errors import SatcliError
 from satcli.core.marks import mark_pictures_folder
 from satcli.core.printing import word_probability
@@ -376,6 +376,6 @@ def write_overlays(results: str | Path, image_root: str | Path | None, out_dir: 
             summary.n_written += 1
             bar.advance(task)
     if summary.n_missing_images:
-        log.warning("%d images could not be read (drawn grey); relative paths are looked up under %s",
-                    summary.n_missing_images, (root or Path(".")).absolute())
+        log.warning("%s could not be read (drawn grey); relative paths are looked up under %s",
+                    counted(summary.n_missing_images, "image"), (root or Path(".")).absolute())
     return summary

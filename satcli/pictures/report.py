@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from satcli.core.atomic import atomic_path, make_folder, write_text
-from satcli.core.console import make_progress
+from satcli.core.console import counted, make_progress
 from satcli.core.errors import SatcliError
 from satcli.core.marks import mark_pictures_folder
 from satcli.core.printing import word_probability
@@ -207,6 +207,6 @@ def build_report(options: ReportOptions) -> ReportSummary:
             .replace("{{DATA}}", text))  # last: the data may hold any of the other markers
     write_text(output, page)
     if summary.n_missing_images:
-        log.warning("%d images could not be read; relative paths are looked up under %s (see --image-root)",
-                    summary.n_missing_images, root.absolute())
+        log.warning("%s could not be read; relative paths are looked up under %s (see --image-root)",
+                    counted(summary.n_missing_images, "image"), root.absolute())
     return summary
