@@ -271,7 +271,7 @@ def test_report_and_overlays_finish_when_an_image_path_is_a_fifo(tmp_path):
         pytest.fail("satcli report hangs on a FIFO")
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "r.html").is_file() and len(list((tmp_path / "ov").glob("*.png"))) == 1
-    assert "1 images could not be read" in done.stderr  # drawn grey, like a moved image
+    assert "1 image could not be read" in done.stderr  # drawn grey, like a moved image
 
 
 def test_attention_that_does_not_fit_its_grid_is_one_line(tmp_path):
