@@ -75,6 +75,8 @@ def print_evaluated(result: EvaluateResult, what: str, as_json: bool) -> None:
 def print_reported(summary: ReportSummary) -> None:
     """Where the HTML report went, how many images and errors it shows, and images that were not found."""
     human.print(f"report: {shown(summary.output)} ({summary.n_rows:,} images, {summary.n_errors:,} errors)")
+    if summary.n_total > summary.n_rows:
+        human.print(f"{summary.n_rows:,} of {summary.n_total:,} rows shown (--limit)")
     if summary.n_missing_images:
         human.print(f"[yellow]{summary.n_missing_images:,} images not found[/]: pass --image-root")
 

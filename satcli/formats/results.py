@@ -46,9 +46,14 @@ SCHEMA = pa.schema([
     pa.field("alternatives", pa.list_(pa.struct([("caption", pa.string()), ("sum_logprob", pa.float32()),
                                                    ("finished", pa.bool_())]))),
     pa.field("token_logprobs", pa.list_(pa.float32())),
+    # evaluate's predictions only (null in caption results): the references and the image's own scores
+    pa.field("references", pa.list_(pa.string())), pa.field("bleu4", pa.float32()),
+    pa.field("cider_d", pa.float32()), pa.field("objects_present", pa.list_(pa.string())),
+    pa.field("objects_named", pa.list_(pa.string())),
 ])
+SCORE_COLUMNS = ("references", "bleu4", "cider_d", "objects_present", "objects_named")
 # Columns added after the first release: files written before them still read, with the column all null.
-_LATER_COLUMNS = ("alternatives", "token_logprobs")
+_LATER_COLUMNS = ("alternatives", "token_logprobs", *SCORE_COLUMNS)
 
 ROW_GROUP_SIZE = 512  # rows per Parquet row group in merged files: bounded memory when reading and merging
 _COMPRESSION = "zstd"
@@ -69,6 +74,11 @@ class CaptionRow:
     error: str | None = None
     alternatives: list[tuple[str, float, bool]] | None = None  # (caption, sum_logprob, finished): 2nd … Nth
     token_logprobs: list[float] | None = None  # one per token: log P(word | words before it)
+    references: list[str] | None = None  # evaluate: the image's reference captions as the dataset has them
+    bleu4: float | None = None  # evaluate: this caption's BLEU-4 (0–1) and CIDEr-D (COCO's scale)
+    cider_d: float | None = None
+    objects_present: list[str] | None = None  # evaluate on a split with objects: labels in the picture
+    objects_named: list[str] | None = None  # … and those the caption names
 
 
 def result_row(path: str, result: DecodingResult | None, words: Sequence[str], n_best: int = 1,
@@ -154,6 +164,7 @@ def to_table(rows: Sequence[CaptionRow], metadata: dict[str, str] | None = None)
                                   [{"caption": c, "sum_logprob": lp, "finished": f} for c, lp, f in r.alternatives]
                                   for r in rows], SCHEMA.field("alternatives").type),
         "token_logprobs": pa.array([r.token_logprobs for r in rows], SCHEMA.field("token_logprobs").type),
+        **{name: pa.array([getattr(r, name) for r in rows], SCHEMA.field(name).type) for name in SCORE_COLUMNS},
     }
     return pa.Table.from_pydict(columns, schema=SCHEMA.with_metadata(_encode(metadata)))
 
