@@ -50,9 +50,9 @@ from satcli.cli.output import (
     print_drawn,
     print_evaluated,
     print_plan,
-    print_reported,
     print_trained,
 )
+from satcli.cli.report_command import report
 from satcli.core.atomic import disk_error
 from satcli.core.console import VisibleFormatter, VisibleRichHandler, out_console, set_quiet, shown
 from satcli.core.console import console as human
@@ -416,35 +416,7 @@ def evaluate(
             print_drawn(write_overlays(beam.predictions, images, folder))
 
 
-@app.command()
-def report(
-    results: Annotated[Path, typer.Argument(
-        exists=True, dir_okay=False, help="A results Parquet file (satcli caption or evaluate).", show_default=False)],
-    output: Annotated[Path | None, typer.Option(
-        "--output", "-o", dir_okay=False, show_default=False,
-        help="The HTML file. Default: the results file with .html. Thumbnails go to <name>_files/ beside it.")] = None,
-    image_root: Annotated[Path | None, typer.Option(
-        "--image-root", file_okay=False, show_default=False,
-        help="Folder the results' relative paths start from. Default: the one the file records (caption's --root, "
-             "evaluate's dataset images) if it still exists, else the current one.")] = None,
-    thumb_size: Annotated[int, typer.Option(
-        "--thumb-size", help="Pixels a side of the images' thumbnails, at most (at least 16).")] = 224,
-    overlays: OverlaysOption = None,
-    quiet: QuietOption = False,
-) -> None:
-    """Write one HTML page to browse the captions: search, scores, errors, and each word's attention on hover.
-
-    The page works offline from disk; keep the thumbnail folder beside it.
-    """
-    from satcli.commands import report as step
-
-    summary = step.run(step.ReportOptions(results=results, output=output, image_root=image_root,
-                                          thumb_size=thumb_size))
-    print_reported(summary)
-    if overlays is not None:
-        from satcli.pictures.overlays import write_overlays
-
-        print_drawn(write_overlays(results, image_root, overlays))
+app.command()(report)
 
 
 @app.command()

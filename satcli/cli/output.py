@@ -78,6 +78,8 @@ def print_reported(summary: ReportSummary) -> None:
     """Where the HTML report went, how many images and errors it shows, and images that were not found."""
     human.print(f"report: {shown(summary.output)} ({counted(summary.n_rows, 'image')}, "
                 f"{counted(summary.n_errors, 'error')})")
+    if summary.n_total > summary.n_rows:
+        human.print(f"{summary.n_rows:,} of {summary.n_total:,} rows shown (--limit)")
     if summary.n_missing_images:
         human.print(f"[yellow]{counted(summary.n_missing_images, 'image')} not found[/]: pass --image-root")
 

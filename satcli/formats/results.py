@@ -49,9 +49,14 @@ SCHEMA = pa.schema([
     pa.field("key", pa.string()),
     pa.field("shard", pa.string()),
     pa.field("source_meta", pa.string()),
+    # evaluate's predictions only (null in caption results): the references and the image's own scores
+    pa.field("references", pa.list_(pa.string())), pa.field("bleu4", pa.float32()),
+    pa.field("cider_d", pa.float32()), pa.field("objects_present", pa.list_(pa.string())),
+    pa.field("objects_named", pa.list_(pa.string())),
 ])
+SCORE_COLUMNS = ("references", "bleu4", "cider_d", "objects_present", "objects_named")
 # Columns added after the first release: files written before them still read, with the column all null.
-_LATER_COLUMNS = ("alternatives", "token_logprobs", "key", "shard", "source_meta")
+_LATER_COLUMNS = ("alternatives", "token_logprobs", "key", "shard", "source_meta", *SCORE_COLUMNS)
 
 ROW_GROUP_SIZE = 512  # rows per Parquet row group in merged files: bounded memory when reading and merging
 _COMPRESSION = "zstd"
@@ -75,6 +80,11 @@ class CaptionRow:
     key: str | None = None  # the sample's own key in a sharded dataset (WebDataset __key__, img2dataset key)
     shard: str | None = None  # the input shard it came from (00000.tar)
     source_meta: str | None = None  # JSON: what the source carried along (the sample's .json/.txt, Parquet columns)
+    references: list[str] | None = None  # evaluate: the image's reference captions as the dataset has them
+    bleu4: float | None = None  # evaluate: this caption's BLEU-4 (0–1) and CIDEr-D (COCO's scale)
+    cider_d: float | None = None
+    objects_present: list[str] | None = None  # evaluate on a split with objects: labels in the picture
+    objects_named: list[str] | None = None  # … and those the caption names
 
 
 def result_row(path: str, result: DecodingResult | None, words: Sequence[str], n_best: int = 1,
@@ -166,6 +176,7 @@ def to_table(rows: Sequence[CaptionRow], metadata: dict[str, str] | None = None)
         "key": pa.array([r.key for r in rows], pa.string()),
         "shard": pa.array([r.shard for r in rows], pa.string()),
         "source_meta": pa.array([r.source_meta for r in rows], pa.string()),
+        **{name: pa.array([getattr(r, name) for r in rows], SCHEMA.field(name).type) for name in SCORE_COLUMNS},
     }
     return pa.Table.from_pydict(columns, schema=SCHEMA.with_metadata(_encode(metadata)))
 

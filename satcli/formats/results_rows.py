@@ -21,18 +21,21 @@ import numpy as np
 
 from satcli.core.errors import SatcliError
 from satcli.formats.results import attention_of, iter_results
+from satcli.formats.results_pick import iter_rows_at
 
 NOT_FINITE = "attention holds NaN, infinite or negative weights: nothing to draw"
 _NEEDED = ("path", "tokens", "attention", "grid_height", "grid_width", "error", "token_logprobs")
 
 
-def checked_rows(results: Path, columns: Sequence[str]) -> Iterator[dict]:
-    """:func:`~satcli.formats.results.iter_results` with every row checked; ``attention`` comes as the numpy
-    array (n_tokens, grid_height, grid_width) of :func:`~satcli.formats.results.read_attention`. Raises
-    SatcliError naming ``results`` and the row for a row that cannot be shown; sets ``error`` to
-    :data:`NOT_FINITE` (and ``attention`` to an empty array) where the weights are not finite."""
+def checked_rows(results: Path, columns: Sequence[str], only: Sequence[int] | None = None) -> Iterator[dict]:
+    """:func:`~satcli.formats.results.iter_results` with every row checked (with ``only``, just the rows at
+    those indices, in file order); ``attention`` comes as the numpy array (n_tokens, grid_height, grid_width) of
+    :func:`~satcli.formats.results.read_attention`. Raises SatcliError naming ``results`` and the row for a row
+    that cannot be shown; sets ``error`` to :data:`NOT_FINITE` (and ``attention`` to an empty array) where the
+    weights are not finite."""
     columns = list(dict.fromkeys([*columns, *_NEEDED]))
-    for index, row in enumerate(iter_results(results, columns)):
+    rows = enumerate(iter_results(results, columns)) if only is None else iter_rows_at(results, columns, only)
+    for index, row in rows:
         yield _checked(row, index, results)
 
 

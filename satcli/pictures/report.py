@@ -2,7 +2,9 @@
 
 The page is self-contained (inline script and style, no network): open it from disk. It embeds every row's path,
 caption, words, scores, error and attention (each grid as bytes scaled to its peak, base64), and shows them 50 at
-a time with a search box and a sort order, so tens of thousands of rows stay responsive. Hovering or clicking a
+a time with a search box and a sort order, so tens of thousands of rows stay responsive. Rows of evaluate's
+predictions also show their references, BLEU-4, CIDEr-D and objects, worst CIDEr-D first; ``limit`` keeps only
+that many rows (the lowest CIDEr-D, else the first), read without loading the others. Hovering or clicking a
 word draws that word's attention over the image on a canvas with the same colour map and blend as the PNG
 overlays, and says the word's probability given the words before it (for files that have ``token_logprobs``).
 Image thumbnails (JPEG, at most ``thumb_size`` pixels a side) go into ``<report>_files/`` beside the page,
@@ -33,7 +35,8 @@ from satcli.core.errors import SatcliError
 from satcli.core.marks import mark_pictures_folder
 from satcli.core.printing import word_probability
 from satcli.core.version import __version__
-from satcli.formats.results import count_rows, read_metadata, recorded_image_root
+from satcli.formats.results import SCORE_COLUMNS, count_rows, read_metadata, recorded_image_root
+from satcli.formats.results_pick import pick_rows
 from satcli.formats.results_rows import checked_rows
 from satcli.pictures.overlays import BLEND_FLOOR, BLEND_GAIN, colormap_lut, open_image, overlay_name, resolve_image
 
@@ -42,7 +45,8 @@ log = logging.getLogger(__name__)
 THUMB_SIZE = 224
 PAGE_SIZE = 50
 _COLUMNS = ["path", "caption", "tokens", "sum_logprob", "finished", "attention", "grid_height", "grid_width",
-            "image_width", "image_height", "error", "token_logprobs", "alternatives"]
+            "image_width", "image_height", "error", "token_logprobs", "alternatives",
+            *SCORE_COLUMNS]
 # What the picture's place says for a row without a thumbnail: what is wrong with the file, by error kind.
 _NO_PICTURE = {"empty": "empty file", "not-an-image": "not an image", "truncated": "truncated or corrupt image",
                "too-large": "too large to show"}
@@ -58,6 +62,7 @@ class ReportOptions:
     image_root: Path | None = None  # relative result paths start here; None: the file's recorded root, else cwd
     thumb_size: int = THUMB_SIZE
     progress: bool = True
+    limit: int | None = None  # at most this many rows in the page: the lowest CIDEr-D when scored, else the first
 
 
 @dataclass
@@ -67,6 +72,7 @@ class ReportSummary:
     n_rows: int = 0
     n_errors: int = 0
     n_missing_images: int = 0
+    n_total: int = 0  # rows in the results file (more than n_rows with a limit)
 
 
 def default_output(results: Path) -> Path:
@@ -133,13 +139,27 @@ def alternatives(value: list[dict[str, Any]] | None) -> list[list[Any]] | None:
              else round(a["sum_logprob"], 2)] for a in value]
 
 
-def _rows(options: ReportOptions, root: Path, thumbs: Path, summary: ReportSummary,
-          total: int) -> Iterator[list[Any]]:
-    """The page's rows, thumbnails written on a few threads as the rows stream past."""
+def _score(value: float | None) -> float | None:
+    return round(value, 4) if value is not None and math.isfinite(value) else None
+
+
+def _evaluated(row: dict) -> list[Any] | None:
+    """What evaluate's predictions add to a row for the page: [references, BLEU-4, CIDEr-D, objects named,
+    objects present]; None for rows without (caption results)."""
+    if row["references"] is None and row["cider_d"] is None:
+        return None
+    return [row["references"], _score(row["bleu4"]), _score(row["cider_d"]), row["objects_named"],
+            row["objects_present"]]
+
+
+def _rows(options: ReportOptions, root: Path, thumbs: Path, summary: ReportSummary, only: list[int] | None,
+          evaluated: list[list[Any] | None]) -> Iterator[list[Any]]:
+    """The page's rows (``only`` those at these indices, None: all), thumbnails written on a few threads as the
+    rows stream past; what evaluate adds to each goes to ``evaluated``, one entry per row."""
     bar = make_progress()
     bar.disable = not options.progress
     with bar, ThreadPoolExecutor(_THREADS) as pool:
-        task = bar.add_task("report", total=total, unit="images")
+        task = bar.add_task("report", total=summary.n_total if only is None else len(only), unit="images")
         batch: list[tuple[dict, Any]] = []
         folder = urllib.parse.quote(thumbs.name)
 
@@ -152,6 +172,7 @@ def _rows(options: ReportOptions, root: Path, thumbs: Path, summary: ReportSumma
                 attention, peaks = encode_attention(row["attention"]) if row["error"] is None else ("", [])
                 value = row["sum_logprob"]
                 sum_logprob = round(value, 4) if value is not None and math.isfinite(value) else None
+                evaluated.append(_evaluated(row))
                 yield [row["path"], row["caption"], row["tokens"], sum_logprob, row["finished"], row["error"],
                        row["grid_height"], row["grid_width"], attention, peaks, thumb, row["image_width"],
                        row["image_height"], word_probabilities(row["token_logprobs"]),
@@ -159,7 +180,7 @@ def _rows(options: ReportOptions, root: Path, thumbs: Path, summary: ReportSumma
                 bar.advance(task)
             batch.clear()
 
-        for row in checked_rows(options.results, _COLUMNS):
+        for row in checked_rows(options.results, _COLUMNS, only):
             summary.n_rows += 1
             summary.n_errors += row["error"] is not None
             made = None  # no thumbnail for an error row: its file is no image, or one too large to open
@@ -177,6 +198,8 @@ def build_report(options: ReportOptions) -> ReportSummary:
     results = Path(options.results)
     if options.thumb_size < 16:
         raise SatcliError(f"--thumb-size must be at least 16, got {options.thumb_size}")
+    if options.limit is not None and options.limit < 1:
+        raise SatcliError(f"--limit must be at least 1, got {options.limit}")
     total = count_rows(results)
     output = Path(options.output) if options.output is not None else default_output(results)
     if output.resolve() == results.resolve():
@@ -186,12 +209,21 @@ def build_report(options: ReportOptions) -> ReportSummary:
     thumbs = output.with_name(output.stem + "_files")
     make_folder(thumbs, "is in the way of the report's thumbnail folder")
     mark_pictures_folder(thumbs, "the thumbnails of a report")
-    summary = ReportSummary(output, thumbs)
+    summary = ReportSummary(output, thumbs, n_total=total)
     root = options.image_root if options.image_root is not None else recorded_image_root(results) or Path(".")
-    rows = list(_rows(options, root, thumbs, summary, total))
+    only, note = None, ""
+    if options.limit is not None and options.limit < total:  # choose from one column, then read only those rows
+        only, scored = pick_rows(results, options.limit)
+        note = (f"{len(only):,} of {total:,} rows shown: " +
+                (f"the {len(only):,} lowest by CIDEr-D" if scored else f"the first {len(only):,}") + " (--limit)")
+    evaluated: list[list[Any] | None] = []
+    rows = list(_rows(options, root, thumbs, summary, only, evaluated))
     data = {
         "rows": rows,
         "about": _about(results, read_metadata(results), summary.n_rows, summary.n_errors),
+        "note": note,
+        # per row: [references, bleu4, cider_d, objects named, present] or null; null for caption results
+        "evaluated": evaluated if any(e is not None for e in evaluated) else None,
         "lut": colormap_lut().tobytes().hex(),
         "blend": [BLEND_FLOOR, BLEND_GAIN],
         "page_size": PAGE_SIZE,

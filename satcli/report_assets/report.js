@@ -9,6 +9,10 @@
   const ROWS = DATA.rows;
   const PATH = 0, CAPTION = 1, TOKENS = 2, SUM = 3, FINISHED = 4, ERROR = 5, GH = 6, GW = 7, ATT = 8, PEAKS = 9,
         THUMB = 10, WIDTH = 11, HEIGHT = 12, PROBS = 13, ALTERNATIVES = 14, NOTE = 15;
+  // evaluate's predictions: per row [references, bleu4, cider_d, objects named, objects present] (or null); null
+  // for caption results
+  const EVALUATED = DATA.evaluated;
+  const REFS = 0, BLEU4 = 1, CIDER = 2, NAMED = 3, PRESENT = 4;
   const PAGE_SIZE = DATA.page_size;
   const BOX = DATA.thumb_size;
   const FLOOR = DATA.blend[0], GAIN = DATA.blend[1]; // the same blend as the PNG overlays
@@ -130,6 +134,7 @@
       }
       text.append(others);
     }
+    if (EVALUATED && EVALUATED[index]) text.append(...evaluation(EVALUATED[index]));
     const meta = [r[PATH]];
     if (r[SUM] !== null) {
       meta.push(`log p ${r[SUM].toFixed(2)}`, `${(100 * Math.exp(perWord(r))).toFixed(0)}% per word (geometric mean)`);
@@ -146,6 +151,35 @@
     }
     draw(c, selected.get(index));
     return row;
+  }
+
+  // The references (collapsed), the image's scores and, on splits with objects, those named, missed and invented.
+  function evaluation(e) {
+    const nodes = [];
+    if (e[REFS]) {
+      const refs = el("details", "refs");
+      refs.append(el("summary", "", `${e[REFS].length} reference${e[REFS].length === 1 ? "" : "s"}`));
+      const items = el("ol");
+      for (const ref of e[REFS]) items.append(el("li", "", ref));
+      refs.append(items);
+      nodes.push(refs);
+    }
+    const scores = [];
+    if (e[BLEU4] !== null) scores.push(`BLEU-4 ${e[BLEU4].toFixed(2)}`);
+    if (e[CIDER] !== null) scores.push(`CIDEr-D ${e[CIDER].toFixed(2)}`);
+    if (scores.length) {
+      const p = el("p", "scores", scores.join(" · "));
+      if (e[CIDER] !== null) p.dataset.ciderD = String(e[CIDER]);
+      nodes.push(p);
+    }
+    if (e[PRESENT] !== null && e[NAMED] !== null) {
+      const named = new Set(e[NAMED]), present = new Set(e[PRESENT]);
+      const list = (xs) => (xs.length ? xs.join(", ") : "none");
+      nodes.push(el("p", "objects", `objects named: ${list(e[NAMED].filter((o) => present.has(o)))} · ` +
+        `missed: ${list(e[PRESENT].filter((o) => !named.has(o)))} · ` +
+        `invented: ${list(e[NAMED].filter((o) => !present.has(o)))}`));
+    }
+    return nodes;
   }
 
   function render() {
@@ -173,6 +207,8 @@
       worst: (i) => perWord(ROWS[i]) ?? Infinity,
       best: (i) => -(perWord(ROWS[i]) ?? -Infinity),
       errors: (i) => (ROWS[i][ERROR] === null ? 1 : 0),
+      "cider-worst": (i) => cider(i) ?? Infinity,
+      "cider-best": (i) => -(cider(i) ?? -Infinity),
     }[sort.value];
     if (key) {
       const keys = new Map(shown.map((i) => [i, key(i)]));
@@ -182,12 +218,18 @@
     render();
   }
 
+  const cider = (i) => (EVALUATED && EVALUATED[i] ? EVALUATED[i][CIDER] : null);
+
   let pending = 0;
   search.addEventListener("input", () => { clearTimeout(pending); pending = setTimeout(filter, 150); });
   sort.addEventListener("change", filter);
   prev.addEventListener("click", () => { page--; render(); window.scrollTo(0, 0); });
   next.addEventListener("click", () => { page++; render(); window.scrollTo(0, 0); });
   $("about").textContent = DATA.about;
-  render();
+  $("limited").textContent = DATA.note;
+  $("limited").hidden = !DATA.note;
+  if (EVALUATED && EVALUATED.some((e) => e && e[CIDER] !== null)) sort.value = "cider-worst";
+  else sort.querySelectorAll("option[value^='cider']").forEach((o) => o.remove());
+  filter();
   document.body.dataset.ready = "1";
 })();

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,7 @@ from satcli.scoring.decode import Decoded, decode_split, split_chunks
 from satcli.scoring.grounding import GroundingScores, grounding_scores, objects_from_store
 from satcli.scoring.metrics import bleu, coco_metrics
 from satcli.scoring.objects import Lexicon, ObjectScores, build_lexicon, object_scores, present_objects
+from satcli.scoring.per_image import ImageScores, per_image_scores
 
 log = logging.getLogger(__name__)
 REPORT = "report.json"
@@ -207,11 +208,12 @@ def evaluate(options: EvaluateOptions) -> EvaluateResult:
     if options.grounding and not any(objects):
         raise SatcliError(f"--grounding needs object boxes, and the {options.split!r} split of "
                           f"{dataset.name!r} has none", dataset.path(options.split))
-    if options.objects and not any(r for r in table.column("objects").to_pylist() if any(o.get("words") for o in r)):
+    named_objects = any(r for r in table.column("objects").to_pylist() if any(o.get("words") for o in r))
+    if options.objects and not named_objects:
         raise SatcliError(f"--objects needs objects with their words, and the {options.split!r} split of "
                           f"{dataset.name!r} has none (COCO: preprocess with --instances)",
                           dataset.path(options.split))
-    lexicon = _lexicon(dataset) if options.objects else {}
+    lexicon = _lexicon(dataset) if named_objects else {}  # also for the predictions' objects columns
     loaded, model_sha256 = load_captioner_hashed(model_path, device)  # recorded in every predictions file
     out = options.out or model_path.parent / f"evaluate-{dataset.name}-{options.split}"
 
@@ -221,7 +223,7 @@ def evaluate(options: EvaluateOptions) -> EvaluateResult:
     references = [[tokenize(c) for c in captions] for captions in raw_references]
     present = [present_objects((o["label"] for o in rows or ()), refs, lexicon)  # CHAIR's: boxes + references
                for rows, refs in zip(table.column("objects").to_pylist(), references, strict=True)] \
-        if options.objects else []
+        if named_objects else []
     result = EvaluateResult(out / REPORT, [], n_images)
     for decoding, decoded in zip(decodings, outputs, strict=True):
         beam = BeamResult(decoding.beam_size, seconds=decoded.seconds)
@@ -239,8 +241,9 @@ def evaluate(options: EvaluateOptions) -> EvaluateResult:
                 for tokens, r, objs in zip(captions, decoded.results, objects, strict=True))
         if options.objects:
             beam.objects = object_scores(zip(captions, present, strict=True), lexicon)
+        scores = per_image_scores(references, captions, present if named_objects else None, lexicon)
         beam.predictions = _write_predictions(out / f"predictions-{options.split}-beam{decoding.beam_size}.parquet",
-                                              table, decoded.results, words, decoding.n_best,
+                                              table, decoded.results, scores, words, decoding.n_best,
                                               _metadata(loaded, model_sha256, decoding, dataset, options.split))
         result.beams.append(beam)
     _write_report(result, options, dataset, loaded, model_path, decodings, time.perf_counter() - started)
@@ -277,11 +280,15 @@ def _metadata(loaded: LoadedCheckpoint, model_sha256: str, decoding: DecodingOpt
                             dataset={"name": dataset.name, "split": split, "root": str(dataset.root.absolute())})
 
 
-def _write_predictions(path: Path, table: Any, results: list[DecodingResult], words: list[str], n_best: int,
-                       metadata: dict[str, Any]) -> Path:
-    """One results row per image of the split (as ``satcli caption`` writes them), sorted by path."""
-    paths, widths, heights = (table.column(c).to_pylist() for c in ("path", "width", "height"))
-    rows = [result_row(p, r, words, n_best, w, h) for p, w, h, r in zip(paths, widths, heights, results, strict=True)]
+def _write_predictions(path: Path, table: Any, results: list[DecodingResult], scores: list[ImageScores],
+                       words: list[str], n_best: int, metadata: dict[str, Any]) -> Path:
+    """One results row per image of the split (as ``satcli caption`` writes them, plus the image's references
+    and own scores), sorted by path."""
+    paths, widths, heights, references = (table.column(c).to_pylist() for c in ("path", "width", "height",
+                                                                                 "captions"))
+    rows = [replace(result_row(p, r, words, n_best, w, h), references=refs, bleu4=s.bleu4, cider_d=s.cider_d,
+                    objects_present=s.objects_present, objects_named=s.objects_named)
+            for p, w, h, r, refs, s in zip(paths, widths, heights, results, references, scores, strict=True)]
     rows.sort(key=lambda row: row.path)  # satcli results files are sorted by path
     return write_results(path, rows, metadata)
 
