@@ -41,4 +41,4 @@ def test_satcli_report_runs_without_torch(tmp_path):
     assert done.returncode == 0, done.stderr
     page = (tmp_path / "r.html").read_text()
     assert "a red square" in page and "not-an-image" in page
-    assert np.asarray(Image.open(next((tmp_path / "r_files").glob("*")))).size > 0
+    assert np.asarray(Image.open(next((tmp_path / "r_files").glob("*.jpg")))).size > 0

@@ -389,7 +389,7 @@ def test_nan_attention_is_an_error_row_and_the_other_rows_are_drawn(tmp_path):
     results = _edited(tmp_path, "attention", attention)
     page, pictures = _report_and_overlays(results, tmp_path)
     assert page.exit_code == 0 and pictures.exit_code == 0, page.output + pictures.output
-    assert "(2 images, 1 errors)" in page.output
+    assert "(2 images, 1 error)" in page.output
     rows = _report_rows(tmp_path / "r.html")
     assert rows[0][5].startswith("attention holds NaN") and rows[1][5] is None
     assert len(list((tmp_path / "ov").glob("*.png"))) == 1  # y.jpg drawn, x.jpg counted as an error

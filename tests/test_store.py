@@ -155,6 +155,10 @@ MEASURE = textwrap.dedent(r"""
         return int(re.search(field + r":\s+(\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
 
     root = Path(sys.argv[1])
+    try:  # pyarrow imports pandas on its first array when pandas is installed: not the dataset's memory
+        import pandas  # noqa: F401
+    except ImportError:
+        pass
     rss_before = status("VmRSS")
     tracemalloc.start()
     run(PreprocessOptions(dataset=DatasetKind.captions_csv, images=root / "photos", captions=root / "pairs.csv",

@@ -31,6 +31,7 @@ from models.captioner import Captioner, Memory, State
 from models.data import normalise
 from satcli.core.atomic import make_folder, write_text, write_with
 from satcli.core.version import __version__
+from satcli.data.features import encode_images
 from satcli.data.vocab import UNK_ID
 from satcli.formats.checkpoint import LoadedCheckpoint
 
@@ -40,16 +41,18 @@ FILES = ("model.safetensors", "config.json", "vocab.json", "encoder.pt", "start.
 
 
 class _Encode(nn.Module):
-    """uint8 (B, 3, S, S) pixels → features (B, L, D): normalisation, then the encoder."""
+    """uint8 (B, 3, S, S) pixels → features (B, L, D): normalisation, then the encoder as satcli runs it
+    (:func:`satcli.data.features.encode_images`: channels-last, features rounded to float16 as the cache keeps
+    them), so the exported features are satcli's own."""
 
     def __init__(self, model: Captioner, preprocessing):
         super().__init__()
-        self.encoder = model.encoder
+        self.model = model
         self.register_buffer("mean", torch.tensor(preprocessing.mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(preprocessing.std).view(1, 3, 1, 1))
 
     def forward(self, pixels: Tensor) -> Tensor:
-        return self.encoder((pixels.float() / 255.0 - self.mean) / self.std)
+        return encode_images(self.model, (pixels.float() / 255.0 - self.mean) / self.std)
 
 
 class _Start(nn.Module):
@@ -98,7 +101,7 @@ def export_model(loaded: LoadedCheckpoint, folder: Path, sha256: str) -> ExportR
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        features = model.encode(normalise(pixels, loaded.preprocessing))
+        features = encode_images(model, normalise(pixels, loaded.preprocessing))
         memory = model.prepare(features)
         state = model.init_state(memory, 3)
         tokens = torch.full((2, 3), model.config.start_id, dtype=torch.long)
