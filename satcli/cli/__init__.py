@@ -38,6 +38,7 @@ from satcli.cli.options import (
     OverlaysOption,
     QuietOption,
     ResultsOption,
+    ThreadsOption,
     WorkersOption,
 )
 from satcli.cli.output import print_captions, print_drawn, print_evaluated, print_reported, print_trained
@@ -199,6 +200,7 @@ def caption(
     as_json: JsonOption = False,
     strict: Annotated[bool, typer.Option(
         "--strict", help=f"Exit with code {EXIT_FAILED_IMAGES} when some images could not be captioned.")] = False,
+    threads: ThreadsOption = None,
     quiet: QuietOption = False,
 ) -> None:
     """Caption photos into a Parquet file with one row per image: caption, words and attention maps.
@@ -308,6 +310,7 @@ def train(
         "--tensorboard", help="Also write TensorBoard event files to <out>/tensorboard (needs: pip install "
         "tensorboard).")] = False,
     as_json: JsonOption = False,
+    threads: ThreadsOption = None,
     quiet: QuietOption = False,
 ) -> None:
     """Train a captioner on a preprocessed dataset; writes last.pt, best.pt, metrics.jsonl and steps.jsonl.
@@ -365,6 +368,7 @@ def evaluate(
     device: DeviceOption = "auto",
     overlays: OverlaysOption = None,
     as_json: JsonOption = False,
+    threads: ThreadsOption = None,
     quiet: QuietOption = False,
 ) -> None:
     """Score a model on a dataset split: BLEU, COCO metrics, attention grounding; writes report.json and Parquet.
@@ -427,6 +431,7 @@ def demo(
     out: Annotated[Path, typer.Option("--out", file_okay=False, help="Run folder.")] = Path("runs/shapes-demo"),
     epochs: Annotated[int, typer.Option(min=1, help="Training epochs.")] = 6,
     device: DeviceOption = "auto",
+    threads: ThreadsOption = None,
     quiet: QuietOption = False,
 ) -> None:
     """The whole job on the built-in shapes dataset: draw → preprocess → train → evaluate → caption, on CPU in
