@@ -15,14 +15,16 @@ Each under two thread behaviours:
 - old: torch's defaults, as satcli did before ``satcli.core.threads`` (every core, OpenMP spin-waiting);
 - new: ``satcli.core.threads.configure_threads()`` called before torch loads, as ``satcli train``/``caption`` do.
 
-and two machine states: alone, and beside the competitor: another process running a loop of 384×384 float32
+The competitor is another process running a loop of 384×384 float32
 matmuls with torch's default threads (every core, spin-waiting), the way a second PyTorch job (another satcli
 run from before this change, a test suite's model tests) uses a machine. The bench starts it, waits until it is
 computing, measures, then stops it; it also stops itself after ``--seconds`` + 60 s. The competitor's own
 matmuls/s are reported too, so that "new" is seen not to win by starving it.
 
-The ratio loaded/alone (target ≥ 0.4) is taken within a round, then the median over rounds; new/old alone says
-what the policy costs on a quiet machine (target ≥ 0.95).
+Three machine states: alone; loaded (the competitor runs before the job starts); later (the competitor starts
+just after the job chose its threads: what a job that started on a quiet machine meets). The ratios loaded/alone
+and later/alone (target ≥ 0.4) are taken within a round, then the median over rounds; new/old alone says what
+the policy costs on a quiet machine (target ≥ 0.95).
 """
 
 from __future__ import annotations
@@ -143,6 +145,9 @@ def worker(args: argparse.Namespace) -> None:
         _compete(args.seconds)
         return
     plan = _plan(args.policy)
+    print("planned", flush=True)
+    if args.wait:  # "later": the competitor starts now, after this process chose its threads
+        sys.stdin.readline()
     rate = (_train_worker if args.worker == "train" else _caption_worker)(Path(args.root), args.seconds)
     print(json.dumps({"rate": rate, "plan": plan}), flush=True)
 
@@ -161,17 +166,29 @@ def _env() -> dict[str, str]:
 
 def _spawn(*arguments: str) -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, "-m", "bench.shared_machine", *arguments], stdout=subprocess.PIPE,
-                            text=True, env=_env())
+                            stdin=subprocess.PIPE, text=True, env=_env())
 
 
-def measure(kind: str, policy: str, loaded: bool, root: Path, seconds: float) -> dict:
-    """One measurement in a fresh process, beside a fresh competitor when ``loaded``."""
+def _start_competitor(seconds: float) -> subprocess.Popen[str]:
+    competitor = _spawn("--worker", "compete", "--seconds", str(seconds + 60))
+    assert competitor.stdout is not None and competitor.stdout.readline().strip() == "ready"
+    return competitor
+
+
+def measure(kind: str, policy: str, state: str, root: Path, seconds: float) -> dict:
+    """One measurement in a fresh process: ``alone``; ``loaded``, beside a competitor already running when it
+    starts; ``later``, beside a competitor that starts once it has chosen its threads."""
     competitor, matmuls = None, None
-    if loaded:
-        competitor = _spawn("--worker", "compete", "--seconds", str(seconds + 60))
-        assert competitor.stdout is not None and competitor.stdout.readline().strip() == "ready"
+    if state == "loaded":
+        competitor = _start_competitor(seconds)
     try:
-        job = _spawn("--worker", kind, "--policy", policy, "--root", str(root), "--seconds", str(seconds))
+        job = _spawn("--worker", kind, "--policy", policy, "--root", str(root), "--seconds", str(seconds),
+                     *(["--wait"] if state == "later" else []))
+        assert job.stdout is not None and job.stdin is not None and job.stdout.readline().strip() == "planned"
+        if state == "later":
+            competitor = _start_competitor(seconds)
+            job.stdin.write("go\n")
+            job.stdin.flush()
         out, _ = job.communicate(timeout=seconds * 20 + 120)
         if job.returncode:
             raise SystemExit(f"the {kind} worker failed (exit {job.returncode})")
@@ -183,8 +200,8 @@ def measure(kind: str, policy: str, loaded: bool, root: Path, seconds: float) ->
             lines = [line for line in out.splitlines() if line.startswith("{")]
             matmuls = json.loads(lines[-1])["matmuls_per_s"] if lines else float("nan")
     result["competitor"] = matmuls
-    print(f"  {kind:7} {policy} {'loaded' if loaded else 'alone '}: {result['rate']:8.1f}/s  ({result['plan']})"
-          + (f", competitor {result['competitor']:.0f} matmuls/s" if loaded else ""), flush=True)
+    print(f"  {kind:7} {policy} {state:6}: {result['rate']:8.1f}/s  ({result['plan']})"
+          + (f", competitor {matmuls:.0f} matmuls/s" if competitor else ""), flush=True)
     return result
 
 
@@ -214,57 +231,95 @@ def _competitor_alone(seconds: float) -> float:
     return json.loads(out.strip().splitlines()[-1])["matmuls_per_s"]
 
 
-def table(results: dict, args: argparse.Namespace, competitor_alone: float, load_before: str) -> str:
+SET_HERE = " (this conductor's OMP_NUM_THREADS; the jobs run without it: their threads are in the last column)"
+ABOUT = (  # how the docs/benchmarks.md section opens
+    "PyTorch's OpenMP threads spin-wait at the end of every parallel operation, so two CPU-heavy jobs on the same "
+    'cores collapse each other instead of sharing them (before this change, a demo training beside one other job '
+    'ran about 20× slower, not 2×). `train`, `caption`, `evaluate` and `demo` now choose their threads as they '
+    'start (`satcli/core/threads.py`, README "On a shared machine"): `--threads N`, else `SATCLI_THREADS`, else an '
+    '`OMP_NUM_THREADS` or `MKL_NUM_THREADS` already set (torchrun, Ray, Spark), else the CPUs this process may use '
+    '(affinity, cgroup quota) less the other threads running now (`procs_running` of /proc/stat, the median of 5 '
+    "samples 10 ms apart), at least 1 and at most torch's default; when other work needs CPUs our threads would "
+    'use, waiting threads sleep (`OMP_WAIT_POLICY=PASSIVE`, set before torch loads). On a quiet machine that is '
+    'torch\'s default, unchanged. "old" below is torch\'s default everywhere, as satcli ran before.'
+)
+
+
+STATES = {"old": ("alone", "loaded"), "new": ("alone", "loaded", "later")}  # old never looks: later == loaded
+
+
+def table(results: dict, args: argparse.Namespace, competitor_alone: float, load_before: str,
+          other_load: float) -> str:
     from bench.common import command, machine
 
-    def median(kind: str, policy: str, loaded: bool) -> float:
-        return statistics.median(r["rate"] for r in results[kind, policy, loaded])
+    def rate(kind: str, policy: str, state: str) -> str:
+        if (kind, policy, state) not in results:
+            return "—"
+        return f"{statistics.median(r['rate'] for r in results[kind, policy, state]):.1f}"
 
-    def ratio(kind: str, a: tuple[str, bool], b: tuple[str, bool]) -> float:
+    def ratio(kind: str, a: tuple[str, str], b: tuple[str, str]) -> float:
         pairs = zip(results[(kind, *a)], results[(kind, *b)], strict=True)
         return statistics.median(x["rate"] / y["rate"] for x, y in pairs)
 
-    def plans(kind: str, policy: str, loaded: bool) -> str:
-        return "; ".join(sorted({r["plan"] for r in results[kind, policy, loaded]}))
+    def cell(kind: str, policy: str, state: str) -> str:
+        if (kind, policy, state) not in results:
+            return "—"
+        return f"**{ratio(kind, (policy, state), (policy, 'alone')):.2f}**"
+
+    def plans(kind: str, policy: str) -> str:
+        return " / ".join("; ".join(sorted({r["plan"] for r in results[kind, policy, state]}))
+                          for state in STATES[policy])
+
+    def matmuls(kind: str, policy: str) -> str:
+        return " / ".join(f"{statistics.median(r['competitor'] for r in results[kind, policy, state]):.0f}"
+                          for state in STATES[policy][1:])
 
     unit = {"train": "captions/s", "caption": "images/s"}
-    lines = ["| workload | threads | alone | beside the competitor | loaded/alone | competitor, matmuls/s "
-             f"(alone: {competitor_alone:.0f}) | torch threads alone / loaded |", "|---|---|---:|---:|---:|---:|---|"]
-    for kind in ("train", "caption"):
+    lines = ["| workload | threads | alone | loaded | later | loaded/alone | later/alone | competitor matmuls/s, "
+             f"loaded / later (alone: {competitor_alone:.0f}) | torch threads: alone / loaded / later |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for kind in args.workloads:
         for policy in ("old", "new"):
-            share = statistics.median(r["competitor"] for r in results[kind, policy, True])
-            lines.append(f"| {kind} ({unit[kind]}) | {policy} | {median(kind, policy, False):.1f} | "
-                         f"{median(kind, policy, True):.1f} | **{ratio(kind, (policy, True), (policy, False)):.2f}**"
-                         f" | {share:.0f} | {plans(kind, policy, False)} / {plans(kind, policy, True)} |")
-    quiet = ", ".join(f"{kind} {ratio(kind, ('new', False), ('old', False)):.2f}" for kind in ("train", "caption"))
+            lines.append(f"| {kind} ({unit[kind]}) | {policy} | {rate(kind, policy, 'alone')} | "
+                         f"{rate(kind, policy, 'loaded')} | {rate(kind, policy, 'later')} | "
+                         f"{cell(kind, policy, 'loaded')} | {cell(kind, policy, 'later')} | {matmuls(kind, policy)} | "
+                         f"{plans(kind, policy)} |")
+    alone = ", ".join(f"{kind} {ratio(kind, ('new', 'alone'), ('old', 'alone')):.2f}" for kind in args.workloads)
     return "\n".join([
-        f"Command: `{command()}`", "", f"Machine: {machine()}; load before the run: {load_before}", "",
-        f"Each cell is the median of {args.rounds} round(s) of {args.seconds:g} s in a fresh process (train: shapes, "
-        f"{args.n_train} training images, the demo's decoder on cached features, batch 64; caption: "
-        f"{args.images} JPEGs of 800×600, EfficientNet-Lite0, beam 3, batch 16). The competitor is another process "
-        f"looping over {MATMUL}×{MATMUL} matmuls with torch's default threads.", "",
-        *lines, "", f"Quiet machine, new/old (target ≥ 0.95): {quiet}.",
+        ABOUT, "", f"Command: `{command()}`", "",
+        f"Machine: {machine()}{SET_HERE if os.environ.get('OMP_NUM_THREADS') else ''}; "
+        f"load average before the run: {load_before}; other processes used "
+        f"{100 * other_load:.0f}% of the machine's CPU time while it ran (from /proc/stat).", "",
+        f"Each cell is the median of {args.rounds} round(s) of {args.seconds:g} s, each in a fresh process (train: "
+        f"shapes, {args.n_train} training images, the demo's decoder on cached features, batch 64; caption: "
+        f"{args.images} JPEGs of 800×600, EfficientNet-Lite0, beam 3, batch 16, satcli's own decode workers). "
+        "alone: no competitor; loaded: the competitor (another process looping over "
+        f"{MATMUL}×{MATMUL} matmuls with torch's default threads) runs before the job starts; later: it starts just "
+        "after the job chose its threads (old never looks at the machine, so its later is its loaded).", "",
+        *lines, "", f"Alone, new/old (target ≥ 0.95 on a quiet machine): {alone}.",
     ])
 
 
 def conduct(args: argparse.Namespace) -> None:
-    from bench.common import write_section
+    from bench.common import OtherLoad, write_section
 
-    load_before = Path("/proc/loadavg").read_text().strip() if Path("/proc/loadavg").exists() else "unknown"
+    load_before = " ".join(Path("/proc/loadavg").read_text().split()[:3]) if Path("/proc/loadavg").exists() else "?"
     with tempfile.TemporaryDirectory(prefix="satcli-shared-") as tmp:
         root = Path(tmp)
         print(f"preparing {args.n_train} shapes images, their features and {args.images} JPEGs ...", flush=True)
         prepare(root, args.n_train, args.images)
+        load = OtherLoad().start()
         competitor_alone = _competitor_alone(min(args.seconds, 5.0))
         results: dict = {}
         for round_ in range(args.rounds):
             print(f"round {round_ + 1} of {args.rounds}", flush=True)
-            for kind in ("train", "caption"):
-                for policy in ("old", "new"):
-                    for loaded in (False, True):
-                        results.setdefault((kind, policy, loaded), []).append(
-                            measure(kind, policy, loaded, root, args.seconds))
-    body = table(results, args, competitor_alone, load_before)
+            for kind in args.workloads:
+                for policy, states in STATES.items():
+                    for state in states:
+                        results.setdefault((kind, policy, state), []).append(
+                            measure(kind, policy, state, root, args.seconds))
+        other_load = load.share()
+    body = table(results, args, competitor_alone, load_before, other_load)
     print(body)
     if args.write:
         write_section("A shared machine (bench/shared_machine.py)", body)
@@ -276,11 +331,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="every cell this many times, in turn")
     parser.add_argument("--n-train", type=int, default=600, help="shapes training images (5 captions each)")
     parser.add_argument("--images", type=int, default=64, help="JPEGs to caption per caption run")
+    parser.add_argument("--workloads", type=lambda text: text.split(","), default=["train", "caption"],
+                        metavar="train,caption", help="which workloads to measure")
     parser.add_argument("--quick", action="store_true", help="a sanity run: 1 round of 3 s, fewer images")
     parser.add_argument("--write", action="store_true", help="write the table into docs/benchmarks.md")
     parser.add_argument("--worker", choices=("train", "caption", "compete"), help=argparse.SUPPRESS)
     parser.add_argument("--policy", choices=("old", "new"), default="new", help=argparse.SUPPRESS)
     parser.add_argument("--root", help=argparse.SUPPRESS)
+    parser.add_argument("--wait", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(args)

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from satcli.cli import app
 from satcli.commands.preprocess import run as preprocess
 from satcli.core.errors import SatcliError
-from satcli.core.threads import MachineLoad, plan_threads
+from satcli.core.threads import THREADS_ENV, MachineLoad, ThreadPlan, plan_threads, refresh_threads
 from satcli.data.preprocess import PreprocessOptions
 from satcli.data.store import DatasetKind
 from tests.helpers import picture_sensitive_checkpoint
@@ -201,3 +201,23 @@ def test_a_busy_machine_makes_waiting_threads_sleep_when_chosen_before_torch_loa
 def test_a_wait_policy_set_by_the_user_is_kept():
     fresh = _fresh(OMP_WAIT_POLICY="ACTIVE")
     assert fresh["policy"] == "ACTIVE" and "as set before satcli started" in fresh["wait"]
+
+
+# --- a long job that looks again ------------------------------------------------------------------------------
+
+
+def test_refresh_follows_the_machine_but_keeps_a_count_someone_set(torch_threads):
+    chosen = ThreadPlan(2, False, "machine", "2 CPUs for this process, 0 other threads running: torch's default")
+    busier = refresh_threads(chosen, MachineLoad(n_cpus=2, n_others=1))
+    assert busier.n_threads == 1 and torch.get_num_threads() == 1
+    assert refresh_threads(busier, MachineLoad(n_cpus=2, n_others=1)) is busier  # nothing changed: nothing done
+    torch.set_num_threads(2)
+    asked = ThreadPlan(2, False, "--threads", "--threads 2")
+    assert refresh_threads(asked, MachineLoad(n_cpus=2, n_others=1)) is asked
+    assert torch.get_num_threads() == 2
+
+
+def test_satcli_threads_and_the_threads_option_are_documented():
+    readme = (ROOT / "README.md").read_text()
+    assert f"| `{THREADS_ENV}` |" in readme and "--threads N" in readme
+    assert "bench/shared_machine.py" in (ROOT / "docs" / "benchmarks.md").read_text()

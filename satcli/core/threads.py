@@ -24,6 +24,7 @@ gets the whole plan, after it the thread count only. :func:`plan_threads` is a p
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import statistics
@@ -164,15 +165,28 @@ def running_threads() -> int | None:
         return None
 
 
+def own_running_threads() -> int:
+    """This process's threads running or ready to run now, the calling one included (1 where unreadable)."""
+    n = 0
+    try:
+        for task in Path("/proc/self/task").iterdir():
+            with contextlib.suppress(OSError, IndexError):
+                n += (task / "stat").read_text().rsplit(")", 1)[1].split()[0] == "R"
+    except OSError:
+        return 1
+    return max(n, 1)
+
+
 def read_load(n_samples: int = N_SAMPLES, interval: float = SAMPLE_SECONDS) -> MachineLoad:
-    """This process's CPUs and the other work running on the machine (the median of ``n_samples`` counts)."""
+    """This process's CPUs and the other work running on the machine (the median of ``n_samples`` counts; this
+    process's own running threads left out, so that a running job does not count its own threads as others)."""
     counts = []
     for i in range(n_samples):
         if i:
             time.sleep(interval)
         count = running_threads()
         if count is not None:
-            counts.append(count - 1)  # this thread, reading
+            counts.append(count - own_running_threads())
     if counts:
         n_others = int(statistics.median_low(counts))
     else:  # no /proc (macOS, Windows): the 1-minute load average, or a quiet machine
@@ -222,6 +236,23 @@ def configure_threads(requested: int | None = None, *, engine: bool = False,
     plan = ThreadPlan(torch.get_num_threads(), plan.passive, plan.source, plan.reason, wait)
     log.info(plan.describe())
     return plan
+
+
+def refresh_threads(plan: ThreadPlan, load: MachineLoad | None = None) -> ThreadPlan:
+    """Look at the machine again and follow it, for a long job that made ``plan`` at its start (call it from the
+    thread that runs torch, between steps, every few seconds at most). Only a plan the machine decided changes:
+    a count the user, a launcher or an engine set stays. The wait policy cannot change once torch is loaded."""
+    if plan.source != "machine":
+        return plan
+    import torch
+
+    load = load if load is not None else read_load(n_samples=3, interval=0.002)
+    new = plan_threads(None, {}, load, torch_default=(_TORCH_DEFAULT or [torch.get_num_threads()])[0])
+    if new.n_threads == plan.n_threads:
+        return plan
+    torch.set_num_threads(new.n_threads)
+    log.info("torch threads: %d, was %d (%s)", new.n_threads, plan.n_threads, new.reason)
+    return ThreadPlan(new.n_threads, plan.passive, plan.source, new.reason, plan.wait)
 
 
 def configure_for_engine() -> ThreadPlan:
