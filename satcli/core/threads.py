@@ -50,7 +50,7 @@ class MachineLoad:
     """What the machine looks like to this process right now."""
 
     n_cpus: int  # CPUs this process may run on: its affinity, capped by a cgroup CPU quota
-    n_others: int  # threads of other work running or waiting to run (this process's own sampling thread left out)
+    n_others: int  # threads of other work running or waiting to run (this process's own left out)
 
 
 @dataclass(frozen=True)
