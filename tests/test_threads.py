@@ -221,3 +221,9 @@ def test_satcli_threads_and_the_threads_option_are_documented():
     readme = (ROOT / "README.md").read_text()
     assert f"| `{THREADS_ENV}` |" in readme and "--threads N" in readme
     assert "bench/shared_machine.py" in (ROOT / "docs" / "benchmarks.md").read_text()
+
+
+@pytest.mark.parametrize("command", ["train", "caption", "evaluate", "demo"])
+def test_each_heavy_command_takes_threads(command):
+    result = runner.invoke(app, [command, "--help"])
+    assert result.exit_code == 0 and "--threads" in result.output
