@@ -227,3 +227,11 @@ def test_satcli_threads_and_the_threads_option_are_documented():
 def test_each_heavy_command_takes_threads(command):
     result = runner.invoke(app, [command, "--help"])
     assert result.exit_code == 0 and "--threads" in result.output
+
+
+def test_quiet_after_threads_still_silences_the_threads_line(torch_threads, model_and_image, tmp_path, monkeypatch):
+    monkeypatch.setenv("SATCLI_STATE_DIR", str(tmp_path / "state"))
+    result = _caption(model_and_image, tmp_path, "--threads", "1", "-q")
+    assert result.exit_code == 0, result.output
+    assert torch.get_num_threads() == 1
+    assert result.stderr == ""

@@ -27,7 +27,7 @@ def _quiet(value: bool) -> None:
 
 # -q is accepted before the command (`satcli -q caption ...`) and after it (`satcli caption ... -q`).
 QuietOption = Annotated[bool, typer.Option(
-    "--quiet", "-q", callback=_quiet, expose_value=False,
+    "--quiet", "-q", callback=_quiet, expose_value=False, is_eager=True,  # eager: before --threads logs
     help="Only results, warnings and errors: no progress, tables or notes.")]
 
 
