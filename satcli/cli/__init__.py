@@ -43,6 +43,7 @@ from satcli.cli.options import (
     PrintConfigOption,
     QuietOption,
     ResultsOption,
+    ThreadsOption,
     WorkersOption,
 )
 from satcli.cli.output import (
@@ -207,6 +208,7 @@ def caption(
     as_json: JsonOption = False,
     strict: Annotated[bool, typer.Option(
         "--strict", help=f"Exit with code {EXIT_FAILED_IMAGES} when some images could not be captioned.")] = False,
+    threads: ThreadsOption = None,
     quiet: QuietOption = False,
 ) -> None:
     """Caption photos into a Parquet file with one row per image: caption, words and attention maps.
@@ -322,6 +324,7 @@ def train(
     print_config: PrintConfigOption = False,
     dry_run: DryRunOption = False,
     as_json: JsonOption = False,
+    threads: ThreadsOption = None,
     quiet: QuietOption = False,
 ) -> None:
     """Train a captioner on a preprocessed dataset; writes last.pt, best.pt, metrics.jsonl and steps.jsonl.
@@ -391,6 +394,7 @@ def evaluate(
     device: DeviceOption = "auto",
     overlays: OverlaysOption = None,
     as_json: JsonOption = False,
+    threads: ThreadsOption = None,
     quiet: QuietOption = False,
 ) -> None:
     """Score a model on a dataset split: BLEU, COCO metrics, attention grounding; writes report.json and Parquet.
@@ -426,6 +430,7 @@ def demo(
     epochs: Annotated[int, typer.Option(min=1, help="Training epochs.")] = 6,
     seed: Annotated[int, typer.Option(help="Seed of the drawn pictures and of training.")] = 0,
     device: DeviceOption = "auto",
+    threads: ThreadsOption = None,
     quiet: QuietOption = False,
 ) -> None:
     """The whole job on the built-in shapes dataset: draw → preprocess → train → evaluate → caption, on CPU in

@@ -29,8 +29,24 @@ def _quiet(value: bool) -> None:
 
 # -q is accepted before the command (`satcli -q caption ...`) and after it (`satcli caption ... -q`).
 QuietOption = Annotated[bool, typer.Option(
-    "--quiet", "-q", callback=_quiet, expose_value=False,
+    "--quiet", "-q", callback=_quiet, expose_value=False, is_eager=True,  # eager: before --threads logs
     help="Only results, warnings and errors: no progress, tables or notes.")]
+
+
+def _threads(ctx: typer.Context, value: int | None) -> int | None:
+    # applied while the command line is read: before the command imports torch, so the wait policy still works
+    if not ctx.resilient_parsing:
+        from satcli.core.threads import configure_threads
+
+        configure_threads(value)
+    return value
+
+
+# train, caption, evaluate and demo: torch's CPU threads (satcli.core.threads has the rules).
+ThreadsOption = Annotated[int | None, typer.Option(
+    "--threads", min=1, callback=_threads, expose_value=False, show_default=False,
+    help="Torch CPU threads. Default: $SATCLI_THREADS, else $OMP_NUM_THREADS, else the CPUs this process may "
+    "use less those other work keeps busy (then waiting threads sleep instead of spinning).")]
 JsonOption = Annotated[bool, typer.Option(
     "--json", help="Machine-readable results on stdout (human text stays on stderr).")]
 
