@@ -36,7 +36,7 @@ def test_print_config_round_trips_and_the_command_line_wins(tmp_path, monkeypatc
 
     seen = []
     monkeypatch.setattr(train_step, "run", lambda options: seen.append(options))
-    monkeypatch.setattr("satcli.cli.print_trained", lambda *a: None)
+    monkeypatch.setattr("satcli.cli.train_command.print_trained", lambda *a: None)
     result = runner.invoke(app, ["train", "--config", str(tmp_path / "run.toml"), "--epochs", "9"])
     assert result.exit_code == 0, result.output
     (options,) = seen
@@ -79,7 +79,8 @@ def test_dry_run_refuses_what_the_run_would_refuse(tmp_path, data_root):
 
 
 def test_an_unknown_store_name_lists_or_suggests_the_stores_there(data_root):
-    result = runner.invoke(app, ["evaluate", "--dataset", "flickr", "--data-root", str(data_root)])
+    result = runner.invoke(app, ["evaluate", "--dataset", "flickr", "--data-root", str(data_root),
+                                 "--model", str(data_root / "none.pt")])
     assert result.exit_code == 1 and "it holds 'shapes'" in result.output
 
 

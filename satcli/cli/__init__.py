@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 from pathlib import Path
 from typing import Annotated, NoReturn
 
@@ -17,21 +16,14 @@ import typer
 from rich.console import Console
 
 from satcli.cli import options as opt
-from satcli.cli.config import NOT_FROM_FILE, to_toml
 from satcli.cli.model_commands import register_model_commands
 from satcli.cli.options import (
     AllowUnkOption,
-    Attention,
     BatchSizeOption,
     BeamSizeOption,
     CocoReferences,
-    ConfigOption,
     DataRootOption,
     DeviceOption,
-    DryRunOption,
-    FeatureFlipsOption,
-    FeatureShiftsOption,
-    FeatureViewsOption,
     JsonOption,
     LengthPenaltyOption,
     MaxLengthOption,
@@ -40,7 +32,6 @@ from satcli.cli.options import (
     NBestOption,
     NoRepeatNgramOption,
     OverlaysOption,
-    PrintConfigOption,
     QuietOption,
     ResultsOption,
     ThreadsOption,
@@ -50,10 +41,9 @@ from satcli.cli.output import (
     print_captions,
     print_drawn,
     print_evaluated,
-    print_plan,
-    print_trained,
 )
 from satcli.cli.report_command import report
+from satcli.cli.train_command import register_train
 from satcli.core.atomic import disk_error
 from satcli.core.console import VisibleFormatter, VisibleRichHandler, out_console, set_quiet, shown
 from satcli.core.console import console as human
@@ -258,104 +248,7 @@ def merge(
     summary = step.run(step.MergeOptions(parts=tuple(parts or ()), output=output, remove_parts=remove_parts))
     human.print(summary.table())
 
-@app.command()
-def train(
-    ctx: typer.Context,
-    dataset: Annotated[str, typer.Option("--dataset", help="A preprocessed dataset under the data root.")],
-    data_root: DataRootOption = Path("data"),
-    out: Annotated[Path | None, typer.Option(
-        "--out", file_okay=False, show_default=False, help="Run folder. Default: runs/<dataset>.")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last.pt.")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a finished run in --out.")] = False,
-    encoder: Annotated[str, typer.Option(
-        help="Image encoder (see `satcli encoders`).")] = "efficientnet-lite0-stage6",
-    attention: Annotated[Attention, typer.Option(
-        help="soft: the expected context; hard: a sampled location, trained with REINFORCE (the paper's 4.1).")
-    ] = Attention.soft,
-    image_size: Annotated[int | None, typer.Option(
-        min=32, show_default=False, help="Encoder input size. Default: the encoder's own.")] = None,
-    grid_size: Annotated[int | None, typer.Option(
-        min=1, show_default=False, help="Pool the feature map to this many cells a side (the paper: 14).")] = None,
-    embed_dim: Annotated[int, typer.Option(min=1, help="Word embedding size.")] = 512,
-    attention_dim: Annotated[int, typer.Option(min=1, help="Attention layer size.")] = 512,
-    decoder_dim: Annotated[int, typer.Option(min=1, help="LSTM size.")] = 512,
-    dropout: Annotated[float, typer.Option(min=0.0, max=0.99, help="Dropout before the output layers.")] = 0.5,
-    doubly_stochastic: Annotated[float, typer.Option(
-        min=0.0, help="λ of the attention regulariser λ·meanᵢ(1 − Σₜ αₜᵢ)², added to the per-token NLL "
-        "(cross-entropy training; SCST optimises CIDEr-D alone).")] = 1.0,
-    epochs: Annotated[int, typer.Option(min=1, help="Epochs (one pass over every training caption).")] = 30,
-    batch_size: Annotated[int, typer.Option(min=1, help="Captions per step, over all processes.")] = 64,
-    decoder_lr: Annotated[float, typer.Option(min=0.0, help="Decoder learning rate.")] = 4e-4,
-    encoder_lr: Annotated[float, typer.Option(min=0.0, help="Encoder learning rate when fine-tuning.")] = 1e-4,
-    grad_clip: Annotated[float, typer.Option(min=0.0, help="Clip gradients to this norm.")] = 5.0,
-    lr_decay: Annotated[float, typer.Option(
-        min=0.0, max=1.0, help="Multiply learning rates by this when validation BLEU-4 stalls.")] = 0.8,
-    lr_patience: Annotated[int, typer.Option(
-        min=1, help="Epochs without validation improvement before the learning rates decay.")] = 3,
-    patience: Annotated[int, typer.Option(
-        min=1, help="Stop after this many epochs without validation improvement.")] = 10,
-    scheduled_sampling: Annotated[float, typer.Option(
-        min=0.0, max=1.0, help="Probability of feeding the model its own previous word.")] = 0.0,
-    fine_tune_encoder: Annotated[bool, typer.Option(
-        "--fine-tune-encoder", help="Train the encoder too, on augmented images.")] = False,
-    fine_tune_after: Annotated[int, typer.Option(min=0, help="Start fine-tuning after this many epochs.")] = 0,
-    fine_tune_blocks: Annotated[int, typer.Option(
-        help="Encoder blocks to fine-tune from the top (-1: all, the stem included).")] = 6,
-    feature_flips: FeatureFlipsOption = False,
-    feature_shifts: FeatureShiftsOption = False,
-    feature_views: FeatureViewsOption = 0,
-    val_beam_size: Annotated[int, typer.Option(min=1, help="Beam size of validation decoding.")] = 1,
-    scst: Annotated[bool, typer.Option(
-        "--scst", help="Self-critical fine-tuning of --init with a CIDEr-D reward and the greedy caption as "
-        "baseline (--out default: runs/<dataset>-scst; learning rate: --scst-lr).")] = False,
-    init: Annotated[Path | None, typer.Option(
-        "--init", exists=True, dir_okay=False, show_default=False, help="With --scst: the checkpoint to start from.")
-    ] = None,
-    scst_samples: Annotated[int, typer.Option(min=1, help="With --scst: captions sampled per image.")] = 5,
-    scst_lr: Annotated[float, typer.Option(min=0.0, help="With --scst: the decoder learning rate.")] = 5e-5,
-    device: DeviceOption = "auto",
-    amp: Annotated[bool, typer.Option(help="Mixed precision on CUDA (bf16 where supported).")] = True,
-    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the decoder step.")] = False,
-    seed: Annotated[int, typer.Option(help="Seed of initialisation, batch order and dropout.")] = 0,
-    tensorboard: Annotated[bool, typer.Option(
-        "--tensorboard", help="Also write TensorBoard event files to <out>/tensorboard (needs: pip install "
-        "tensorboard).")] = False,
-    config: ConfigOption = None,
-    print_config: PrintConfigOption = False,
-    dry_run: DryRunOption = False,
-    as_json: JsonOption = False,
-    threads: ThreadsOption = None,
-    quiet: QuietOption = False,
-) -> None:
-    """Train a captioner on a preprocessed dataset; writes last.pt, best.pt, metrics.jsonl and steps.jsonl.
-
-    metrics.jsonl has a line per epoch; steps.jsonl the loss and learning rate of every step.
-
-    With torchrun (`torchrun --nproc_per_node N -m satcli train ...`) it trains on N processes with DDP.
-    With --json, the run's result (checkpoints, epochs, best validation BLEU-4, per-epoch history) goes to stdout.
-    """
-    from satcli.commands import train as step
-
-    # every parameter but the output switches is the TrainOptions field of the same name
-    params = {name: value for name, value in ctx.params.items() if name not in ("quiet", *NOT_FROM_FILE)}
-    options = step.TrainOptions(**{**params, "attention": attention.value, "given": _given(ctx)})
-    if print_config:
-        typer.echo(to_toml({k: v for k, v in options.to_dict().items() if k in params}, "train"), nl=False)
-        return
-    if dry_run:
-        print_plan(step.plan(options), as_json)
-        return
-    result = step.run(options)
-    if int(os.environ.get("RANK", "0") or 0) == 0:  # torchrun: rank 0 says what the run did
-        print_trained(result, as_json)
-
-
-def _given(ctx: click.Context) -> frozenset[str]:
-    """The parameters set on the command line or through the environment (not left at their defaults)."""
-    # compared by name: Typer may carry its own copy of click's ParameterSource enum
-    return frozenset(name for name in ctx.params
-                     if getattr(ctx.get_parameter_source(name), "name", None) in
-                     ("COMMANDLINE", "ENVIRONMENT", "DEFAULT_MAP"))
+register_train(app)
 
 
 @app.command()
