@@ -16,8 +16,9 @@ from typer.testing import CliRunner
 
 from satcli.cli import app
 from satcli.commands.preprocess import run as preprocess
+from satcli.core import threads as threads_module
 from satcli.core.errors import SatcliError
-from satcli.core.threads import THREADS_ENV, MachineLoad, ThreadPlan, plan_threads, refresh_threads
+from satcli.core.threads import THREADS_ENV, MachineLoad, ThreadPlan, follow_machine, plan_threads, refresh_threads
 from satcli.data.preprocess import PreprocessOptions
 from satcli.data.store import DatasetKind
 from tests.helpers import picture_sensitive_checkpoint
@@ -215,6 +216,33 @@ def test_refresh_follows_the_machine_but_keeps_a_count_someone_set(torch_threads
     asked = ThreadPlan(2, False, "--threads", "--threads 2")
     assert refresh_threads(asked, MachineLoad(n_cpus=2, n_others=1)) is asked
     assert torch.get_num_threads() == 2
+
+
+def test_a_training_that_started_alone_gives_way_when_other_work_arrives(torch_threads, monkeypatch):
+    """The headline case: a job that chose 2 spinning threads on a quiet machine, then a second CPU-heavy job
+    starts. Between steps it looks again (every REFRESH_SECONDS) and drops to one thread, which never spins against
+    the newcomer; when the other job is gone it takes both cores back."""
+    torch.set_num_threads(2)
+    quiet, busy = MachineLoad(n_cpus=2, n_others=0), MachineLoad(n_cpus=2, n_others=2)
+    monkeypatch.setattr(threads_module, "_ACTIVE", [ThreadPlan(2, False, "machine", "quiet at the start")])
+    monkeypatch.setattr(threads_module, "_LAST_LOOK", [0.0])
+    assert follow_machine(busy, now=1000.0).n_threads == 1 and torch.get_num_threads() == 1
+    assert follow_machine(quiet, now=1002.0).n_threads == 1  # looked 2 s ago: not yet again
+    assert follow_machine(quiet, now=1000.0 + threads_module.REFRESH_SECONDS).n_threads == 2
+    assert torch.get_num_threads() == 2
+
+
+def test_the_training_loop_looks_at_the_machine_between_steps(tmp_path, monkeypatch):
+    from satcli.training import TrainOptions, supervised, train
+
+    preprocess(PreprocessOptions(dataset=DatasetKind.shapes, data_root=tmp_path / "data", n_train=32, n_val=4,
+                                 n_test=4, n_heldout=0, image_size=64, min_word_freq=1))
+    looks = []
+    monkeypatch.setattr(supervised, "follow_machine", lambda: looks.append(1))
+    train(TrainOptions(dataset="shapes", data_root=tmp_path / "data", out=tmp_path / "run", epochs=2, image_size=64,
+                       embed_dim=8, attention_dim=8, decoder_dim=8, batch_size=40, val_max_length=4))
+    n_steps = sum(json.loads(line)["epoch"] > 0 for line in (tmp_path / "run" / "steps.jsonl").read_text().splitlines())
+    assert len(looks) == n_steps > 0
 
 
 def test_satcli_threads_and_the_threads_option_are_documented():

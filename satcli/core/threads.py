@@ -217,6 +217,9 @@ def apply_wait_policy(plan: ThreadPlan, env: MutableMapping[str, str] = os.envir
 
 
 _TORCH_DEFAULT: list[int] = []  # torch's own thread count, read the first time a plan is applied
+_ACTIVE: list[ThreadPlan] = []  # the plan configure_threads made for this process, which follow_machine follows
+_LAST_LOOK: list[float] = [0.0]
+REFRESH_SECONDS = 5.0  # how often a long job looks at the machine again
 
 
 def configure_threads(requested: int | None = None, *, engine: bool = False,
@@ -235,6 +238,7 @@ def configure_threads(requested: int | None = None, *, engine: bool = False,
         torch.set_num_threads(plan.n_threads)
     plan = ThreadPlan(torch.get_num_threads(), plan.passive, plan.source, plan.reason, wait)
     log.info(plan.describe())
+    _ACTIVE[:] = [plan]
     return plan
 
 
@@ -253,6 +257,20 @@ def refresh_threads(plan: ThreadPlan, load: MachineLoad | None = None) -> Thread
     torch.set_num_threads(new.n_threads)
     log.info("torch threads: %d, was %d (%s)", new.n_threads, plan.n_threads, new.reason)
     return ThreadPlan(new.n_threads, plan.passive, plan.source, new.reason, plan.wait)
+
+
+def follow_machine(load: MachineLoad | None = None, now: float | None = None) -> ThreadPlan | None:
+    """For the loop of a long job, called between steps (cheap: it looks at the machine every
+    :data:`REFRESH_SECONDS` at most): :func:`refresh_threads` of this process's plan, so a training that started on
+    a quiet machine gives its cores to work that arrives later (one thread never spins against it) and takes them
+    back when it leaves. A count set by the user, a launcher or an engine never changes. None before any plan."""
+    if not _ACTIVE:
+        return None
+    now = time.monotonic() if now is None else now
+    if now - _LAST_LOOK[0] >= REFRESH_SECONDS:
+        _LAST_LOOK[0] = now
+        _ACTIVE[0] = refresh_threads(_ACTIVE[0], load)
+    return _ACTIVE[0]
 
 
 def configure_for_engine() -> ThreadPlan:

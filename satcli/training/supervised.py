@@ -36,6 +36,7 @@ from satcli.core.console import console, make_progress
 from satcli.core.device import resolve_device
 from satcli.core.errors import SatcliError
 from satcli.core.steplog import StepLog, require_tensorboard
+from satcli.core.threads import follow_machine
 from satcli.data.features import cached_features
 from satcli.data.store import StoredDataset
 from satcli.data.text import tokenize
@@ -264,6 +265,7 @@ class Supervised:
             started, n_samples, n_tokens, n_steps = time.perf_counter(), 0, 0, 0
             loss_sum = torch.zeros((), device=run.device)
             for batch in prefetch(self._batches(plan, epoch)):
+                follow_machine()  # other work arrived, or left: give way, or take the cores back
                 if self.tuning:
                     images, per_caption, tokens, lengths, global_n, global_tokens = batch
                     loss = self.stepper(None, tokens, lengths, global_n, global_tokens, images, per_caption)
