@@ -8,7 +8,7 @@ import pytest
 
 from satcli.core.errors import SatcliError
 from satcli.data.datasets import detect_format, read_dataset, seeded_split
-from satcli.data.datasets_records import CaptionFormat, ImageRecord
+from satcli.data.datasets.records import CaptionFormat, ImageRecord
 from satcli.data.store import DatasetKind
 
 # A miniature Flickr8k: five images, five captions each, one of them in no split file (as in the real data).

@@ -8,7 +8,7 @@ from PIL import Image
 
 from satcli.data.datasets import read_dataset
 from satcli.data.shapes import HELDOUT_SPLIT, ShapesOptions, generate, render
-from satcli.data.shapes_scene import COLOURS
+from satcli.data.shapes.scene import COLOURS
 from satcli.data.store import DatasetKind
 
 OPTIONS = ShapesOptions(n_train=60, n_val=0, n_test=0, n_heldout=40, seed=5)

@@ -13,7 +13,7 @@ from satcli.cli import app
 from satcli.commands.preprocess import run
 from satcli.core.errors import SatcliError
 from satcli.data.preprocess import PreprocessOptions
-from satcli.data.shapes_scene import COLOURS, SHAPES
+from satcli.data.shapes.scene import COLOURS, SHAPES
 from satcli.data.store import SCHEMA, DatasetKind, StoredDataset
 from satcli.data.text import tokenize
 from satcli.data.vocab import END_ID, START_ID, UNK_ID

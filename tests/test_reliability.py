@@ -327,7 +327,7 @@ def test_json_python_cannot_hold_is_one_line_naming_the_file(tmp_path, text, wor
 
 
 def test_a_karpathy_json_nested_too_deeply_is_one_line(tmp_path):
-    from satcli.data.datasets_readers import read_karpathy
+    from satcli.data.datasets.readers import read_karpathy
 
     path = tmp_path / "dataset_x.json"
     path.write_text("[" * 100_000 + "]" * 100_000)

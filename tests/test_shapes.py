@@ -10,7 +10,7 @@ from PIL import Image
 
 from satcli.data.datasets import read_dataset
 from satcli.data.shapes import ShapesOptions, ensure_generated, generate, render
-from satcli.data.shapes_scene import BACKGROUNDS, COLOURS, SHAPES, SIZES, plural
+from satcli.data.shapes.scene import BACKGROUNDS, COLOURS, SHAPES, SIZES, plural
 from satcli.data.store import DatasetKind
 from satcli.data.text import tokenize
 

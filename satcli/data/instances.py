@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from satcli.core.errors import SatcliError
-from satcli.data.datasets_records import ImageRecord, ObjectBox
+from satcli.data.datasets.records import ImageRecord, ObjectBox
 
 # Category → other words captions use for it (singular; plurals are added). Names with spaces are phrases.
 SYNONYMS: dict[str, tuple[str, ...]] = {

@@ -29,7 +29,7 @@ from satcli.core.errors import SatcliError
 from satcli.core.version import __version__
 from satcli.data import shapes
 from satcli.data.datasets import read_dataset
-from satcli.data.datasets_records import CaptionFormat, ImageRecord, SourceDataset
+from satcli.data.datasets.records import CaptionFormat, ImageRecord, SourceDataset
 from satcli.data.images import ImageError, load_image
 from satcli.data.store import SPLITS, DatasetKind, StoredImage, StoredObject, StoreWriter
 from satcli.data.text import tokenize

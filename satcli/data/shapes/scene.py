@@ -29,7 +29,7 @@ COUNT_WORDS: dict[int, str] = {2: "two", 3: "three"}
 
 # The held-out split's appearances (see satcli.data.shapes): a fill no training image has, and a shade of the colour.
 HELDOUT_FILLS = ("outline", "hatched")
-HELDOUT_SHADES = {"light": 255.0, "dark": 0.0}  # mixed into the colour by _SHADE_MIX in satcli.data.shapes_draw
+HELDOUT_SHADES = {"light": 255.0, "dark": 0.0}  # mixed into the colour by _SHADE_MIX in satcli.data.shapes.draw
 
 
 def pick(rng: np.random.Generator, options: tuple[str, ...] | list[str]) -> str:

@@ -15,8 +15,8 @@ Flickr8k. Each image entry also has ``objects``: ``box`` (``[x0, y0, x1, y1]`` i
 ``colour``, ``size``, ``label`` and ``words`` — the caption words of this image that refer to the object
 (its size, colour and shape words, synonyms and plurals as used), for scoring attention against the boxes.
 
-This module lays a picture out and writes the dataset; :mod:`satcli.data.shapes_scene` holds what a picture can
-contain, :mod:`satcli.data.shapes_draw` paints it and :mod:`satcli.data.shapes_words` writes its captions.
+This module lays a picture out and writes the dataset; :mod:`satcli.data.shapes.scene` holds what a picture can
+contain, :mod:`satcli.data.shapes.draw` paints it and :mod:`satcli.data.shapes.words` writes its captions.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ from pathlib import Path
 import numpy as np
 
 from satcli.core.atomic import process_alive
-from satcli.data.shapes_draw import draw_picture
-from satcli.data.shapes_scene import (
+from satcli.data.shapes.draw import draw_picture
+from satcli.data.shapes.scene import (
     BACKGROUNDS,
     COLOURS,
     HELDOUT_FILLS,
@@ -48,7 +48,7 @@ from satcli.data.shapes_scene import (
     ShapesImage,
     pick,
 )
-from satcli.data.shapes_words import make_captions
+from satcli.data.shapes.words import make_captions
 from satcli.data.text import tokenize
 
 log = logging.getLogger(__name__)

@@ -1,5 +1,5 @@
 """Reading every caption format satcli knows into the same list of :class:`ImageRecord`: detect the format,
-read it (:mod:`satcli.data.datasets_readers`) and split it.
+read it (:mod:`satcli.data.datasets.readers`) and split it.
 
 Formats (see docs/datasets.md for where each comes from):
 
@@ -29,14 +29,14 @@ from pathlib import Path
 from typing import Any
 
 from satcli.core.errors import SatcliError
-from satcli.data.datasets_readers import (
+from satcli.data.datasets.readers import (
     read_coco_annotations,
     read_flickr_captions_txt,
     read_flickr_token,
     read_karpathy,
     read_pairs,
 )
-from satcli.data.datasets_records import (
+from satcli.data.datasets.records import (
     CaptionFormat,
     ImageRecord,
     SourceDataset,

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from satcli.core.errors import SatcliError
-from satcli.data.datasets_records import (
+from satcli.data.datasets.records import (
     CaptionFormat,
     ImageRecord,
     ObjectBox,

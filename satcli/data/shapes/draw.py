@@ -7,7 +7,7 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image, ImageDraw
 
-from satcli.data.shapes_scene import COLOURS, HELDOUT_SHADES, TRAIN_APPEARANCE, ShapeObject
+from satcli.data.shapes.scene import COLOURS, HELDOUT_SHADES, TRAIN_APPEARANCE, ShapeObject
 
 _SUPERSAMPLE = 2  # draw at 2× and downsample: anti-aliased edges for free
 _COLOUR_JITTER = 8

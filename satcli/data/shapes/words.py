@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from satcli.data.shapes_scene import BACKGROUNDS, COUNT_WORDS, SHAPES, SIZES, ShapeObject, ShapesImage, pick, plural
+from satcli.data.shapes.scene import BACKGROUNDS, COUNT_WORDS, SHAPES, SIZES, ShapeObject, ShapesImage, pick, plural
 
 
 class _Phrases:
