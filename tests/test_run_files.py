@@ -95,3 +95,46 @@ def test_demo_seed_reaches_the_demo(monkeypatch):
     result = runner.invoke(app, ["demo", "--seed", "7"])
     assert result.exit_code == 0, result.output
     assert seen and seen[0].seed == 7
+
+
+def _photos(folder: Path) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((40, 50, 3), 60 * i, np.uint8)).save(folder / f"p{i}.png")
+    (folder / "notes.txt").write_text("not a picture")
+    (folder / "raw.cr2").write_bytes(b"raw")
+    return folder
+
+
+def test_caption_dry_run_counts_what_it_finds_and_skips_and_writes_nothing(tmp_path):
+    from tests.helpers import picture_sensitive_checkpoint
+
+    model = picture_sensitive_checkpoint(tmp_path)
+    photos = _photos(tmp_path / "photos")
+    out = tmp_path / "captions.parquet"
+    result = runner.invoke(app, ["caption", str(photos), "-m", str(model), "-o", str(out), "--dry-run", "--json"])
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.stdout)
+    assert plan["n_images"] == 3 and plan["skipped"] == {".txt": 1, ".cr2": 1}
+    assert plan["resume"] == "new output" and plan["model"] == str(model)
+    assert not out.exists() and not (tmp_path / "captions.parquet.partial").exists()
+
+    done = runner.invoke(app, ["caption", str(photos / "p0.png"), str(photos / "p1.png"), "-m", str(model), "-o",
+                               str(out), "--workers", "0"])
+    assert done.exit_code == 0, done.output
+    before = out.read_bytes()
+    result = runner.invoke(app, ["caption", str(photos), "-m", str(model), "-o", str(out), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "3 images; skipped by extension: 1 .cr2, 1 .txt" in result.output
+    assert "resume: 2 of 3 images are captioned already" in result.output
+    assert out.read_bytes() == before
+
+
+def test_caption_dry_run_refuses_what_the_run_would_refuse(tmp_path):
+    photos = _photos(tmp_path / "photos")
+    (tmp_path / "broken.pt").write_text("no")
+    result = runner.invoke(app, ["caption", str(photos), "-m", str(tmp_path / "broken.pt"), "--dry-run"])
+    assert result.exit_code == 1 and "broken.pt" in result.output and "checkpoint" in result.output

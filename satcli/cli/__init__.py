@@ -41,6 +41,7 @@ from satcli.cli.output import (
     print_captions,
     print_drawn,
     print_evaluated,
+    print_plan,
 )
 from satcli.cli.report_command import report
 from satcli.cli.train_command import register_train
@@ -195,6 +196,7 @@ def caption(
     storage_option: opt.StorageOption = None,
     column: opt.ColumnOption = None,
     skip_existing: opt.SkipExistingOption = False,
+    dry_run: opt.CaptionDryRunOption = False,
     as_json: JsonOption = False,
     strict: Annotated[bool, typer.Option(
         "--strict", help=f"Exit with code {EXIT_FAILED_IMAGES} when some images could not be captioned.")] = False,
@@ -216,14 +218,18 @@ def caption(
     from satcli.captioning.shards import parse_shard
     from satcli.commands import caption as step
 
-    summary = step.run(step.CaptionOptions(
+    options = step.CaptionOptions(
         inputs=tuple(inputs), model=model, output=opt.caption_output(output), overwrite=overwrite,
         exclude=tuple(exclude or ()), storage_options=opt.storage_options(storage_option), column=column,
         skip_existing=skip_existing, batch_size=batch_size, beam_size=beam_size, max_length=max_length,
         length_penalty=length_penalty, n_best=n_best, no_repeat_ngram_size=no_repeat_ngram, min_length=min_length,
         allow_unk=allow_unk, workers=workers, device=device, shard=None if shard is None else parse_shard(shard),
         root=root, max_pixels=max_pixels, overlays=overlays,
-    ))
+    )
+    if dry_run:
+        print_plan(step.plan(options), as_json)
+        return
+    summary = step.run(options)
     if not summary.n_shards:  # a sharded run's rows are in one file per shard: its summary alone
         print_captions(summary.output, summary.n_images, as_json, summary.paths)
     human.print(summary.table())

@@ -151,3 +151,6 @@ PrintConfigOption = Annotated[bool, typer.Option(
 DryRunOption = Annotated[bool, typer.Option(
     "--dry-run", help="Check the dataset and options, say what the run would do (steps, feature cache, run "
     "folder), and exit without training.")]
+CaptionDryRunOption = Annotated[bool, typer.Option(
+    "--dry-run", help="Check the inputs, model and output, say what the run would do (images found, files skipped "
+    "by extension, output, what it would resume), and exit without captioning.")]

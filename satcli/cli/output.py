@@ -13,6 +13,7 @@ from satcli.core.console import counted, shown, visible
 if TYPE_CHECKING:
     from pathlib import Path
 
+    from satcli.captioning.plan import CaptionPlan
     from satcli.formats.model_info import ModelInfo
     from satcli.pictures.overlays import OverlaySummary
     from satcli.pictures.report import ReportSummary
@@ -120,8 +121,8 @@ def print_info(info: ModelInfo, as_json: bool) -> None:
     out_console.print(table)
 
 
-def print_plan(plan: TrainPlan, as_json: bool) -> None:
-    """``train --dry-run``: the plan's lines on stderr, or one JSON object on stdout with --json."""
+def print_plan(plan: TrainPlan | CaptionPlan, as_json: bool) -> None:
+    """``train``/``caption --dry-run``: the plan's lines on stderr, or one JSON object on stdout with --json."""
     if as_json:
         typer.echo(json.dumps(plan.to_dict()))
         return

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from satcli.captioning.options import CaptionOptions, CaptionSummary
 from satcli.captioning.pipeline import caption_images
+from satcli.captioning.plan import CaptionPlan, plan_caption
 from satcli.pictures.overlays import write_overlays
 
-__all__ = ["CaptionOptions", "CaptionSummary", "run"]
+__all__ = ["CaptionOptions", "CaptionPlan", "CaptionSummary", "plan", "run"]
 
 
 def run(options: CaptionOptions) -> CaptionSummary:
@@ -18,3 +19,8 @@ def run(options: CaptionOptions) -> CaptionSummary:
     if options.overlays is not None:
         summary.overlays = write_overlays(summary.output, options.root, options.overlays, progress=options.progress)
     return summary
+
+
+def plan(options: CaptionOptions) -> CaptionPlan:
+    """``--dry-run``: the checks the run makes first, and what it would do; nothing is captioned or written."""
+    return plan_caption(options)
