@@ -65,3 +65,25 @@ def picture_sensitive_checkpoint(folder):
             parameter.mul_(2.0)
     vocab = Vocabulary([*SPECIALS, *(f"word{i}" for i in range(model.config.vocab_size - len(SPECIALS)))])
     return save_checkpoint(folder / "tiny.pt", model, vocab)
+
+
+def jpeg_bytes(rng, width: int = 40, height: int = 30) -> bytes:
+    """A JPEG of random pixels, as bytes."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+def one_line_error(result, *words: str) -> None:
+    """Exit 1 and a single error line naming every one of ``words``; no traceback."""
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in result.output, result.output
+    for word in words:
+        assert word in errors[0], result.output

@@ -6,7 +6,6 @@ output byte-identical, one line naming the path and the cause, exit code 1.
 """
 
 import errno
-import io
 import os
 import signal
 import subprocess
@@ -29,7 +28,7 @@ from satcli.core.atomic import remove_stale_temps, temp_path, write_bytes
 from satcli.core.errors import SatcliError
 from satcli.data.vocab import SPECIALS, Vocabulary
 from satcli.formats.checkpoint import save_checkpoint
-from tests.helpers import tiny_config
+from tests.helpers import jpeg_bytes, one_line_error, tiny_config
 
 runner = CliRunner()
 REPO = Path(__file__).resolve().parents[1]
@@ -50,19 +49,13 @@ def checkpoint(tmp_path_factory) -> Path:
     return save_checkpoint(tmp_path_factory.mktemp("model") / "tiny.pt", model, vocab)
 
 
-def _jpeg(rng, width=40, height=30) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)).save(buffer, "JPEG")
-    return buffer.getvalue()
-
-
 @pytest.fixture
 def photos(tmp_path) -> Path:
     folder = tmp_path / "photos"
     folder.mkdir()
     rng = np.random.default_rng(0)
     for i in range(5):
-        (folder / f"img{i}.jpg").write_bytes(_jpeg(rng))
+        (folder / f"img{i}.jpg").write_bytes(jpeg_bytes(rng))
     return folder
 
 
@@ -79,16 +72,6 @@ def _caption_cli(photos: Path, checkpoint: Path, output: Path, *extra: str):
                                "0", *extra])
 
 
-def _one_line_error(result, *words: str) -> None:
-    """Exit 1 and a single error line naming every one of ``words``; no traceback."""
-    assert result.exit_code == 1, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("error:")]
-    assert len(errors) == 1 and "Traceback" not in result.output, result.output
-    for word in words:
-        assert word in errors[0], result.output
-
-
 # -- 1. merge into one of its own parts ------------------------------------------------------------------------
 
 
@@ -97,13 +80,13 @@ def test_merge_refuses_an_output_that_is_one_of_the_parts(photos, checkpoint, tm
     parts = [run(_options(photos, checkpoint, output, shard=(k, 2))).output for k in range(2)]
     before = [p.read_bytes() for p in parts]
     result = runner.invoke(app, ["merge", str(parts[0]), str(parts[1]), "-o", str(parts[0]), "--remove-parts"])
-    _one_line_error(result, "one of the parts")
+    one_line_error(result, "one of the parts")
     assert [p.read_bytes() for p in parts] == before  # both parts still there, untouched
     # through another spelling of the same file
     alias = tmp_path / "alias.parquet"
     alias.symlink_to(parts[1])
     result = runner.invoke(app, ["merge", str(parts[0]), str(parts[1]), "-o", str(alias), "--remove-parts"])
-    _one_line_error(result, "one of the parts")
+    one_line_error(result, "one of the parts")
     assert [p.read_bytes() for p in parts] == before
 
 
@@ -121,7 +104,7 @@ def test_a_symlinked_sidecar_is_refused_and_its_target_left_untouched(photos, ch
     sidecar.symlink_to(precious, target_is_directory=True)
     for extra in ((), ("--overwrite",)):
         result = _caption_cli(photos, checkpoint, output, *extra)
-        _one_line_error(result, "c.parquet.partial", "symbolic link")
+        one_line_error(result, "c.parquet.partial", "symbolic link")
         assert sorted(p.name for p in precious.iterdir()) == ["chunk-000000.parquet", "thesis.tex"]
         assert (precious / "thesis.tex").read_text() == "years of work"
         assert not output.exists()
@@ -199,7 +182,7 @@ def test_resume_refuses_a_dataset_with_other_words(trained, tmp_path):
 
     copy = _edited_copy(out, tmp_path, swap_two_words)
     before = (copy / "last.pt").read_bytes()
-    _one_line_error(_resume(root, copy), "last.pt", "vocabulary", "'shapes'")
+    one_line_error(_resume(root, copy), "last.pt", "vocabulary", "'shapes'")
     assert (copy / "last.pt").read_bytes() == before
 
     other = tmp_path / "other"
@@ -209,7 +192,7 @@ def test_resume_refuses_a_dataset_with_other_words(trained, tmp_path):
     payload["config"]["vocab_size"] -= 1
     payload["state_dict"] = {}
     torch.save(payload, other / "last.pt")
-    _one_line_error(_resume(root, other), "vocabulary")
+    one_line_error(_resume(root, other), "vocabulary")
 
 
 @pytest.mark.parametrize("edit, words", [
@@ -220,7 +203,7 @@ def test_resume_refuses_a_dataset_with_other_words(trained, tmp_path):
 ])
 def test_resume_with_a_malformed_training_state_is_one_line(trained, tmp_path, edit, words):
     root, out = trained
-    _one_line_error(_resume(root, _edited_copy(out, tmp_path, edit)), "last.pt", words)
+    one_line_error(_resume(root, _edited_copy(out, tmp_path, edit)), "last.pt", words)
 
 
 @pytest.mark.parametrize("edit, words", [
@@ -241,7 +224,7 @@ def test_checkpoints_with_malformed_values_are_refused_in_one_line(checkpoint, p
     bad = tmp_path / "bad.pt"
     torch.save(payload, bad)
     output = tmp_path / "c.parquet"
-    _one_line_error(_caption_cli(photos, bad, output), "bad.pt", words)
+    one_line_error(_caption_cli(photos, bad, output), "bad.pt", words)
     assert not output.exists()
 
 
@@ -286,7 +269,7 @@ def test_attention_that_does_not_fit_its_grid_is_one_line(tmp_path):
     for command in (["report", str(tmp_path / "r.parquet"), "-o", str(tmp_path / "r.html")],
                     ["report", str(tmp_path / "r.parquet"), "-o", str(tmp_path / "r2.html"), "--overlays",
                      str(tmp_path / "ov")]):
-        _one_line_error(runner.invoke(app, command), "r.parquet", "a.jpg", "does not fit")
+        one_line_error(runner.invoke(app, command), "r.parquet", "a.jpg", "does not fit")
 
 
 def pa_array(values, type_name):
@@ -303,7 +286,7 @@ def _preprocess_jsonl(tmp_path: Path, text: str):
     images.mkdir(exist_ok=True)
     rng = np.random.default_rng(1)
     for name in ("a.jpg", "b.jpg"):
-        (images / name).write_bytes(_jpeg(rng))
+        (images / name).write_bytes(jpeg_bytes(rng))
     captions = tmp_path / "captions.jsonl"
     captions.write_text(text, encoding="utf-8")
     return runner.invoke(app, ["preprocess", "--dataset", "captions-csv", "--images", str(images), "--captions",
@@ -312,7 +295,7 @@ def _preprocess_jsonl(tmp_path: Path, text: str):
 
 def test_an_empty_caption_list_is_refused_at_preprocess(tmp_path):
     text = '{"image": "a.jpg", "captions": ["a red square"]}\n{"image": "b.jpg", "captions": []}\n'
-    _one_line_error(_preprocess_jsonl(tmp_path, text), "captions.jsonl", "line 2", "captions list is empty")
+    one_line_error(_preprocess_jsonl(tmp_path, text), "captions.jsonl", "line 2", "captions list is empty")
     assert not (tmp_path / "data" / "mine").exists()
 
 
@@ -323,7 +306,7 @@ def test_an_empty_caption_list_is_refused_at_preprocess(tmp_path):
     ('{"image": "\\udc80.jpg", "caption": "a square"}\n', "lone surrogate"),
 ])
 def test_json_python_cannot_hold_is_one_line_naming_the_file(tmp_path, text, words):
-    _one_line_error(_preprocess_jsonl(tmp_path, text), "captions.jsonl", "line 1", words)
+    one_line_error(_preprocess_jsonl(tmp_path, text), "captions.jsonl", "line 1", words)
 
 
 def test_a_karpathy_json_nested_too_deeply_is_one_line(tmp_path):
@@ -389,7 +372,7 @@ def test_caption_final_merge_on_a_full_or_read_only_disk(photos, checkpoint, tmp
     before = output.read_bytes()
     _add_photo(photos)
     _FullDisk(monkeypatch, "/.c.parquet.", code)  # the chunks write; the final merge does not
-    _one_line_error(_caption_cli(photos, checkpoint, output), "c.parquet", cause)
+    one_line_error(_caption_cli(photos, checkpoint, output), "c.parquet", cause)
     assert output.read_bytes() == before and _leftovers(tmp_path) == []
     monkeypatch.undo()
     monkeypatch.setenv("SATCLI_STATE_DIR", str(tmp_path / "state"))
@@ -410,13 +393,13 @@ def test_caption_sidecar_that_cannot_be_created(photos, checkpoint, tmp_path, mo
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(Path, "mkdir", read_only)
-    _one_line_error(_caption_cli(photos, checkpoint, output), "c.parquet.partial", "EROFS")
+    one_line_error(_caption_cli(photos, checkpoint, output), "c.parquet.partial", "EROFS")
     assert output.read_bytes() == before
 
 
 def test_caption_chunk_write_on_a_full_disk(photos, checkpoint, tmp_path, monkeypatch):
     _FullDisk(monkeypatch, ".chunk-")
-    _one_line_error(_caption_cli(photos, checkpoint, tmp_path / "c.parquet"), "c.parquet.partial", "ENOSPC")
+    one_line_error(_caption_cli(photos, checkpoint, tmp_path / "c.parquet"), "c.parquet.partial", "ENOSPC")
     assert not (tmp_path / "c.parquet").exists()
 
 
@@ -428,7 +411,7 @@ def test_merge_on_a_full_disk_and_parts_on_a_read_only_one(photos, checkpoint, t
     with monkeypatch.context() as patch:
         _FullDisk(patch, "/.c.parquet.")
         result = runner.invoke(app, ["merge", "-o", str(output), "--remove-parts"])
-    _one_line_error(result, "c.parquet", "ENOSPC")
+    one_line_error(result, "c.parquet", "ENOSPC")
     assert output.read_bytes() == b"an older merge" and [p.read_bytes() for p in parts] == before
     assert _leftovers(tmp_path) == []
 
@@ -441,7 +424,7 @@ def test_merge_on_a_full_disk_and_parts_on_a_read_only_one(photos, checkpoint, t
 
     monkeypatch.setattr(Path, "unlink", read_only)
     result = runner.invoke(app, ["merge", "-o", str(output), "--remove-parts"])
-    _one_line_error(result, "c.part-0-of-2.parquet", "EROFS")
+    one_line_error(result, "c.part-0-of-2.parquet", "EROFS")
     assert pq.read_table(output).num_rows == 5 and all(p.is_file() for p in parts)
 
 
@@ -464,7 +447,7 @@ def test_report_and_overlays_on_a_full_disk(tmp_path, monkeypatch):
 
     with monkeypatch.context() as patch:
         patch.setattr(Path, "write_bytes", full)
-        _one_line_error(runner.invoke(app, ["report", str(results), "-o", str(page)]), "r.html", "ENOSPC")
+        one_line_error(runner.invoke(app, ["report", str(results), "-o", str(page)]), "r.html", "ENOSPC")
     assert page.read_bytes() == before and _leftovers(tmp_path) == []
 
     original_save = Image.Image.save
@@ -478,11 +461,11 @@ def test_report_and_overlays_on_a_full_disk(tmp_path, monkeypatch):
 
     with monkeypatch.context() as patch:  # the report's thumbnails
         patch.setattr(Image.Image, "save", full_for("JPEG"))
-        _one_line_error(runner.invoke(app, ["report", str(results), "-o", str(page)]), "r_files", "ENOSPC")
+        one_line_error(runner.invoke(app, ["report", str(results), "-o", str(page)]), "r_files", "ENOSPC")
     with monkeypatch.context() as patch:  # the attention pictures
         patch.setattr(Image.Image, "save", full_for("PNG"))
         result = runner.invoke(app, ["report", str(results), "-o", str(page), "--overlays", str(tmp_path / "ov")])
-        _one_line_error(result, str(tmp_path / "ov"), ".png", "ENOSPC")
+        one_line_error(result, str(tmp_path / "ov"), ".png", "ENOSPC")
     assert page.read_bytes() == before and _leftovers(tmp_path / "ov") == []
 
     original_mkdir = Path.mkdir
@@ -495,7 +478,7 @@ def test_report_and_overlays_on_a_full_disk(tmp_path, monkeypatch):
     monkeypatch.setattr(Path, "mkdir", read_only)
     result = runner.invoke(app, ["report", str(results), "-o", str(tmp_path / "t.html"), "--overlays",
                                  str(tmp_path / "ov")])
-    _one_line_error(result, "ov", "EROFS")
+    one_line_error(result, "ov", "EROFS")
 
 
 def test_a_checkpoint_write_on_a_full_disk_keeps_the_old_one(checkpoint, tmp_path, monkeypatch):
@@ -649,7 +632,7 @@ def test_a_real_full_disk_merge_and_checkpoint(photos, checkpoint, tmp_path, ful
     last.write_bytes(b"an older checkpoint")
     _fill(full_tmpfs)
     result = runner.invoke(app, ["merge", str(parts[0]), str(parts[1]), "-o", str(target)])
-    _one_line_error(result, str(target), "No space left on device", "ENOSPC")
+    one_line_error(result, str(target), "No space left on device", "ENOSPC")
     loaded = torch.load(checkpoint, weights_only=True)
     with pytest.raises(SatcliError, match="last.pt: cannot write .No space left on device, ENOSPC"):
         save_checkpoint(last, Captioner(tiny_config(image_size=32)), Vocabulary(loaded["vocab"]))

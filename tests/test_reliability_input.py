@@ -23,7 +23,7 @@ from satcli.cli import app
 from satcli.data.vocab import SPECIALS, Vocabulary
 from satcli.formats.checkpoint import save_checkpoint
 from satcli.formats.results import CaptionRow
-from tests.helpers import peaked_attention, tiny_config, write_results_file
+from tests.helpers import jpeg_bytes, one_line_error, peaked_attention, tiny_config, write_results_file
 
 runner = CliRunner()
 
@@ -46,22 +46,6 @@ def checkpoint(tmp_path_factory) -> Path:
     model = Captioner(tiny_config(image_size=32))
     vocab = Vocabulary([*SPECIALS, *(f"word{i}" for i in range(model.config.vocab_size - len(SPECIALS)))])
     return save_checkpoint(tmp_path_factory.mktemp("model") / "tiny.pt", model, vocab)
-
-
-def _jpeg(rng, width=40, height=30) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)).save(buffer, "JPEG")
-    return buffer.getvalue()
-
-
-def _one_line_error(result, *words: str) -> None:
-    """Exit 1 and a single error line naming every one of ``words``; no traceback."""
-    assert result.exit_code == 1, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("error:")]
-    assert len(errors) == 1 and "Traceback" not in result.output, result.output
-    for word in words:
-        assert word in errors[0], result.output
 
 
 def _results_with(tmp_path: Path, rows, name: str = "r.parquet") -> Path:
@@ -99,7 +83,7 @@ def folder_with_eps(tmp_path) -> Path:
     folder.mkdir()
     rng = np.random.default_rng(0)
     for name in ("a.jpg", "b.jpg"):
-        (folder / name).write_bytes(_jpeg(rng))
+        (folder / name).write_bytes(jpeg_bytes(rng))
     (folder / "drawing.jpg").write_bytes(EPS)
     return folder
 
@@ -247,7 +231,7 @@ def test_escape_codes_and_brackets_in_names_are_shown_not_obeyed(tmp_path, escap
     rng = np.random.default_rng(0)
     names = [f"red{ESC}[31m.jpg", "[old] copy.jpg", "plain.jpg", f"line\nbreak{ESC}[1A.jpg"]
     for name in names:
-        (photos / name).write_bytes(_jpeg(rng))
+        (photos / name).write_bytes(jpeg_bytes(rng))
     (photos / "text [bold].jpg").write_text("not an image")  # an error row: printed on stderr
     (tmp_path / "runs[").mkdir()
     output = tmp_path / "runs[" / "x]" / "c.parquet"  # "[/x]" in the path: rich read it as a closing tag
@@ -270,7 +254,7 @@ def test_an_error_naming_a_path_with_brackets_or_escapes_is_one_visible_line(tmp
         path.write_text("not parquet")
         result = runner.invoke(app, ["report", str(path)])
         _no_raw_controls(result.output)
-        _one_line_error(result, "not a readable Parquet file",
+        one_line_error(result, "not a readable Parquet file",
                         name.replace(ESC, "\\x1b"))
 
 
@@ -306,11 +290,11 @@ def test_a_checkpoint_whose_notes_would_swell_every_results_file_is_refused(tmp_
     checkpoint = _checkpoint_with(tmp_path, **{field: notes})
     photos = tmp_path / "photos"
     photos.mkdir()
-    (photos / "a.jpg").write_bytes(_jpeg(np.random.default_rng(0)))
+    (photos / "a.jpg").write_bytes(jpeg_bytes(np.random.default_rng(0)))
     output = tmp_path / "c.parquet"
     result = runner.invoke(app, ["caption", str(photos), "--model", str(checkpoint), "-o", str(output),
                                  "--max-length", "4", "--workers", "0"])
-    _one_line_error(result, "tiny.pt", field, "16,384 characters")
+    one_line_error(result, "tiny.pt", field, "16,384 characters")
     assert not output.exists()
 
 
@@ -321,7 +305,7 @@ def test_results_metadata_keeps_the_documented_metrics_and_stays_small(tmp_path)
     checkpoint = _checkpoint_with(tmp_path, metrics=metrics, train_options={"epochs": 3, "dataset": "mine"})
     photos = tmp_path / "photos"
     photos.mkdir()
-    (photos / "a.jpg").write_bytes(_jpeg(np.random.default_rng(0)))
+    (photos / "a.jpg").write_bytes(jpeg_bytes(np.random.default_rng(0)))
     output = tmp_path / "c.parquet"
     result = runner.invoke(app, ["caption", str(photos), "--model", str(checkpoint), "-o", str(output),
                                  "--max-length", "4", "--workers", "0"])
@@ -378,7 +362,7 @@ def test_hand_edited_results_that_cannot_be_shown_are_one_line(tmp_path, column,
     type_ = None if type_name is None else getattr(__import__("pyarrow"), type_name)()
     results = _edited(tmp_path, column, values, type_)
     for result in _report_and_overlays(results, tmp_path):
-        _one_line_error(result, "edited.parquet", *words)
+        one_line_error(result, "edited.parquet", *words)
 
 
 def test_nan_attention_is_an_error_row_and_the_other_rows_are_drawn(tmp_path):

@@ -34,7 +34,7 @@ from satcli.commands.merge import run as merge
 from satcli.data.vocab import SPECIALS, Vocabulary
 from satcli.formats.checkpoint import checkpoint_sha256, save_checkpoint
 from satcli.pictures.overlays import overlay_name
-from tests.helpers import tiny_config
+from tests.helpers import jpeg_bytes, one_line_error, tiny_config
 
 runner = CliRunner()
 REPO = Path(__file__).resolve().parents[1]
@@ -59,19 +59,13 @@ def checkpoint(tmp_path_factory) -> Path:
     return _save_model(tmp_path_factory.mktemp("model"), 0)
 
 
-def _jpeg(rng, width=40, height=30) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)).save(buffer, "JPEG")
-    return buffer.getvalue()
-
-
 @pytest.fixture
 def photos(tmp_path) -> Path:
     folder = tmp_path / "photos"
     folder.mkdir()
     rng = np.random.default_rng(0)
     for i in range(5):
-        (folder / f"img{i}.jpg").write_bytes(_jpeg(rng))
+        (folder / f"img{i}.jpg").write_bytes(jpeg_bytes(rng))
     return folder
 
 
@@ -86,16 +80,6 @@ def _caption_cli(photos: Path, checkpoint: Path, output: Path, *extra: str):
     return runner.invoke(app, ["caption", str(photos), "--model", str(checkpoint), "-o", str(output),
                                "--root", str(photos.parent), "--batch-size", "2", "--max-length", "4", "--workers",
                                "0", *extra])
-
-
-def _one_line_error(result, *words: str) -> None:
-    """Exit 1 and a single error line naming every one of ``words``; no traceback."""
-    assert result.exit_code == 1, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("error:")]
-    assert len(errors) == 1 and "Traceback" not in result.output, result.output
-    for word in words:
-        assert word in errors[0], result.output
 
 
 def _captions(path: Path) -> dict[str, str | None]:
@@ -114,7 +98,7 @@ def test_a_lock_symlink_in_the_sidecar_is_refused_and_its_target_kept(photos, ch
     (sidecar / "lock").symlink_to(precious)
     for extra in ((), ("--overwrite",)):
         result = _caption_cli(photos, checkpoint, output, *extra)
-        _one_line_error(result, "lock", "symbolic link")
+        one_line_error(result, "lock", "symbolic link")
         assert precious.read_text() == "years of work"
         assert (sidecar / "lock").is_symlink() and not output.exists()  # the link is left, as the user made it
 
@@ -145,7 +129,7 @@ def test_a_planted_chunk_symlink_is_refused_not_merged(photos, checkpoint, tmp_p
     sidecar.mkdir()
     (sidecar / "chunk-000000.parquet").symlink_to(planted)
     result = _caption_cli(photos, checkpoint, output)
-    _one_line_error(result, "chunk-000000.parquet", "symbolic link")
+    one_line_error(result, "chunk-000000.parquet", "symbolic link")
     assert planted.read_bytes() == before and not output.exists()
     assert (sidecar / "chunk-000000.parquet").is_symlink()
 
@@ -312,7 +296,7 @@ def test_a_checkpoint_replaced_during_its_load_is_recorded_as_the_model_that_cap
     before = output.read_bytes()
     (photos / "new.jpg").write_bytes((photos / "img0.jpg").read_bytes())
     result = _caption_cli(photos, model, output)  # now the other model: it must not add its captions to these
-    _one_line_error(result, "different model")
+    one_line_error(result, "different model")
     assert output.read_bytes() == before
 
 
@@ -349,7 +333,7 @@ def test_a_leftover_part_the_output_does_not_hold_still_needs_its_missing_part(p
     parts[0].unlink()
     run(_options(photos, checkpoint, output, shard=(1, 2), overwrite=True))  # part 1 now holds an image more
     before = parts[1].read_bytes()
-    _one_line_error(runner.invoke(app, ["merge", "-o", str(output), "--remove-parts"]), "part 0 of 2 is missing")
+    one_line_error(runner.invoke(app, ["merge", "-o", str(output), "--remove-parts"]), "part 0 of 2 is missing")
     assert parts[1].read_bytes() == before
 
 

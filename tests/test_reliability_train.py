@@ -23,6 +23,7 @@ from satcli.data.preprocess import PreprocessOptions
 from satcli.data.shapes import JSON_NAME
 from satcli.data.store import DatasetKind
 from satcli.formats.checkpoint import read_checkpoint
+from tests.helpers import one_line_error
 
 runner = CliRunner()
 REPO = Path(__file__).resolve().parents[1]
@@ -65,16 +66,6 @@ def _copy_run(trained_run: Path, tmp_path: Path) -> tuple[Path, dict[str, bytes]
     return out, {name: (out / name).read_bytes() for name in RUN_FILES}
 
 
-def _one_line_error(result, *words: str) -> None:
-    """Exit 1 and a single error line naming every one of ``words``; no traceback."""
-    assert result.exit_code == 1, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("error:")]
-    assert len(errors) == 1 and "Traceback" not in result.output, result.output
-    for word in words:
-        assert word in errors[0], result.output
-
-
 # -- 1. `train --overwrite` with a mistake keeps the trained model ------------------------------------------------
 
 
@@ -87,7 +78,7 @@ def _one_line_error(result, *words: str) -> None:
 def test_overwrite_with_a_mistake_keeps_the_earlier_run(data_root, trained_run, tmp_path, mistake, words):
     out, before = _copy_run(trained_run, tmp_path)
     result = runner.invoke(app, [*_train_args(data_root, out, "--overwrite", "--seed", "1"), *mistake])
-    _one_line_error(result, *words)
+    one_line_error(result, *words)
     assert {name: (out / name).read_bytes() for name in RUN_FILES} == before
     assert sorted(p.name for p in out.iterdir()) == sorted(RUN_FILES)  # no temporary file left
 
@@ -107,11 +98,11 @@ def test_overwrite_replaces_the_earlier_run_once_the_new_one_saves(data_root, tr
 def test_a_loss_that_becomes_nan_stops_the_run_and_saves_nothing(data_root, trained_run, tmp_path):
     out, before = _copy_run(trained_run, tmp_path)
     result = runner.invoke(app, [*_train_args(data_root, out, "--overwrite"), "--decoder-lr", "1e30"])
-    _one_line_error(result, str(out), "training diverged", "nan")
+    one_line_error(result, str(out), "training diverged", "nan")
     assert {name: (out / name).read_bytes() for name in RUN_FILES} == before
     fresh = tmp_path / "fresh"
     result = runner.invoke(app, [*_train_args(data_root, fresh), "--decoder-lr", "1e30"])
-    _one_line_error(result, "training diverged")
+    one_line_error(result, "training diverged")
     assert not (fresh / "best.pt").exists() and not (fresh / "last.pt").exists()
 
 
@@ -186,7 +177,7 @@ def test_no_room_for_the_feature_cache_is_one_line_and_keeps_the_earlier_run(dat
 
     monkeypatch.setattr(os, "posix_fallocate", no_room)
     result = runner.invoke(app, _train_args(root, out, "--overwrite"))
-    _one_line_error(result, "train.npy", "No space left on device, ENOSPC")
+    one_line_error(result, "train.npy", "No space left on device, ENOSPC")
     assert _features_left(root) == []
     assert {name: (out / name).read_bytes() for name in RUN_FILES} == before
 
@@ -243,12 +234,12 @@ def test_a_checkpoint_with_non_finite_weights_is_refused_at_load(trained_run, tm
     result = runner.invoke(app, ["caption", str(_picture(tmp_path / "photos")), "--model", str(model), "-o",
                                  str(output), "--workers", "0"])
     # before: every caption empty, exit 0
-    _one_line_error(result, "nan.pt", "not finite numbers", "decoder.out.weight")
+    one_line_error(result, "nan.pt", "not finite numbers", "decoder.out.weight")
     assert not output.exists()
     out, before = _copy_run(trained_run, tmp_path)
     _edited(out / "last.pt", out / "last.pt", poison)
     result = runner.invoke(app, ["train", "--dataset", "shapes", "--out", str(out), "--resume"])
-    _one_line_error(result, "last.pt", "not finite numbers")
+    one_line_error(result, "last.pt", "not finite numbers")
 
 
 # -- 6. a crafted config that asks for a huge model -----------------------------------------------------------------
@@ -292,7 +283,7 @@ def test_resume_options_that_do_not_fit_the_weights_are_one_line(data_root, trai
     edited = (out / "last.pt").read_bytes()
     result = runner.invoke(app, ["train", "--dataset", "shapes", "--data-root", str(data_root),
                                  "--out", str(out), "--resume", "--epochs", "2"])
-    _one_line_error(result, "last.pt", "its config asks for decoder.embedding.weight of shape")
+    one_line_error(result, "last.pt", "its config asks for decoder.embedding.weight of shape")
     assert (out / "last.pt").read_bytes() == edited and (out / "best.pt").read_bytes() == before["best.pt"]
 
 
