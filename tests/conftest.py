@@ -8,6 +8,8 @@ os.environ.setdefault("NO_COLOR", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from tests.s3 import s3_server  # noqa: E402, F401 — the session's S3 server on 127.0.0.1 (tests/s3.py)
+
 # SATCLI_TEST_DEVICE=cuda: every tensor and module a test makes without naming a device lands there — the CUDA
 # pass of the model and decoding tests in bench/gpu_check.py.
 if os.environ.get("SATCLI_TEST_DEVICE"):

@@ -3,10 +3,14 @@ run, or extend a finished output, made with the same."""
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 from models.data import DataConfig
 from models.decoding import DecodingOptions
+from satcli.core.defaults import default_model
+from satcli.formats.checkpoint import LoadedCheckpoint, checkpoint_sha256, load_captioner
 
 
 def fingerprint(model_sha256: str, preprocessing: DataConfig, decoding: DecodingOptions,
@@ -36,3 +40,14 @@ def difference(previous: dict[str, Any] | None, current: dict[str, Any]) -> str:
     if "model_sha256" in changed:
         return "a different model"
     return "different options (" + ", ".join(f"{k} {previous.get(k)} → {current.get(k)}" for k in changed) + ")"
+
+
+def load_run_model(model: Path | None, decoding: DecodingOptions, max_pixels: int | None
+                   ) -> tuple[LoadedCheckpoint, Path, dict[str, Any]]:
+    """The checkpoint of a caption run (``model``, else the remembered one), loaded once on the CPU and
+    validated before any work, with its path and the run's fingerprint."""
+    model_path = Path(model if model is not None else default_model())
+    with ThreadPoolExecutor(1) as pool:  # hashing releases the GIL: it overlaps with reading the checkpoint
+        sha256 = pool.submit(checkpoint_sha256, model_path)
+        loaded = load_captioner(model_path)
+        return loaded, model_path, fingerprint(sha256.result(), loaded.preprocessing, decoding, max_pixels)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from rich.table import Table
 
@@ -20,9 +21,9 @@ DEFAULT_OUTPUT = Path("captions.parquet")
 class CaptionOptions:
     """What ``satcli caption`` was asked to do."""
 
-    inputs: tuple[str, ...]  # files, directories (walked recursively) and glob patterns
+    inputs: tuple[str, ...]  # files, directories (walked recursively), glob patterns, URLs, tar/Parquet shards
     model: Path | None = None  # None: $SATCLI_MODEL, else the last model trained here
-    output: Path = DEFAULT_OUTPUT
+    output: Path | str = DEFAULT_OUTPUT  # shards as inputs: a folder (local, or a URL) for one file per shard
     overwrite: bool = False  # ignore any earlier results or unfinished run for this output
     batch_size: int = 32
     beam_size: int = 3
@@ -39,13 +40,17 @@ class CaptionOptions:
     max_pixels: int | None = DEFAULT_MAX_PIXELS
     progress: bool = True
     overlays: Path | None = None  # a folder: attention pictures of every captioned image, after the Parquet
+    exclude: tuple[str, ...] = ()  # glob patterns of files to leave out
+    storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec keyword arguments for URLs
+    column: str | None = None  # Parquet inputs: the column of images or paths (None: jpg, image, ...)
+    skip_existing: bool = False  # shards: skip samples whose key is in an earlier results file of the folder
 
 
 @dataclass
 class CaptionSummary:
     """What a caption run did. Counts cover the whole output file; ``n_processed`` only this run."""
 
-    output: Path
+    output: Path | str  # a URL for a sharded run writing to object storage
     n_images: int
     n_resumed: int = 0
     n_processed: int = 0
@@ -55,6 +60,11 @@ class CaptionSummary:
     device: str = "cpu"
     shard: tuple[int, int] = (0, 1)
     overlays: OverlaySummary | None = None
+    skipped: dict[str, int] = field(default_factory=dict)  # files left out by extension (".txt" → 3)
+    n_excluded: int = 0  # files an --exclude pattern left out
+    n_shards: int = 0  # shards as inputs: how many this run took
+    n_shards_resumed: int = 0  # of which their results file was already complete
+    n_duplicates: int = 0  # samples skipped with --skip-existing: their key was in an earlier results file
 
     @property
     def n_errors(self) -> int:
@@ -70,7 +80,19 @@ class CaptionSummary:
         table = Table(title=title, show_header=False)
         table.add_column(style="bold")
         table.add_column(justify="right")
+        if self.n_shards:
+            table.add_row("shards", f"{self.n_shards:,}")
+            if self.n_shards_resumed:
+                table.add_row("  done before", f"{self.n_shards_resumed:,}")
         table.add_row("images", f"{self.n_images:,}")
+        if self.skipped:
+            table.add_row("skipped (not images)", f"{sum(self.skipped.values()):,}")
+            for extension, n in sorted(self.skipped.items(), key=lambda item: (-item[1], item[0])):
+                table.add_row(f"  {extension or '(no extension)'}", f"{n:,}")
+        if self.n_excluded:
+            table.add_row("excluded", f"{self.n_excluded:,}")
+        if self.n_duplicates:
+            table.add_row("keys done before", f"{self.n_duplicates:,}")
         if self.n_resumed:
             table.add_row("done before", f"{self.n_resumed:,}")
         table.add_row("captioned", f"{self.n_captioned:,}")
@@ -109,7 +131,16 @@ def check_options(options: CaptionOptions) -> None:
     if options.max_pixels is not None and not 1 <= options.max_pixels <= HARD_MAX_PIXELS:
         raise SatcliError(f"--max-pixels must be between 1 and {HARD_MAX_PIXELS:,} (Pillow's own hard limit), "
                           f"got {options.max_pixels:,}")
-    if options.output.exists() and options.output.is_dir():
-        raise SatcliError("the output is a directory; name a .parquet file with -o", options.output)
     if options.overlays is not None and options.overlays.exists() and not options.overlays.is_dir():
         raise SatcliError("--overlays names a file; name a folder for the attention pictures", options.overlays)
+
+
+def check_single_output(output: Path | str) -> Path:
+    """The output of a run over loose images: one local .parquet file (an existing folder is refused)."""
+    if isinstance(output, str) and "://" in output:
+        raise SatcliError("results of loose images go to one local file; object storage outputs are for tar or "
+                          "Parquet shards as inputs (one results file per shard)", output)
+    output = Path(output)
+    if output.exists() and output.is_dir():
+        raise SatcliError("the output is a directory; name a .parquet file with -o", output)
+    return output

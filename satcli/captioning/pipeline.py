@@ -8,7 +8,6 @@ import contextlib
 import logging
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -16,20 +15,27 @@ import torch
 from torch.utils.data import DataLoader
 
 from models.decoding import DecodingOptions, DecodingResult
-from satcli.captioning.fingerprint import difference, fingerprint
+from satcli.captioning.fingerprint import difference, load_run_model
 from satcli.captioning.loading import ImageFiles, collate, lower_priority
 from satcli.captioning.model import caption_batch, prepare_model
-from satcli.captioning.options import CaptionOptions, CaptionSummary, check_options, decoding_options
+from satcli.captioning.options import (
+    CaptionOptions,
+    CaptionSummary,
+    check_options,
+    check_single_output,
+    decoding_options,
+)
+from satcli.captioning.sharded import caption_shards
 from satcli.captioning.shards import part_path, resolve_shard
-from satcli.captioning.sources.local import ImageSource, find_images
+from satcli.captioning.sources import find_inputs
+from satcli.captioning.sources.local import ImageSource
 from satcli.captioning.state import RunState
 from satcli.captioning.writer import CaptionedBatch, ChunkWriter
 from satcli.core.console import make_progress
-from satcli.core.defaults import default_model
 from satcli.core.device import resolve_device
 from satcli.core.errors import SatcliError
 from satcli.data.feed import default_workers, images_on_device, jpeg_decode_device
-from satcli.formats.checkpoint import LoadedCheckpoint, checkpoint_sha256, load_captioner
+from satcli.formats.checkpoint import LoadedCheckpoint
 from satcli.formats.results import read_column, read_metadata, results_metadata
 from satcli.formats.results_merge import merge_results
 
@@ -42,21 +48,23 @@ def caption_images(options: CaptionOptions) -> CaptionSummary:
     check_options(options)
     decoding = decoding_options(options)
     shard = resolve_shard(options.shard)
-    output = part_path(options.output, *shard)
-    sources = find_images(options.inputs, options.root)
+    found = find_inputs(options.inputs, options.root, options.exclude, options.storage_options, options.column)
+    if found.shards:
+        return caption_shards(options, found, decoding, shard, started)
+    output = part_path(check_single_output(options.output), *shard)
+    sources = found.images
     if not sources:
-        raise SatcliError("no images found (JPEG, PNG, WebP, GIF, BMP or TIFF files) in " + " ".join(options.inputs))
+        skipped = f" ({sum(found.skipped.values()):,} other files skipped)" if found.skipped else ""
+        raise SatcliError("no images found (JPEG, PNG, WebP, GIF, BMP or TIFF files) in " + " ".join(options.inputs)
+                          + skipped)
     sources = sources[shard[0]::shard[1]]
     device = resolve_device(options.device)
-    model_path = Path(options.model if options.model is not None else default_model())
-    with ThreadPoolExecutor(1) as pool:  # hashing releases the GIL: it overlaps with reading the checkpoint
-        sha256 = pool.submit(checkpoint_sha256, model_path)
-        loaded = load_captioner(model_path)  # the one load of this run, on the CPU: validated before any work
-        run_fingerprint = fingerprint(sha256.result(), loaded.preprocessing, decoding, options.max_pixels)
+    loaded, model_path, run_fingerprint = load_run_model(options.model, decoding, options.max_pixels)
     root = os.path.abspath(options.root if options.root is not None else os.getcwd())
     metadata = results_metadata(loaded, run_fingerprint["model_sha256"], decoding, image_root=root,
                                 max_pixels=options.max_pixels, shard=shard, fingerprint=run_fingerprint)
-    summary = CaptionSummary(output, len(sources), device=str(device), shard=shard)
+    summary = CaptionSummary(output, len(sources), device=str(device), shard=shard, skipped=dict(found.skipped),
+                             n_excluded=found.n_excluded)
 
     state = RunState(output)
     keep = {s.path for s in sources}
@@ -140,7 +148,8 @@ def _caption(sources: list[ImageSource], todo: list[list[int]], loaded: LoadedCh
         return 0
     data = loaded.preprocessing
     decode_device = jpeg_decode_device(device)
-    dataset = ImageFiles([s.file for s in sources], data, options.max_pixels, decode_device is not None)
+    dataset = ImageFiles([s.file for s in sources], data, options.max_pixels, decode_device is not None,
+                         options.storage_options)
     loader = DataLoader(dataset, batch_sampler=todo, num_workers=workers, collate_fn=collate,
                         pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None,
                         worker_init_fn=lower_priority if device.type == "cpu" else None)

@@ -16,8 +16,10 @@ import click
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.table import Table
 
+from satcli.cli import options as opt
 from satcli.cli.options import (
     AllowUnkOption,
     Attention,
@@ -72,7 +74,7 @@ class _Group(typer.core.TyperGroup):
     def _fail(ctx: click.Context, message: str) -> NoReturn:
         if (ctx.obj or {}).get("verbose"):
             err_console.print_exception()
-        err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
 
 
@@ -172,9 +174,9 @@ def preprocess(
 @app.command()
 def caption(
     inputs: Annotated[list[str], typer.Argument(
-        help="Image files, folders (searched recursively) and glob patterns.", show_default=False)],
+        help="Images, folders, globs, URLs (s3://...), tar/Parquet shards ({00000..00099}.tar).", show_default=False)],
     model: ModelOption = None,
-    output: ResultsOption = Path("captions.parquet"),
+    output: opt.CaptionOutputOption = "captions.parquet",
     overwrite: Annotated[bool, typer.Option(
         "--overwrite", help="Start afresh instead of resuming or extending earlier results in the output.")] = False,
     beam_size: BeamSizeOption = 3,
@@ -196,6 +198,10 @@ def caption(
     max_pixels: Annotated[int, typer.Option(
         "--max-pixels", min=1, help="Refuse bigger images (decompression bombs) as errors.")] = 89_478_485,
     overlays: OverlaysOption = None,
+    exclude: opt.ExcludeOption = None,
+    storage_option: opt.StorageOption = None,
+    column: opt.ColumnOption = None,
+    skip_existing: opt.SkipExistingOption = False,
     as_json: JsonOption = False,
     strict: Annotated[bool, typer.Option(
         "--strict", help=f"Exit with code {EXIT_FAILED_IMAGES} when some images could not be captioned.")] = False,
@@ -217,13 +223,15 @@ def caption(
     from satcli.commands import caption as step
 
     summary = step.run(step.CaptionOptions(
-        inputs=tuple(inputs), model=model, output=output, overwrite=overwrite, batch_size=batch_size,
-        beam_size=beam_size, max_length=max_length, length_penalty=length_penalty, n_best=n_best,
-        no_repeat_ngram_size=no_repeat_ngram, min_length=min_length, allow_unk=allow_unk, workers=workers,
-        device=device, shard=None if shard is None else parse_shard(shard), root=root,
-        max_pixels=max_pixels, overlays=overlays,
+        inputs=tuple(inputs), model=model, output=opt.caption_output(output), overwrite=overwrite,
+        exclude=tuple(exclude or ()), storage_options=opt.storage_options(storage_option), column=column,
+        skip_existing=skip_existing, batch_size=batch_size, beam_size=beam_size, max_length=max_length,
+        length_penalty=length_penalty, n_best=n_best, no_repeat_ngram_size=no_repeat_ngram, min_length=min_length,
+        allow_unk=allow_unk, workers=workers, device=device, shard=None if shard is None else parse_shard(shard),
+        root=root, max_pixels=max_pixels, overlays=overlays,
     ))
-    print_captions(summary.output, summary.n_images, as_json)
+    if not summary.n_shards:  # a sharded run's rows are in one file per shard: its summary alone
+        print_captions(summary.output, summary.n_images, as_json)
     human.print(summary.table())
     if strict and summary.n_errors:
         err_console.print(f"[bold red]error:[/] {summary.n_errors:,} of {summary.n_images:,} images could not be "

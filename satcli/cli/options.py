@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -63,6 +63,33 @@ WorkersOption = Annotated[int | None, typer.Option(
     "--workers", min=0, show_default=False,
     help="Processes decoding images (0: in the main one). Default: min(4, CPUs); on a GPU up to 8, one CPU left free.")]
 ResultsOption = Annotated[Path, typer.Option("--output", "-o", dir_okay=False, help="Results Parquet file.")]
+CaptionOutputOption = Annotated[str, typer.Option("--output", "-o", help=(
+    "Results Parquet file. With tar/Parquet shards as inputs: a folder, local or a URL (s3://...), for one results "
+    "file per shard."))]
+ExcludeOption = Annotated[list[str] | None, typer.Option(
+    "--exclude", metavar="GLOB", show_default=False, help="Leave out files matching this pattern (repeatable).")]
+StorageOption = Annotated[list[str] | None, typer.Option(
+    "--storage-option", metavar="KEY=VALUE", show_default=False,
+    help="For URLs: an fsspec option such as endpoint_url=http://host:9000 (repeatable).")]
+ColumnOption = Annotated[str | None, typer.Option(
+    "--column", show_default=False, help="Parquet inputs: the column of image bytes or paths/URLs (default: jpg, "
+    "image, ...).")]
+SkipExistingOption = Annotated[bool, typer.Option(
+    "--skip-existing", help="Shards: skip samples whose key is already in a results file of the output folder.")]
+
+
+def caption_output(text: str) -> Path | str:
+    """caption's ``-o``: a local path, or a URL kept as text (a Path would fold its ``//``)."""
+    from satcli.captioning.sources.remote import is_url
+
+    return text if is_url(text) else Path(text)
+
+
+def storage_options(pairs: list[str] | None) -> dict[str, Any]:
+    """``--storage-option key=value`` arguments → fsspec keyword arguments."""
+    from satcli.captioning.sources.remote import parse_storage_options
+
+    return parse_storage_options(pairs or ())
 OverlaysOption = Annotated[Path | None, typer.Option(
     "--overlays", file_okay=False, show_default=False,
     help="Also draw where the model looked: a PNG (a panel per word) and a GIF per image, in this folder.")]

@@ -27,7 +27,7 @@ from typing import Any
 
 from satcli.captioning.sources.local import ImageSource, excluded, search_images
 from satcli.captioning.sources.parquet import parquet_samples
-from satcli.captioning.sources.remote import EXTRA, filesystem, is_url, list_url, remote_error, unstrip
+from satcli.captioning.sources.remote import EXTRA, filesystem, is_url, list_url, remote_error
 from satcli.captioning.sources.sample import Sample
 from satcli.captioning.sources.webdataset import tar_samples
 from satcli.core.errors import SatcliError
@@ -89,7 +89,7 @@ def find_inputs(inputs: Sequence[str], root: str | os.PathLike | None = None, ex
         for item in expand_braces(pattern) if "{" in pattern and not os.path.lexists(pattern) else [pattern]:
             if is_url(item):
                 _add_url(item, found, url_images, exclude, storage_options, column)
-            elif shard_kind(item) and (glob.has_magic(item) or os.path.isfile(item) or item != pattern):
+            elif shard_kind(item) and (glob.has_magic(item) or _is_file(item) or item != pattern):
                 _add_local_shards(item, found, exclude, column)
             else:
                 local.append(item)
@@ -122,16 +122,21 @@ def expand_braces(pattern: str) -> list[str]:
 
 def _add_local_shards(item: str, found: Inputs, exclude: Sequence[str], column: str | None) -> None:
     if glob.has_magic(item):
-        matches = sorted(m for m in glob.glob(item, recursive=True) if os.path.isfile(m))
+        matches = sorted(m for m in glob.glob(item, recursive=True) if _is_file(m))
         if not matches:
             raise SatcliError("the pattern matches no files", item)
-    elif not os.path.isfile(item):
+    elif not _is_file(item):
         raise SatcliError("no such shard", item)
     else:
         matches = [item]
     for match in matches:
         if not excluded(match, exclude):
             found.shards.append(Shard(match, shard_kind(match) or "tar", column))
+
+
+def _is_file(path: str) -> bool:
+    """A file, or a pipe streaming one: anything there that is not a folder."""
+    return os.path.exists(path) and not os.path.isdir(path)
 
 
 def _add_url(url: str, found: Inputs, images: dict[str, ImageSource], exclude: Sequence[str],
@@ -165,5 +170,5 @@ def _check_exists(url: str, storage_options: Mapping[str, Any] | None) -> None:
         try:
             fs.ls(parent)  # a missing bucket or no access says so here, rather than "no such shard"
         except Exception as error:
-            raise remote_error(error, unstrip(fs, parent)) from error
+            raise remote_error(error, url) from error
         raise SatcliError("no such shard", url)

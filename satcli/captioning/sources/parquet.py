@@ -63,7 +63,7 @@ def parquet_samples(url: str, shard: str, column: str | None = None,
         if kind == "other":
             raise SatcliError(f"column {name!r} holds {schema.field(name).type}, not image bytes or paths", url)
         key_column = next((k for k in KEY_COLUMNS if k in schema.names), None)
-        carried = [f.name for f in schema if f.name != name and _carried(f.type)]
+        carried = [f.name for f in schema if f.name not in (name, key_column) and _carried(f.type)]
         number = 0
         try:
             for batch in file.iter_batches(batch_size=BATCH_ROWS):

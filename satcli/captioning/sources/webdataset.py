@@ -47,11 +47,11 @@ def _samples(stream: Any, url: str, shard: str) -> Iterator[Sample]:
     key: str | None = None
     members: dict[str, bytes | str] = {}  # extension → bytes, or an error text for a member that was unreadable
     n_samples = 0
-    position = 0
+    where = "its start"
     try:
         with tarfile.open(fileobj=stream, mode="r|") as archive:  # a stream: members are read in order, once
             for member in archive:
-                position = member.offset
+                where = f"member {member.name} (byte {member.offset:,})"
                 if not member.isfile():
                     continue
                 member_key, extension = split_member(member.name)
@@ -66,12 +66,11 @@ def _samples(stream: Any, url: str, shard: str) -> Iterator[Sample]:
                     except (tarfile.TarError, EOFError, OSError) as error:
                         members[extension] = f"truncated: the shard ends inside this member ({error})"
                         raise
-                position = member.offset_data + member.size
+                where = f"the end of member {member.name} (byte {member.offset_data + member.size:,})"
     except (tarfile.TarError, EOFError, OSError) as error:
         if key is not None and members:
             yield _sample(url, shard, key, members)
-            n_samples += 1
-        yield _stopped(url, shard, n_samples, position, error)
+        yield _stopped(url, shard, n_samples, where, error)
         return
     except Exception as error:
         raise remote_error(error, url) from error
@@ -117,9 +116,9 @@ def _json_or_text(text: str) -> Any:
         return text
 
 
-def _stopped(url: str, shard: str, n_samples: int, position: int, error: BaseException) -> Sample:
+def _stopped(url: str, shard: str, n_samples: int, where: str, error: BaseException) -> Sample:
     reason = str(error).strip() or type(error).__name__
-    log.warning("%s: the shard ends early at byte %s (%s); the %d samples before it are kept", url,
-                f"{position:,}", reason, n_samples)
-    return Sample(f"{url}#@{position}", shard=shard,
-                  error=f"truncated-shard: {shard} stops at byte {position:,} after {n_samples} samples ({reason})")
+    log.warning("%s: the shard stops at %s (%s); the %d complete samples before it are kept", url, where, reason,
+                n_samples)
+    return Sample(f"{url}#@end", shard=shard,
+                  error=f"truncated-shard: {shard} stops at {where} after {n_samples} complete samples ({reason})")
