@@ -318,6 +318,9 @@ def test_shards_need_an_output_folder_and_do_not_mix_with_images(pictures, tmp_p
     assert result.exit_code == 1 and "mix image files with tar/Parquet shards" in result.output
     result = runner.invoke(app, ["caption", str(tmp_path / "{0..1}.tar"), "-o", "out", "--model", str(checkpoint)])
     assert result.exit_code == 1 and "0.tar: no such shard" in result.output
+    result = runner.invoke(app, ["caption", str(tmp_path / "a.tar"), "-o", str(tmp_path / "out"), "--overlays",
+                                 str(tmp_path / "pictures"), "--model", str(checkpoint)])
+    assert result.exit_code == 1 and "--overlays draws over image files" in result.output
 
 
 def test_exclude_and_the_count_of_files_skipped_by_extension(pictures, tmp_path):

@@ -1,6 +1,9 @@
 """Captioning: stream photo directories through batched beam search into a results Parquet file.
 
-One module per job: ``inputs`` (which files), ``shards`` (which share of them, and every part-file name),
+One module per job: ``sources/`` (where pictures come from: local files, fsspec URLs, WebDataset tar shards and
+Parquet, each yielding the same ``Sample``), ``samples`` (``caption_samples``: the one decode-and-caption path of
+the Python API, sharded runs and the engine adapters), ``sharded`` (runs over input shards: one results file per
+shard, resumed by shard), ``shards`` (which share of the images, and every part-file name),
 ``options`` (what was asked, what was done), ``loading`` (image decoding in DataLoader workers), ``model`` (the
 captioner on its device), ``fingerprint`` (what a resumed run must match), ``state`` (the resume sidecar),
 ``writer`` (results to disk on a thread) and ``pipeline`` (the run that ties them together).

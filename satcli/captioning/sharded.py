@@ -137,6 +137,9 @@ class ShardRun:
 def plan_shards(options: CaptionOptions, found: Inputs, decoding: DecodingOptions,
                 shard: tuple[int, int]) -> ShardRun:
     """This run's share of ``found.shards`` and which of them still need their results file."""
+    if options.overlays is not None:
+        raise SatcliError("--overlays draws over image files; with tar or Parquet shards as inputs the pictures are "
+                          "inside the shards, so it is not available")
     shards = found.shards[shard[0]::shard[1]]
     folder = OutputFolder(options.output, options.storage_options)
     loaded, model_path, run_fingerprint = load_run_model(options.model, decoding, options.max_pixels)
