@@ -215,7 +215,7 @@ def test_a_rerun_after_a_stopped_ray_run_redoes_only_the_unfinished_shards(ray_c
 
     output = tmp_path / "out"
     options = _options(str(tar_shards / SHARDS), str(output), checkpoint, actors=2)
-    with pytest.raises(Exception, match="injected failure"):
+    with pytest.raises(SatcliError, match=r"injected failure.*run the same command again"):
         caption_with_ray(options, captioner=engine_faults.FailingShardCaptioner)
     finished = {p.name: p.stat().st_ino for p in output.glob("*.parquet")}
     assert "00000.parquet" in finished and "00001.parquet" not in finished
@@ -225,6 +225,15 @@ def test_a_rerun_after_a_stopped_ray_run_redoes_only_the_unfinished_shards(ray_c
     assert {p.name: p.stat().st_ino for p in output.glob("*.parquet") if p.name in finished} == finished
     written = pa.concat_tables([pq.read_table(p) for p in sorted(output.glob("*.parquet"))])
     assert _by_key(written) == _all_reference_rows(reference)
+
+
+@pytest.mark.engines
+def test_a_mistake_found_inside_a_ray_actor_is_one_line_not_a_traceback(ray_cluster, checkpoint, tmp_path):
+    pq.write_table(pa.table({"key": ["a"], "width": [3]}), tmp_path / "00000.parquet")  # no image column
+    result = runner.invoke(app, ["caption", str(tmp_path / "00000.parquet"), "-o", str(tmp_path / "out"),
+                                 "--model", str(checkpoint), "--engine", "ray"])
+    assert result.exit_code == 1
+    assert "has no image column" in result.output and "Traceback" not in result.output
 
 
 @pytest.mark.engines

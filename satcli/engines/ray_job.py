@@ -120,10 +120,28 @@ def caption_with_ray(options: CaptionOptions, captioner: type = ShardCaptioner) 
         fn_constructor_kwargs={"options": options, "decoding": decoding, "model_path": str(run.model_path),
                                "metadata": run.metadata, "seen": run.seen, "threads": threads},
         **resources)
-    for row in dataset.iter_rows():
-        summary.n_processed += row["rows"]
-        summary.n_duplicates += row["duplicates"]
-        for kind, n in json.loads(row["errors"]).items():
-            summary.errors[kind] = summary.errors.get(kind, 0) + n
+    try:
+        for row in dataset.iter_rows():
+            summary.n_processed += row["rows"]
+            summary.n_duplicates += row["duplicates"]
+            for kind, n in json.loads(row["errors"]).items():
+                summary.errors[kind] = summary.errors.get(kind, 0) + n
+    except Exception as error:  # Ray wraps what an actor raised; a user's mistake stays one line
+        raise stopped(error, folder.url) from error
     finish_summary(summary, started)
     return summary
+
+
+def stopped(error: BaseException, output: str) -> SatcliError:
+    """A Ray job's failure → one line: an actor's own SatcliError (an unreachable URL ...) as it was, anything
+    else with its last line, and that the finished shards are kept for the rerun."""
+    seen: BaseException | None = error
+    for _ in range(8):  # Ray's wrappers: RayTaskError.cause, UserCodeException.__cause__
+        if isinstance(seen, SatcliError):
+            return seen
+        if seen is None:
+            break
+        seen = getattr(seen, "cause", None) or seen.__cause__
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    return SatcliError(f"the Ray job stopped ({lines[-1] if lines else type(error).__name__}); the shards finished "
+                       "so far are kept: run the same command again to caption the rest", output)
