@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,8 @@ from satcli.engines.batches import batch_columns, set_threads
 from satcli.formats.checkpoint import load_captioner
 
 log = logging.getLogger(__name__)
+
+RAISED = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception): ")  # a traceback's last line
 
 
 class ShardCaptioner:
@@ -114,6 +117,7 @@ def caption_with_ray(options: CaptionOptions, captioner: type = ShardCaptioner) 
                                                              for k, v in resources.items()) + " each"
     log.info("Captioning %d shards on Ray (%s) with %s into %s", len(run.todo), summary.device, run.model_path,
              folder.url)
+    ray.data.DataContext.get_current().raise_original_map_exception = True  # an actor's SatcliError as raised
     items = [{"url": s.url, "kind": s.kind, "column": s.column} for s in run.todo]
     dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         captioner, batch_size=1, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=n_actors),
@@ -143,5 +147,11 @@ def stopped(error: BaseException, output: str) -> SatcliError:
             break
         seen = getattr(seen, "cause", None) or seen.__cause__
     lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
-    return SatcliError(f"the Ray job stopped ({lines[-1] if lines else type(error).__name__}); the shards finished "
-                       "so far are kept: run the same command again to caption the rest", output)
+    marker = f"{SatcliError.__module__}.{SatcliError.__name__}: "
+    ours = [line[len(marker):] for line in lines if line.startswith(marker)]
+    if ours:  # the actor's own one-line error, as text when Ray could not hand the exception over
+        return SatcliError(ours[-1])
+    raised = [line for line in lines if RAISED.match(line) and not line.startswith("ray.")]  # the actor's own
+    reason = raised[-1] if raised else type(error).__name__
+    return SatcliError(f"the Ray job stopped ({reason}); the shards finished so far are kept: run the same command "
+                       "again to caption the rest", output)
