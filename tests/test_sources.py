@@ -8,6 +8,7 @@ import io
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tarfile
@@ -288,6 +289,11 @@ def test_missing_bucket_and_unreachable_endpoint_are_one_line_errors(s3_server, 
     assert result.output.count("\n") == 1 and "s3://no-such-bucket" in result.output and "bucket" in result.output
     result = runner.invoke(app, ["caption", "s3://no-such-bucket/photos/", *args, *s3_server.cli_options])
     assert result.exit_code == 1 and "no such" in result.output and result.output.count("\n") == 1
+    (tmp_path / "a.tar").write_bytes(tar_shard([("k.jpg", b"")]))
+    result = runner.invoke(app, ["caption", str(tmp_path / "a.tar"), "--model", str(checkpoint), "-o",
+                                 "s3://no-such-bucket/out", *s3_server.cli_options])
+    assert result.exit_code == 1 and result.output.count("\n") == 1
+    assert "s3://no-such-bucket/out: no such bucket" in result.output
     from tests.s3 import free_port
 
     closed = f"http://127.0.0.1:{free_port()}"
@@ -296,6 +302,34 @@ def test_missing_bucket_and_unreachable_endpoint_are_one_line_errors(s3_server, 
                                  "--storage-option", 'config_kwargs={"retries": {"max_attempts": 1}}'])
     assert result.exit_code == 1 and result.output.count("\n") == 1
     assert "s3://bucket/a.tar: cannot reach the endpoint" in result.output
+
+
+def test_wrong_credentials_are_one_line_errors(tmp_path, checkpoint):
+    """A second moto server that checks credentials (INITIAL_NO_AUTH_ACTION_COUNT=0): unknown keys are refused."""
+    from tests.s3 import free_port
+
+    pytest.importorskip("moto.server")
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, "moto's server did not start"
+                time.sleep(0.1)
+        result = runner.invoke(app, ["caption", "s3://bucket/shards/{0..1}.tar", "-o", str(tmp_path / "out"),
+                                     "--model", str(checkpoint), "--storage-option", f"endpoint_url=http://127.0.0.1:{port}",
+                                     "--storage-option", "key=wrong", "--storage-option", "secret=wrong"])
+    finally:
+        server.terminate()
+        server.wait()
+    assert result.exit_code == 1 and result.output.count("\n") == 1, result.output
+    assert "s3://bucket/shards/0.tar: access denied: check the credentials" in result.output
 
 
 def test_a_missing_extra_is_named_in_one_line(monkeypatch, checkpoint, tmp_path):

@@ -53,6 +53,14 @@ class OutputFolder:
         self.fs, self.path = filesystem(self.url, storage_options) if self.remote else (None, self.url)
         if not self.remote and Path(self.url).exists() and not Path(self.url).is_dir():
             raise SatcliError("is a file; with shards as inputs, -o names a folder", self.url)
+        bucket = self.path.split("/", 1)[0] if self.remote and "://" in self.url else ""
+        if bucket and self.url.split("://", 1)[0] in ("s3", "s3a", "gs", "gcs", "az", "abfs"):
+            try:
+                there = self.fs.exists(bucket)
+            except Exception as error:
+                raise remote_error(error, self.url) from error
+            if not there:  # said now, not after the first shard is captioned
+                raise SatcliError("no such bucket (create it first, or check the name)", self.url)
 
     def name(self, name: str) -> str:
         """The URL or local path of the results file ``name``."""
