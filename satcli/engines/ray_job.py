@@ -124,6 +124,7 @@ def caption_with_ray(options: CaptionOptions, captioner: type = ShardCaptioner) 
         fn_constructor_kwargs={"options": options, "decoding": decoding, "model_path": str(run.model_path),
                                "metadata": run.metadata, "seen": run.seen, "threads": threads},
         **resources)
+    failure = None
     try:
         for row in dataset.iter_rows():
             summary.n_processed += row["rows"]
@@ -131,7 +132,10 @@ def caption_with_ray(options: CaptionOptions, captioner: type = ShardCaptioner) 
             for kind, n in json.loads(row["errors"]).items():
                 summary.errors[kind] = summary.errors.get(kind, 0) + n
     except Exception as error:  # Ray wraps what an actor raised; a user's mistake stays one line
-        raise stopped(error, folder.url) from error
+        failure = stopped(error, folder.url)
+    del dataset  # its actors hold CPUs or GPUs until the last reference goes, a traceback's included
+    if failure is not None:
+        raise failure
     finish_summary(summary, started)
     return summary
 
@@ -142,7 +146,7 @@ def stopped(error: BaseException, output: str) -> SatcliError:
     seen: BaseException | None = error
     for _ in range(8):  # Ray's wrappers: RayTaskError.cause, UserCodeException.__cause__
         if isinstance(seen, SatcliError):
-            return seen
+            return SatcliError(str(seen))  # afresh: the original's traceback holds Ray's executor
         if seen is None:
             break
         seen = getattr(seen, "cause", None) or seen.__cause__
