@@ -74,3 +74,18 @@ def dying_caption_arrow(model: str, **options):
         yield from inner(iter(batches))
 
     return caption_partition
+
+
+if __name__ == "__main__":  # a run stopping at the victim shard: python -m tests.engine_faults SHARDS MODEL OUT
+    import sys
+
+    from satcli.captioning.options import CaptionOptions
+    from satcli.core.errors import SatcliError
+    from satcli.engines.ray_job import caption_with_ray
+
+    try:
+        caption_with_ray(CaptionOptions(inputs=(sys.argv[1],), model=Path(sys.argv[2]), output=sys.argv[3],
+                                        batch_size=3, progress=False, actors=2), captioner=FailingShardCaptioner)
+    except SatcliError as error:
+        print(error)  # noqa: T201 — read by the test
+        sys.exit(1)
