@@ -2,6 +2,7 @@
 #   make demo                  installs satcli and what it needs to run (pip install -e .), then runs the demo
 #   make test                  also installs the test tools (pip install -e '.[dev]'), then runs the test suite
 #   make test PYTEST_ARGS=-x   passes arguments to pytest
+#   make test-engines          the Ray Data and Spark tests (pip install -e '.[dev,ray,spark]'; Spark needs Java 17+)
 #   PIP_ARGS="--extra-index-url https://download.pytorch.org/whl/cpu"   CPU-only PyTorch wheels (see README)
 PYTHON ?= python3
 VENV ?= .venv
@@ -12,7 +13,7 @@ PYTEST_ARGS ?=
 # `make test` installs Debian's chromium when it is missing; otherwise they are skipped with one line saying so.
 CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: demo test lint install install-dev browser clean
+.PHONY: demo test test-engines lint install install-dev browser clean
 
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
@@ -43,6 +44,13 @@ browser:
 
 test: $(VENV)/.installed-dev browser
 	SATCLI_CHROMIUM=$(CHROMIUM) $(PY) -m pytest -q $(PYTEST_ARGS)
+
+$(VENV)/.installed-engines: pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet $(PIP_ARGS) -e '.[dev,ray,spark]'
+	touch $@ $(VENV)/.installed-dev $(VENV)/.installed
+
+test-engines: $(VENV)/.installed-engines
+	$(PY) -m pytest -q -m engines $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check satcli models tests bench

@@ -15,6 +15,9 @@ Steps, each in its own process with its own time limit (a step that fails or run
            at a time; (a′) is (a) again with the GPU JPEG decoder off (``SATCLI_GPU_JPEG=0``)
   decode   bench.jpeg_decode: images/s of JPEG decoding alone, CPU workers against nvJPEG
   train    bench.train_throughput on the GPU: the feature cache against the pure decoder floor
+  ray      ``satcli caption SHARDS --engine ray`` on a local Ray cluster with one GPU actor (docs/scale.md): its
+           rows against ``satcli caption``'s on the same WebDataset shards and GPU, and images/s of both
+           (needs ray: ``pip install 'satcli[ray]'``; without it the step says so and is not counted as failed)
   demo     ``satcli demo`` on the GPU (mixed precision, as ``satcli train`` uses on CUDA): its scores beside the
            CPU demo's in README.md, and the time per epoch
 
@@ -39,9 +42,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-STEPS = ("env", "tests", "precision", "caption", "decode", "train", "demo")
+STEPS = ("env", "tests", "precision", "caption", "decode", "train", "ray", "demo")
 # Seconds each step may take on the GPU; the whole check stops starting steps when --budget is spent.
-LIMITS = {"env": 20, "tests": 100, "precision": 60, "caption": 130, "decode": 40, "train": 90, "demo": 150}
+LIMITS = {"env": 20, "tests": 100, "precision": 60, "caption": 130, "decode": 40, "train": 90, "ray": 120, "demo": 150}
 CPU_DEMO = {  # README.md's Results table: `satcli demo` on the project's 2-core CPU, 6 epochs, beam 3
     "bleu1": 73.5, "bleu2": 64.2, "bleu3": 53.6, "bleu4": 42.8, "coco_cider_d": 263.1,
 }
@@ -181,8 +184,69 @@ def step_demo(args: argparse.Namespace) -> str:
             f"beam {options.beam_size}):\n\n" + "\n".join(lines))
 
 
+def _write_shards(folder: Path, n_shards: int, per_shard: int) -> str:
+    """WebDataset tar shards of random JPEGs (a .jpg and a .json per sample); returns their brace pattern."""
+    import io
+    import tarfile
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    for s in range(n_shards):
+        with tarfile.open(folder / f"{s:05d}.tar", "w") as tar:
+            for i in range(per_shard):
+                buffer = io.BytesIO()
+                Image.fromarray(rng.integers(0, 255, (240, 320, 3), dtype=np.uint8)).save(buffer, "JPEG")
+                for name, data in ((f"{s:05d}{i:04d}.jpg", buffer.getvalue()), (f"{s:05d}{i:04d}.json", b"{}")):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    return str(folder / f"{{00000..{n_shards - 1:05d}}}.tar")
+
+
+def step_ray(args: argparse.Namespace) -> str:
+    try:
+        import ray
+    except ImportError:
+        return "not run: ray is not installed here (`pip install 'satcli[ray]'`)"
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from satcli.captioning.options import CaptionOptions
+    from satcli.commands.caption import run
+    from tests.helpers import picture_sensitive_checkpoint
+
+    work = Path(args.work)
+    n_shards, per_shard = (2, 4) if args.quick else (8, 64)
+    pattern = _write_shards(work / "shards", n_shards, per_shard)
+    model = picture_sensitive_checkpoint(work)
+    columns = ["path", "key", "caption", "tokens", "sum_logprob", "attention", "error"]
+    tables, rates = {}, {}
+    ray.init(num_cpus=2, num_gpus=1 if args.device != "cpu" else 0, include_dashboard=False, log_to_driver=False)
+    try:
+        for engine in ("local", "ray"):
+            summary = run(CaptionOptions(inputs=(pattern,), model=model, output=str(work / engine), device=args.device,
+                                         progress=False, engine=engine, actors=1))
+            rates[engine] = summary.images_per_second
+            tables[engine] = pa.concat_tables([pq.read_table(p).select(columns)
+                                               for p in sorted((work / engine).glob("*.parquet"))])
+            print(f"{engine}: {summary.device}", file=sys.stderr)  # noqa: T201 — into the log
+    finally:
+        ray.shutdown()
+    same = tables["local"].to_pylist() == tables["ray"].to_pylist()
+    if not same:
+        FAILURES.append("ray rows")
+    return "\n".join([f"{n_shards} shards of {per_shard} JPEGs (320×240), one GPU actor:", "",
+                      "| | images/s |", "|---|---:|", f"| satcli caption | {rates['local']:.1f} |",
+                      f"| --engine ray, 1 actor | {rates['ray']:.1f} |", "",
+                      f"Rows identical (path, key, caption, tokens, sum_logprob, attention, error): "
+                      f"{'yes' if same else 'NO'} ({tables['ray'].num_rows} rows)"])
+
+
 STEP_FUNCTIONS = {"env": step_env, "tests": step_tests, "precision": step_precision, "caption": step_caption,
-                  "decode": step_decode, "train": step_train, "demo": step_demo}
+                  "decode": step_decode, "train": step_train, "ray": step_ray, "demo": step_demo}
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -50,6 +50,11 @@ if os.environ.get("SATCLI_TEST_DEVICE"):
 
 
 def pytest_collection_modifyitems(config, items):
+    if "engines" not in (config.option.markexpr or ""):  # Ray and Spark start slowly: make test-engines runs them
+        skip_engines = pytest.mark.skip(reason="starts Ray or Spark: run with make test-engines (pytest -m engines)")
+        for item in items:
+            if "engines" in item.keywords:
+                item.add_marker(skip_engines)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")

@@ -22,10 +22,11 @@ LAYERS: dict[str, int] = {
     "satcli.scoring": 5,
     "satcli.training": 6,
     "satcli.captioning": 6,
-    "satcli.commands": 7,
-    "satcli.cli": 8,
-    "satcli.api": 8,
-    "satcli.__main__": 9,
+    "satcli.engines": 7,
+    "satcli.commands": 8,
+    "satcli.cli": 9,
+    "satcli.api": 9,
+    "satcli.__main__": 10,
 }
 MAX_FILE_LINES = 450
 MAX_FUNCTION_LINES = 80

@@ -45,6 +45,9 @@ class CaptionOptions:
     storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec keyword arguments for URLs
     column: str | None = None  # Parquet inputs: the column of images or paths (None: jpg, image, ...)
     skip_existing: bool = False  # shards: skip samples whose key is in an earlier results file of the folder
+    engine: str = "local"  # local | ray: shards captioned by Ray Data actors (satcli.engines.ray_job)
+    address: str | None = None  # --engine ray: the cluster (None: the one this process joined, else a local one)
+    actors: int | None = None  # --engine ray: how many (None: one per GPU, else one per CPU of the cluster)
 
 
 @dataclass
@@ -132,6 +135,8 @@ def check_options(options: CaptionOptions) -> None:
     """Refuse, as one-line errors, options no run could use."""
     if options.batch_size < 1:
         raise SatcliError(f"--batch-size must be at least 1, got {options.batch_size}")
+    if options.engine not in ("local", "ray"):
+        raise SatcliError(f"--engine must be local or ray, got {options.engine!r}")
     if options.workers is not None and options.workers < 0:
         raise SatcliError(f"--workers must be 0 or more, got {options.workers}")
     if options.max_pixels is not None and not 1 <= options.max_pixels <= HARD_MAX_PIXELS:

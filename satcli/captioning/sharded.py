@@ -17,7 +17,8 @@ import logging
 import posixpath
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ from satcli.core.atomic import remove_stale_temps
 from satcli.core.console import make_progress
 from satcli.core.device import resolve_device
 from satcli.core.errors import SatcliError, first_line
+from satcli.formats.checkpoint import LoadedCheckpoint
 from satcli.formats.results import ROW_GROUP_SIZE, CaptionRow, ResultsWriter, results_metadata, to_table
 
 log = logging.getLogger(__name__)
@@ -123,9 +125,26 @@ def _write_rows(path: Path, rows: Iterator[CaptionRow], metadata: dict[str, Any]
     return counts
 
 
-def caption_shards(options: CaptionOptions, found: Inputs, decoding: DecodingOptions, shard: tuple[int, int],
-                   started: float) -> CaptionSummary:
-    """Caption this run's share of ``found.shards`` into one results file each under ``options.output``."""
+@dataclass
+class ShardRun:
+    """A sharded run's plan, made once by :func:`plan_shards`: the model (loaded on the CPU), the metadata every
+    results file carries, the output folder, this run's shards and those left to caption. An engine's worker
+    rebuilds one around its own copy of the model (``satcli.engines.ray_job``)."""
+
+    options: CaptionOptions
+    decoding: DecodingOptions
+    folder: OutputFolder
+    loaded: LoadedCheckpoint
+    model_path: Path
+    metadata: dict[str, Any]
+    shards: list[Shard] = field(default_factory=list)
+    todo: list[Shard] = field(default_factory=list)
+    seen: set[str] = field(default_factory=set)  # --skip-existing: the keys of earlier results files
+
+
+def plan_shards(options: CaptionOptions, found: Inputs, decoding: DecodingOptions,
+                shard: tuple[int, int]) -> ShardRun:
+    """This run's share of ``found.shards`` and which of them still need their results file."""
     if options.overlays is not None:
         raise SatcliError("--overlays draws over image files; with tar or Parquet shards as inputs the pictures are "
                           "inside the shards, so it is not available")
@@ -134,47 +153,60 @@ def caption_shards(options: CaptionOptions, found: Inputs, decoding: DecodingOpt
     loaded, model_path, run_fingerprint = load_run_model(options.model, decoding, options.max_pixels)
     metadata = results_metadata(loaded, run_fingerprint["model_sha256"], decoding, image_root=None,
                                 max_pixels=options.max_pixels, shard=shard, fingerprint=run_fingerprint)
-    summary = CaptionSummary(folder.url if folder.remote else Path(folder.url), 0, shard=shard,
-                             n_shards=len(shards), n_excluded=found.n_excluded)
     existing = folder.results_files()
     todo = [s for s in shards if not _complete(folder, s, existing, run_fingerprint, options.overwrite)]
-    summary.n_shards_resumed = len(shards) - len(todo)
     seen = _earlier_keys(folder, existing, {s.output_name for s in todo}) if options.skip_existing else set()
+    return ShardRun(options, decoding, folder, loaded, model_path, metadata, shards, todo, seen)
+
+
+def caption_shard(run: ShardRun, input_shard: Shard, summary: CaptionSummary,
+                  advance: Callable[[], None] | None = None) -> None:
+    """Caption one input shard into its results file (atomically) and add what it held to ``summary``."""
+    options = run.options
+    samples = _new_samples(input_shard.samples(), run.seen, summary) if options.skip_existing \
+        else input_shard.samples()
+    rows = caption_samples(run.loaded, samples, run.decoding, options.batch_size, max_pixels=options.max_pixels)
+    counts = run.folder.write(input_shard.output_name, _advancing(rows, advance),
+                              {**run.metadata, "satcli.source": {"shard": input_shard.url, "kind": input_shard.kind}})
+    summary.n_processed += counts.pop("rows")
+    for kind, n in counts.items():
+        summary.errors[kind] = summary.errors.get(kind, 0) + n
+    log.info("%s → %s", input_shard.url, run.folder.name(input_shard.output_name))
+
+
+def caption_shards(options: CaptionOptions, found: Inputs, decoding: DecodingOptions, shard: tuple[int, int],
+                   started: float) -> CaptionSummary:
+    """Caption this run's share of ``found.shards`` into one results file each under ``options.output``."""
+    run = plan_shards(options, found, decoding, shard)
+    folder = run.folder
+    summary = CaptionSummary(folder.url if folder.remote else Path(folder.url), 0, shard=shard,
+                             n_shards=len(run.shards), n_excluded=found.n_excluded)
+    summary.n_shards_resumed = len(run.shards) - len(run.todo)
     device = resolve_device(options.device)
     summary.device = str(device)
     if summary.n_shards_resumed:
-        log.info("Resuming: %d of %d shards are already captioned", summary.n_shards_resumed, len(shards))
-    if not todo:
+        log.info("Resuming: %d of %d shards are already captioned", summary.n_shards_resumed, len(run.shards))
+    if not run.todo:
         summary.seconds = time.perf_counter() - started
         return summary
-    loaded.model = prepare_model(loaded.model, device)
-    log.info("Captioning %d shards with %s on %s (batches of %d, beam %d) into %s", len(todo), model_path, device,
-             options.batch_size, decoding.beam_size, folder.url)
+    run.loaded.model = prepare_model(run.loaded.model, device)
+    log.info("Captioning %d shards with %s on %s (batches of %d, beam %d) into %s", len(run.todo), run.model_path,
+             device, options.batch_size, decoding.beam_size, folder.url)
     progress = make_progress()
     progress.disable = progress.disable or not options.progress
     with progress:
         task = progress.add_task("captioning", total=None, unit="images")
-        for input_shard in todo:  # a shard at a time: its file is written as soon as its last batch is captioned
-            samples = input_shard.samples()
-            if options.skip_existing:
-                samples = _new_samples(samples, seen, summary)
-            rows = _advancing(caption_samples(loaded, samples, decoding, options.batch_size,
-                                              max_pixels=options.max_pixels), progress, task)
-            _write_shard(folder, input_shard, rows, metadata, summary)
-    summary.n_images = summary.n_processed
-    summary.n_captioned = summary.n_processed - summary.n_errors
-    summary.seconds = time.perf_counter() - started
+        for input_shard in run.todo:
+            caption_shard(run, input_shard, summary, lambda: progress.advance(task))
+    finish_summary(summary, started)
     return summary
 
 
-def _write_shard(folder: OutputFolder, shard: Shard, rows: Iterator[CaptionRow], metadata: dict[str, Any],
-                 summary: CaptionSummary) -> None:
-    counts = folder.write(shard.output_name, rows, {**metadata, "satcli.source": {"shard": shard.url,
-                                                                                    "kind": shard.kind}})
-    summary.n_processed += counts.pop("rows")
-    for kind, n in counts.items():
-        summary.errors[kind] = summary.errors.get(kind, 0) + n
-    log.info("%s → %s", shard.url, folder.name(shard.output_name))
+def finish_summary(summary: CaptionSummary, started: float) -> None:
+    """The totals of a sharded run's summary once its shards are done."""
+    summary.n_images = summary.n_processed
+    summary.n_captioned = summary.n_processed - summary.n_errors
+    summary.seconds = time.perf_counter() - started
 
 
 def _complete(folder: OutputFolder, shard: Shard, existing: set[str], run_fingerprint: dict[str, Any],
@@ -211,7 +243,8 @@ def _new_samples(samples: Iterator[Sample], seen: set[str], summary: CaptionSumm
         yield sample
 
 
-def _advancing(rows: Iterator[CaptionRow], progress: Any, task: Any) -> Iterator[CaptionRow]:
+def _advancing(rows: Iterator[CaptionRow], advance: Callable[[], None] | None) -> Iterator[CaptionRow]:
     for row in rows:
-        progress.advance(task)
+        if advance is not None:
+            advance()
         yield row

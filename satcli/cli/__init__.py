@@ -197,6 +197,7 @@ def caption(
     column: opt.ColumnOption = None,
     skip_existing: opt.SkipExistingOption = False,
     dry_run: opt.CaptionDryRunOption = False,
+    engine: opt.EngineOption = "local", address: opt.AddressOption = None, actors: opt.ActorsOption = None,
     as_json: JsonOption = False,
     strict: Annotated[bool, typer.Option(
         "--strict", help=f"Exit with code {EXIT_FAILED_IMAGES} when some images could not be captioned.")] = False,
@@ -211,9 +212,8 @@ def caption(
 
     The summary and progress go to stderr.
 
-    Rerun the same command after an interruption to continue where it stopped.
-
-    Files that are not readable images become rows with an error; the run goes on.
+    Rerun the same command after an interruption to continue where it stopped. Files that are not readable
+    images become rows with an error; the run goes on.
     """
     from satcli.captioning.shards import parse_shard
     from satcli.commands import caption as step
@@ -224,7 +224,7 @@ def caption(
         skip_existing=skip_existing, batch_size=batch_size, beam_size=beam_size, max_length=max_length,
         length_penalty=length_penalty, n_best=n_best, no_repeat_ngram_size=no_repeat_ngram, min_length=min_length,
         allow_unk=allow_unk, workers=workers, device=device, shard=None if shard is None else parse_shard(shard),
-        root=root, max_pixels=max_pixels, overlays=overlays,
+        root=root, max_pixels=max_pixels, overlays=overlays, engine=engine, address=address, actors=actors,
     )
     if dry_run:
         print_plan(step.plan(options), as_json)

@@ -113,6 +113,16 @@ ColumnOption = Annotated[str | None, typer.Option(
 SkipExistingOption = Annotated[bool, typer.Option(
     "--skip-existing", help="Shards: skip samples whose key is already in a results file of the output folder.")]
 
+EngineOption = Annotated[str, typer.Option(
+    "--engine", metavar="local|ray", help="ray: tar/Parquet shards captioned by Ray Data actors (one model each), "
+    "Ray placing and retrying them (docs/scale.md). Needs satcli[ray].")]
+AddressOption = Annotated[str | None, typer.Option(
+    "--address", show_default=False, help="--engine ray: the cluster (auto, ray://host:10001). Default: the one "
+    "this process joined, else a local one.")]
+ActorsOption = Annotated[int | None, typer.Option(
+    "--actors", min=1, show_default=False, help="--engine ray: how many actors. Default: one per GPU, else one "
+    "per CPU.")]
+
 
 def caption_output(text: str) -> Path | str:
     """caption's ``-o``: a local path, or a URL kept as text (a Path would fold its ``//``)."""

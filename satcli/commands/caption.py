@@ -15,7 +15,12 @@ def run(options: CaptionOptions) -> CaptionSummary:
     """Caption every image named by ``options.inputs`` into ``options.output`` (or this shard's part), then
     draw the attention pictures into ``options.overlays`` when asked (after the Parquet: the captioning loop
     never waits for them, and an interrupted run keeps its captions)."""
-    summary = caption_images(options)
+    if options.engine == "ray":
+        from satcli.engines.ray_job import caption_with_ray  # ray only when asked for
+
+        summary = caption_with_ray(options)
+    else:
+        summary = caption_images(options)
     if options.overlays is not None:
         summary.overlays = write_overlays(summary.output, options.root, options.overlays, progress=options.progress)
     return summary
