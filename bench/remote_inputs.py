@@ -1,5 +1,6 @@
-"""Remote shards against local files: images/s of ``satcli caption`` over (a) a local folder of JPEGs and (b) the
-same JPEGs as WebDataset tar shards on a local S3 server, and resident memory over many shards.
+"""Remote shards against local files: images/s of ``satcli caption`` over (a) a local folder of JPEGs, (b) the
+same JPEGs as WebDataset tar shards on a local S3 server, (c) the same shards through Ray Data with 2 actors, and
+resident memory over many shards.
 
     python -m bench.remote_inputs [--images 256] [--shard-size 32] [--memory-shards 100] [--write]
     python -m bench.remote_inputs --quick [--write]     # 64 images, 640×480, 100 small shards for memory
@@ -114,6 +115,29 @@ def memory_run(options: CaptionOptions, output: Path, n_shards: int) -> list[tup
     return samples
 
 
+def ray_run(pattern: str, storage: dict, common: dict, actors: int) -> float | None:
+    """(c): the same shards through ``satcli caption --engine ray`` with ``actors`` actors on a local Ray cluster
+    of 2 CPUs, started (and its actors' first start paid) before the timed run; None without ray."""
+    try:
+        import ray
+    except ImportError:
+        return None
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        options = dict(inputs=(pattern,), storage_options=storage, engine="ray", actors=actors, **common)
+        run(CaptionOptions(output="s3://bench/ray-warm", **options))  # the actors' pool, once
+        return timed(CaptionOptions(output="s3://bench/ray-out", **options))
+    finally:
+        ray.shutdown()
+
+
+def ray_row(rate: float | None, local: float, n_shards: int, actors: int) -> str:
+    if rate is None:
+        return "| (c) the same shards through Ray: not run (`pip install 'satcli[ray]'`) | | |"
+    return (f"| (c) the same {n_shards} shards from S3 through `--engine ray`, {actors} actors of 1 thread, on a local "
+            f"Ray cluster of 2 CPUs | {rate:.1f} | {rate / local:.2f} |")
+
+
 def at(samples: list[tuple[int, float]], shards: int) -> float:
     return max((rss for done, rss in samples if done <= shards), default=0.0)
 
@@ -130,6 +154,7 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=12)
     parser.add_argument("--quick", action="store_true",
                         help="64 640×480 images in shards of 32, batches of 16; memory over 100 shards of 2")
+    parser.add_argument("--actors", type=int, default=2, help="(c): Ray actors (0: skip Ray)")
     parser.add_argument("--write", action="store_true", help="write the section of docs/benchmarks.md")
     args = parser.parse_args()
     if args.quick:
@@ -153,6 +178,7 @@ def main() -> None:
             local = timed(CaptionOptions(inputs=(str(root / "photos"),), output=root / "local.parquet", **common))
             remote = timed(CaptionOptions(inputs=(pattern,), output="s3://bench/out", storage_options=storage,
                                           **common))
+            ray_rate = ray_run(pattern, storage, common, args.actors) if args.actors else None
             memory_files = (files * (1 + args.memory_shards * args.memory_shard_size // len(files)))[
                 : args.memory_shards * args.memory_shard_size]
             many = upload_shards(fs, "bench", memory_files, args.memory_shard_size, "many")
@@ -175,7 +201,7 @@ length {args.max_length}, batch size {args.batch_size}; S3: moto's server on 127
 | (a) local folder of JPEGs, one results file | {local:.1f} | 1.00 |
 | (b) the same JPEGs as {n_shards} WebDataset shards on S3, a results file per shard on S3 | {remote:.1f} | \
 {remote / local:.2f} |
-
+{ray_row(ray_rate, local, n_shards, args.actors)}
 Resident memory (RSS, MiB) captioning {n} shards of {args.memory_shard_size} images from S3 into a local folder:
 before {samples[0][1]:.0f}; up to shard {max(1, n // 10)} {at(samples, max(1, n // 10)):.0f}; up to shard {n // 2}
 {at(samples, n // 2):.0f}; up to shard {n} {at(samples, n):.0f}; peak {max(r for _, r in samples):.0f}.

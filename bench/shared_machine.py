@@ -70,6 +70,7 @@ def _train_worker(root: Path, seconds: float) -> float:
     import torch
 
     from bench.common import decoder_stepper
+    from satcli.core.threads import follow_machine
     from satcli.data.features import cached_features
     from satcli.data.store import StoredDataset
     from satcli.training.batches import CaptionTable, batch_plan, feature_batches, prefetch
@@ -84,6 +85,7 @@ def _train_worker(root: Path, seconds: float) -> float:
     for epoch in itertools.count():
         plan = batch_plan(table.lengths, options.batch_size, seed=0, epoch=epoch)
         for f, tokens, lengths, n, n_tokens in prefetch(feature_batches(features, table, plan, Ranks())):
+            follow_machine()  # as the training loop does between steps (a no-op without a plan: "old")
             step(f, tokens, lengths, n, n_tokens)
             if started is None:  # the first step warms up, not timed
                 started = time.perf_counter()
