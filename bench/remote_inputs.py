@@ -202,6 +202,7 @@ length {args.max_length}, batch size {args.batch_size}; S3: moto's server on 127
 | (b) the same JPEGs as {n_shards} WebDataset shards on S3, a results file per shard on S3 | {remote:.1f} | \
 {remote / local:.2f} |
 {ray_row(ray_rate, local, n_shards, args.actors)}
+
 Resident memory (RSS, MiB) captioning {n} shards of {args.memory_shard_size} images from S3 into a local folder:
 before {samples[0][1]:.0f}; up to shard {max(1, n // 10)} {at(samples, max(1, n // 10)):.0f}; up to shard {n // 2}
 {at(samples, n // 2):.0f}; up to shard {n} {at(samples, n):.0f}; peak {max(r for _, r in samples):.0f}.
