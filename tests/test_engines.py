@@ -110,8 +110,8 @@ def _close(a: dict, b: dict) -> None:
     """Two rows of the same image: the same words exactly, the numbers to float32 rounding (another batch cut)."""
     assert a["caption"] == b["caption"] and a["tokens"] == b["tokens"] and a["error"] == b["error"]
     if a["error"] is None:
-        assert np.allclose(np.asarray(a["attention"], np.float32), np.asarray(b["attention"], np.float32), atol=1e-5)
-        assert a["sum_logprob"] == pytest.approx(b["sum_logprob"], abs=1e-4)
+        assert np.allclose(np.asarray(a["attention"], np.float32), np.asarray(b["attention"], np.float32), atol=1e-4)
+        assert a["sum_logprob"] == pytest.approx(b["sum_logprob"], rel=1e-5, abs=1e-4)  # threads sum in their own order
 
 
 @pytest.fixture(scope="module")

@@ -170,7 +170,8 @@ def test_export_captions_equal_satclis_without_satcli(tmp_path, photos):
     words = loaded.vocab.to_list()
     for mine, theirs in zip(ours, exported, strict=True):
         assert mine["words"] == [words[t] for t in theirs.tokens]
-        np.testing.assert_allclose(mine["attention"], theirs.best.attention.numpy(), atol=1e-5)
+        # float32 sums come in another order on several threads
+        np.testing.assert_allclose(mine["attention"], theirs.best.attention.numpy(), atol=1e-4)
 
 
 def test_help_lists_the_commands_in_workflow_order():

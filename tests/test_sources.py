@@ -111,7 +111,7 @@ def assert_same(row: dict, expected: dict, exact: bool = False) -> None:
             assert row[column] == expected[column], column
         else:
             np.testing.assert_allclose(np.array(row[column], np.float64), np.array(expected[column], np.float64),
-                                       rtol=1e-5, atol=1e-6, err_msg=column)
+                                       rtol=1e-4, atol=1e-5, err_msg=column)  # torch threads sum in their own order
 
 
 def test_tar_shards_on_s3_give_the_rows_of_the_same_local_jpegs(s3_server, pictures, local_rows, checkpoint):

@@ -227,7 +227,8 @@ def test_a_training_that_started_alone_gives_way_when_other_work_arrives(torch_t
     monkeypatch.setattr(threads_module, "_ACTIVE", [ThreadPlan(2, False, "machine", "quiet at the start")])
     monkeypatch.setattr(threads_module, "_LAST_LOOK", [0.0])
     assert follow_machine(busy, now=1000.0).n_threads == 1 and torch.get_num_threads() == 1
-    assert follow_machine(quiet, now=1002.0).n_threads == 1  # looked 2 s ago: not yet again
+    half = threads_module.REFRESH_SECONDS / 2
+    assert follow_machine(quiet, now=1000.0 + half).n_threads == 1  # looked a moment ago: not yet again
     assert follow_machine(quiet, now=1000.0 + threads_module.REFRESH_SECONDS).n_threads == 2
     assert torch.get_num_threads() == 2
 

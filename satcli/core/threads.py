@@ -237,7 +237,10 @@ def configure_threads(requested: int | None = None, *, engine: bool = False,
     if torch.get_num_threads() != plan.n_threads:
         torch.set_num_threads(plan.n_threads)
     plan = ThreadPlan(torch.get_num_threads(), plan.passive, plan.source, plan.reason, wait)
-    log.info(plan.describe())
+    # said at INFO when satcli changed something (fewer threads than torch's own, sleeping waiters); torch's own
+    # choice on a quiet machine is no news, so it stays at DEBUG (-v)
+    changed = plan.n_threads != _TORCH_DEFAULT[0] or wait.startswith("sleep")
+    log.log(logging.INFO if changed else logging.DEBUG, plan.describe())
     _ACTIVE[:] = [plan]
     return plan
 
