@@ -89,9 +89,18 @@ def _options(inputs: str, output, model: Path, storage: dict | None = None, **ov
 
 @pytest.fixture(scope="module")
 def reference(s3_server, s3_shards, checkpoint, tmp_path_factory) -> dict[str, pa.Table]:
-    """``satcli caption`` itself (no engine) over the S3 shards: shard → its results table."""
+    """``satcli caption`` itself (no engine) over the S3 shards: shard → its results table. With one torch thread,
+    as each engine actor runs: float32 sums on several threads round in their own order, and the rows must be
+    identical."""
+    import torch
+
     folder = tmp_path_factory.mktemp("reference")
-    caption(_options(s3_shards, str(folder), checkpoint, s3_server.options))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        caption(_options(s3_shards, str(folder), checkpoint, s3_server.options))
+    finally:
+        torch.set_num_threads(threads)
     return {path.name: pq.read_table(path) for path in sorted(folder.glob("*.parquet"))}
 
 
