@@ -87,3 +87,35 @@ def one_line_error(result, *words: str) -> None:
     assert len(errors) == 1 and "Traceback" not in result.output, result.output
     for word in words:
         assert word in errors[0], result.output
+
+
+def five_photos(folder):
+    """``folder`` with five small random JPEGs, img0.jpg … img4.jpg (the reliability tests' inputs)."""
+    import numpy as np
+
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        (folder / f"img{i}.jpg").write_bytes(jpeg_bytes(rng))
+    return folder
+
+
+def small_caption_options(photos, checkpoint, output, **changes):
+    """CaptionOptions of a quick in-process caption run over ``photos`` (batches of 2, 4 words, no workers)."""
+    from satcli.captioning.options import CaptionOptions
+
+    values = dict(inputs=(str(photos),), model=checkpoint, output=output, root=photos.parent, batch_size=2,
+                  max_length=4, workers=0, progress=False)
+    values.update(changes)
+    return CaptionOptions(**values)
+
+
+def small_caption_cli(photos, checkpoint, output, *extra: str):
+    """The same run through ``satcli caption`` (Typer's CliRunner), with ``extra`` options."""
+    from typer.testing import CliRunner
+
+    from satcli.cli import app
+
+    return CliRunner().invoke(app, ["caption", str(photos), "--model", str(checkpoint), "-o", str(output),
+                                    "--root", str(photos.parent), "--batch-size", "2", "--max-length", "4",
+                                    "--workers", "0", *extra])

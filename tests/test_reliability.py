@@ -21,14 +21,13 @@ from typer.testing import CliRunner
 
 import satcli.formats.results
 from models.captioner import Captioner
-from satcli.captioning.options import CaptionOptions
 from satcli.cli import app
 from satcli.commands.caption import run
 from satcli.core.atomic import remove_stale_temps, temp_path, write_bytes
 from satcli.core.errors import SatcliError
 from satcli.data.vocab import SPECIALS, Vocabulary
 from satcli.formats.checkpoint import save_checkpoint
-from tests.helpers import jpeg_bytes, one_line_error, tiny_config
+from tests.helpers import five_photos, jpeg_bytes, one_line_error, small_caption_cli, small_caption_options, tiny_config
 
 runner = CliRunner()
 REPO = Path(__file__).resolve().parents[1]
@@ -51,25 +50,9 @@ def checkpoint(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def photos(tmp_path) -> Path:
-    folder = tmp_path / "photos"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(5):
-        (folder / f"img{i}.jpg").write_bytes(jpeg_bytes(rng))
-    return folder
+    return five_photos(tmp_path / "photos")
 
 
-def _options(photos: Path, checkpoint: Path, output: Path, **changes) -> CaptionOptions:
-    values = dict(inputs=(str(photos),), model=checkpoint, output=output, root=photos.parent, batch_size=2,
-                  max_length=4, workers=0, progress=False)
-    values.update(changes)
-    return CaptionOptions(**values)
-
-
-def _caption_cli(photos: Path, checkpoint: Path, output: Path, *extra: str):
-    return runner.invoke(app, ["caption", str(photos), "--model", str(checkpoint), "-o", str(output),
-                               "--root", str(photos.parent), "--batch-size", "2", "--max-length", "4", "--workers",
-                               "0", *extra])
 
 
 # -- 1. merge into one of its own parts ------------------------------------------------------------------------
@@ -77,7 +60,7 @@ def _caption_cli(photos: Path, checkpoint: Path, output: Path, *extra: str):
 
 def test_merge_refuses_an_output_that_is_one_of_the_parts(photos, checkpoint, tmp_path):
     output = tmp_path / "c.parquet"
-    parts = [run(_options(photos, checkpoint, output, shard=(k, 2))).output for k in range(2)]
+    parts = [run(small_caption_options(photos, checkpoint, output, shard=(k, 2))).output for k in range(2)]
     before = [p.read_bytes() for p in parts]
     result = runner.invoke(app, ["merge", str(parts[0]), str(parts[1]), "-o", str(parts[0]), "--remove-parts"])
     one_line_error(result, "one of the parts")
@@ -103,7 +86,7 @@ def test_a_symlinked_sidecar_is_refused_and_its_target_left_untouched(photos, ch
     sidecar = output.with_name("c.parquet.partial")
     sidecar.symlink_to(precious, target_is_directory=True)
     for extra in ((), ("--overwrite",)):
-        result = _caption_cli(photos, checkpoint, output, *extra)
+        result = small_caption_cli(photos, checkpoint, output, *extra)
         one_line_error(result, "c.parquet.partial", "symbolic link")
         assert sorted(p.name for p in precious.iterdir()) == ["chunk-000000.parquet", "thesis.tex"]
         assert (precious / "thesis.tex").read_text() == "years of work"
@@ -116,7 +99,7 @@ def test_overwrite_and_finish_delete_only_the_files_the_run_wrote(photos, checkp
     sidecar.mkdir()
     (sidecar / "notes.txt").write_text("mine")
     (sidecar / "chunk-000007.parquet").write_bytes(b"a torn chunk")  # satcli's name: unreadable, recaptioned
-    run(_options(photos, checkpoint, output, overwrite=True))
+    run(small_caption_options(photos, checkpoint, output, overwrite=True))
     assert pq.read_table(output).num_rows == 5
     assert [p.name for p in sidecar.iterdir()] == ["notes.txt"]  # kept, with the folder around it
 
@@ -129,7 +112,7 @@ def test_a_non_utf8_file_name_gets_an_error_row_and_the_rest_are_captioned(photo
     with open(raw, "wb") as f:
         f.write((photos / "img0.jpg").read_bytes())
     output = tmp_path / "c.parquet"
-    summary = run(_options(photos, checkpoint, output))
+    summary = run(small_caption_options(photos, checkpoint, output))
     rows = {row["path"]: row for row in pq.read_table(output).to_pylist()}
     assert len(rows) == 6 and summary.n_captioned == 5
     bad = rows["photos/caf\\xe9.jpg"]  # the bytes spelled out, so the user can find the file
@@ -224,7 +207,7 @@ def test_checkpoints_with_malformed_values_are_refused_in_one_line(checkpoint, p
     bad = tmp_path / "bad.pt"
     torch.save(payload, bad)
     output = tmp_path / "c.parquet"
-    one_line_error(_caption_cli(photos, bad, output), "bad.pt", words)
+    one_line_error(small_caption_cli(photos, bad, output), "bad.pt", words)
     assert not output.exists()
 
 
@@ -368,21 +351,21 @@ def _leftovers(folder: Path) -> list[str]:
 @pytest.mark.parametrize("code, cause", [(errno.ENOSPC, "ENOSPC"), (errno.EROFS, "EROFS")])
 def test_caption_final_merge_on_a_full_or_read_only_disk(photos, checkpoint, tmp_path, monkeypatch, code, cause):
     output = tmp_path / "c.parquet"
-    run(_options(photos, checkpoint, output))
+    run(small_caption_options(photos, checkpoint, output))
     before = output.read_bytes()
     _add_photo(photos)
     _FullDisk(monkeypatch, "/.c.parquet.", code)  # the chunks write; the final merge does not
-    one_line_error(_caption_cli(photos, checkpoint, output), "c.parquet", cause)
+    one_line_error(small_caption_cli(photos, checkpoint, output), "c.parquet", cause)
     assert output.read_bytes() == before and _leftovers(tmp_path) == []
     monkeypatch.undo()
     monkeypatch.setenv("SATCLI_STATE_DIR", str(tmp_path / "state"))
-    summary = run(_options(photos, checkpoint, output))  # with space again, the rerun only merges
+    summary = run(small_caption_options(photos, checkpoint, output))  # with space again, the rerun only merges
     assert summary.n_processed == 0 and pq.read_table(output).num_rows == 6
 
 
 def test_caption_sidecar_that_cannot_be_created(photos, checkpoint, tmp_path, monkeypatch):
     output = tmp_path / "c.parquet"
-    run(_options(photos, checkpoint, output))
+    run(small_caption_options(photos, checkpoint, output))
     before = output.read_bytes()
     _add_photo(photos)
     original = Path.mkdir
@@ -393,19 +376,19 @@ def test_caption_sidecar_that_cannot_be_created(photos, checkpoint, tmp_path, mo
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(Path, "mkdir", read_only)
-    one_line_error(_caption_cli(photos, checkpoint, output), "c.parquet.partial", "EROFS")
+    one_line_error(small_caption_cli(photos, checkpoint, output), "c.parquet.partial", "EROFS")
     assert output.read_bytes() == before
 
 
 def test_caption_chunk_write_on_a_full_disk(photos, checkpoint, tmp_path, monkeypatch):
     _FullDisk(monkeypatch, ".chunk-")
-    one_line_error(_caption_cli(photos, checkpoint, tmp_path / "c.parquet"), "c.parquet.partial", "ENOSPC")
+    one_line_error(small_caption_cli(photos, checkpoint, tmp_path / "c.parquet"), "c.parquet.partial", "ENOSPC")
     assert not (tmp_path / "c.parquet").exists()
 
 
 def test_merge_on_a_full_disk_and_parts_on_a_read_only_one(photos, checkpoint, tmp_path, monkeypatch):
     output = tmp_path / "c.parquet"
-    parts = [run(_options(photos, checkpoint, output, shard=(k, 2))).output for k in range(2)]
+    parts = [run(small_caption_options(photos, checkpoint, output, shard=(k, 2))).output for k in range(2)]
     output.write_bytes(b"an older merge")
     before = [p.read_bytes() for p in parts]
     with monkeypatch.context() as patch:
@@ -538,7 +521,7 @@ def test_stale_temporary_files_of_a_killed_merge_or_checkpoint_are_removed(photo
     mine.write_bytes(b"")
     foreign = tmp_path / ".c.parquet.something.tmp"  # not satcli's pattern: not ours to delete
     foreign.write_bytes(b"")
-    run(_options(photos, checkpoint, output))
+    run(small_caption_options(photos, checkpoint, output))
     assert not left.exists() and mine.exists() and foreign.exists()
     assert pq.read_table(output).num_rows == 5
 
@@ -625,7 +608,7 @@ def _fill(folder: Path) -> None:
 
 def test_a_real_full_disk_merge_and_checkpoint(photos, checkpoint, tmp_path, full_tmpfs):
     output = tmp_path / "c.parquet"
-    parts = [run(_options(photos, checkpoint, output, shard=(k, 2))).output for k in range(2)]
+    parts = [run(small_caption_options(photos, checkpoint, output, shard=(k, 2))).output for k in range(2)]
     target = full_tmpfs / "c.parquet"
     target.write_bytes(b"an older merge")
     last = full_tmpfs / "last.pt"

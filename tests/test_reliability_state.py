@@ -16,7 +16,6 @@ import sys
 import threading
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -25,7 +24,6 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from models.captioner import Captioner
-from satcli.captioning.options import CaptionOptions
 from satcli.captioning.state import RunState
 from satcli.cli import app
 from satcli.commands.caption import run
@@ -34,7 +32,7 @@ from satcli.commands.merge import run as merge
 from satcli.data.vocab import SPECIALS, Vocabulary
 from satcli.formats.checkpoint import checkpoint_sha256, save_checkpoint
 from satcli.pictures.overlays import overlay_name
-from tests.helpers import jpeg_bytes, one_line_error, tiny_config
+from tests.helpers import five_photos, one_line_error, small_caption_cli, small_caption_options, tiny_config
 
 runner = CliRunner()
 REPO = Path(__file__).resolve().parents[1]
@@ -61,25 +59,9 @@ def checkpoint(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def photos(tmp_path) -> Path:
-    folder = tmp_path / "photos"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(5):
-        (folder / f"img{i}.jpg").write_bytes(jpeg_bytes(rng))
-    return folder
+    return five_photos(tmp_path / "photos")
 
 
-def _options(photos: Path, checkpoint: Path, output: Path, **changes) -> CaptionOptions:
-    values = dict(inputs=(str(photos),), model=checkpoint, output=output, root=photos.parent, batch_size=2,
-                  max_length=4, workers=0, progress=False)
-    values.update(changes)
-    return CaptionOptions(**values)
-
-
-def _caption_cli(photos: Path, checkpoint: Path, output: Path, *extra: str):
-    return runner.invoke(app, ["caption", str(photos), "--model", str(checkpoint), "-o", str(output),
-                               "--root", str(photos.parent), "--batch-size", "2", "--max-length", "4", "--workers",
-                               "0", *extra])
 
 
 def _captions(path: Path) -> dict[str, str | None]:
@@ -97,7 +79,7 @@ def test_a_lock_symlink_in_the_sidecar_is_refused_and_its_target_kept(photos, ch
     sidecar.mkdir()
     (sidecar / "lock").symlink_to(precious)
     for extra in ((), ("--overwrite",)):
-        result = _caption_cli(photos, checkpoint, output, *extra)
+        result = small_caption_cli(photos, checkpoint, output, *extra)
         one_line_error(result, "lock", "symbolic link")
         assert precious.read_text() == "years of work"
         assert (sidecar / "lock").is_symlink() and not output.exists()  # the link is left, as the user made it
@@ -110,14 +92,14 @@ def test_a_lock_hard_linked_to_a_file_leaves_that_file_whole(photos, checkpoint,
     sidecar = tmp_path / "c.parquet.partial"
     sidecar.mkdir()
     os.link(precious, sidecar / "lock")  # same inode: opening "lock" for writing would empty thesis.tex
-    summary = run(_options(photos, checkpoint, output))
+    summary = run(small_caption_options(photos, checkpoint, output))
     assert summary.n_captioned == 5 and not sidecar.exists()
     assert precious.read_text() == "years of work"
 
 
 def test_a_planted_chunk_symlink_is_refused_not_merged(photos, checkpoint, tmp_path):
     straight = tmp_path / "straight.parquet"
-    run(_options(photos, checkpoint, straight))
+    run(small_caption_options(photos, checkpoint, straight))
     planted = tmp_path / "planted.parquet"  # a satcli results file with other captions for the same images
     table = pq.read_table(straight)
     table = table.set_column(table.schema.get_field_index("caption"), "caption",
@@ -128,7 +110,7 @@ def test_a_planted_chunk_symlink_is_refused_not_merged(photos, checkpoint, tmp_p
     sidecar = tmp_path / "c.parquet.partial"
     sidecar.mkdir()
     (sidecar / "chunk-000000.parquet").symlink_to(planted)
-    result = _caption_cli(photos, checkpoint, output)
+    result = small_caption_cli(photos, checkpoint, output)
     one_line_error(result, "chunk-000000.parquet", "symbolic link")
     assert planted.read_bytes() == before and not output.exists()
     assert (sidecar / "chunk-000000.parquet").is_symlink()
@@ -237,7 +219,7 @@ def test_a_run_that_opened_the_lock_before_another_finished_keeps_a_third_out(tm
 
 def test_report_and_overlays_replace_planted_links_and_keep_their_targets(photos, checkpoint, tmp_path):
     results = tmp_path / "c.parquet"
-    run(_options(photos, checkpoint, results))
+    run(small_caption_options(photos, checkpoint, results))
     names = [overlay_name(path) for path in _captions(results)]
     thumbs, pictures = tmp_path / "r_files", tmp_path / "ov"
     thumbs.mkdir()
@@ -288,14 +270,14 @@ def test_a_checkpoint_replaced_during_its_load_is_recorded_as_the_model_that_cap
     with monkeypatch.context() as patch:
         patch.setattr(torch, "load", load_then_replace)
         patch.setattr(satcli.captioning.pipeline, "checkpoint_sha256", hash_after_the_replacement, raising=False)
-        run(_options(photos, checkpoint=model, output=tmp_path / "c.parquet"))
+        run(small_caption_options(photos, checkpoint=model, output=tmp_path / "c.parquet"))
     assert loaded_bytes == [checkpoint.read_bytes()] and model.read_bytes() == other.read_bytes()
     output = tmp_path / "c.parquet"
     recorded = json.loads(pq.read_schema(output).metadata[b"satcli.fingerprint"])["model_sha256"]
     assert recorded == hashlib.sha256(checkpoint.read_bytes()).hexdigest()  # the model that wrote the captions
     before = output.read_bytes()
     (photos / "new.jpg").write_bytes((photos / "img0.jpg").read_bytes())
-    result = _caption_cli(photos, model, output)  # now the other model: it must not add its captions to these
+    result = small_caption_cli(photos, model, output)  # now the other model: it must not add its captions to these
     one_line_error(result, "different model")
     assert output.read_bytes() == before
 
@@ -305,7 +287,7 @@ def test_a_checkpoint_replaced_during_its_load_is_recorded_as_the_model_that_cap
 
 def test_a_merge_killed_while_removing_parts_finishes_when_run_again(photos, checkpoint, tmp_path, monkeypatch):
     output = tmp_path / "c.parquet"
-    parts = [run(_options(photos, checkpoint, output, shard=(k, 2))).output for k in range(2)]
+    parts = [run(small_caption_options(photos, checkpoint, output, shard=(k, 2))).output for k in range(2)]
     original = Path.unlink
 
     def killed_after_the_first(self, *args, **kwargs):  # SIGKILL between the two unlinks, as in the issue
@@ -327,11 +309,12 @@ def test_a_merge_killed_while_removing_parts_finishes_when_run_again(photos, che
 
 def test_a_leftover_part_the_output_does_not_hold_still_needs_its_missing_part(photos, checkpoint, tmp_path):
     output = tmp_path / "c.parquet"
-    parts = [run(_options(photos, checkpoint, output, shard=(k, 2))).output for k in range(2)]
+    parts = [run(small_caption_options(photos, checkpoint, output, shard=(k, 2))).output for k in range(2)]
     assert runner.invoke(app, ["merge", "-o", str(output)]).exit_code == 0
     (photos / "new.jpg").write_bytes((photos / "img0.jpg").read_bytes())
     parts[0].unlink()
-    run(_options(photos, checkpoint, output, shard=(1, 2), overwrite=True))  # part 1 now holds an image more
+    # part 1 now holds an image more
+    run(small_caption_options(photos, checkpoint, output, shard=(1, 2), overwrite=True))
     before = parts[1].read_bytes()
     one_line_error(runner.invoke(app, ["merge", "-o", str(output), "--remove-parts"]), "part 0 of 2 is missing")
     assert parts[1].read_bytes() == before
@@ -346,13 +329,13 @@ def test_a_latin1_name_that_prints_like_a_utf8_name_still_gets_its_row(photos, c
         f.write(picture)
     (photos / "caf\\xe9.jpg").write_bytes(picture)  # a UTF-8 name that reads exactly like that
     output = tmp_path / "c.parquet"
-    summary = run(_options(photos, checkpoint, output))
+    summary = run(small_caption_options(photos, checkpoint, output))
     rows = {row["path"]: row for row in pq.read_table(output).to_pylist()}
     assert len(rows) == 7 and summary.n_captioned == 6
     assert rows["photos/caf\\xe9.jpg"]["error"] is None  # the UTF-8 file keeps its own name, and a caption
     bad = rows["photos/caf\\xe9.jpg (not UTF-8)"]
     assert bad["caption"] is None and bad["error"].startswith("bad-name:")
-    assert run(_options(photos, checkpoint, output)).n_processed == 0  # a rerun sees the same seven names
+    assert run(small_caption_options(photos, checkpoint, output)).n_processed == 0  # a rerun sees the same seven names
 
 
 # -- 5. outputs inside the input folder ----------------------------------------------------------------------------
