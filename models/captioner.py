@@ -48,6 +48,7 @@ class CaptionerConfig:
     attention_dim: int = 512
     decoder_dim: int = 512
     dropout: float = 0.5
+    feature_dropout: float = 0.0  # training: drop each feature channel of a picture, in all its cells alike
     deep_output: bool = True  # the paper's L_o(E y + L_h h + L_z z); False: a linear layer on h
     doubly_stochastic: float = 1.0  # λ of the attention regulariser λ mean_i (1 - Σ_t α_ti)²
     hard_sample_prob: float = 0.5  # hard attention: share of training captions that sample locations
@@ -73,6 +74,8 @@ class CaptionerConfig:
             raise ValueError(f"vocab_size {self.vocab_size} leaves no room for the special tokens")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not 0.0 <= self.feature_dropout < 1.0:
+            raise ValueError(f"feature_dropout must be in [0, 1), got {self.feature_dropout}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -262,6 +265,7 @@ class Captioner(nn.Module):
         """
         B, L, _ = features.shape
         hard = self.config.attention == "hard" and self.training
+        features = drop_channels(features, self.config.feature_dropout, self.training)
         T = tokens.shape[1] - 1
         sorted_lengths, order = lengths.sort(descending=True)
         n_active = (sorted_lengths.unsqueeze(0) > torch.arange(T, device=lengths.device).unsqueeze(1)).sum(1)
@@ -302,6 +306,17 @@ class Captioner(nn.Module):
             return TeacherForced(logprobs[unsort], alphas[unsort])
         return TeacherForced(logprobs[unsort], alphas[unsort], location_logprobs.sum(1)[unsort],
                              entropies.sum(1)[unsort], sampled[unsort])
+
+
+def drop_channels(features: Tensor, p: float, training: bool) -> Tensor:
+    """Channel dropout of a feature grid: features (B, L, D) with each picture's channels dropped with probability
+    ``p`` in all its cells alike (the rest scaled by 1 / (1 - p)); unchanged outside training or at p = 0. A
+    decoder that cannot count on any one channel cannot learn a training drawing by the few channels that tell
+    it apart, and has to read the object from many."""
+    if not training or p == 0.0:
+        return features
+    keep = torch.rand(features.shape[0], 1, features.shape[2], device=features.device) >= p
+    return features * keep.to(features.dtype) / (1.0 - p)
 
 
 def doubly_stochastic_penalties(alphas: Tensor) -> Tensor:

@@ -67,7 +67,7 @@ TensorboardOption = Annotated[bool, typer.Option(
 # train --help shows its options in these panels, in this order (the rest: "Data and run folder")
 PANELS = {
     "Model": ("encoder", "attention", "image_size", "grid_size", "embed_dim", "attention_dim", "decoder_dim",
-              "dropout", "doubly_stochastic"),
+              "dropout", "feature_dropout", "doubly_stochastic"),
     "Optimisation": ("epochs", "batch_size", "decoder_lr", "encoder_lr", "grad_clip", "lr_decay", "lr_patience",
                      "patience", "scheduled_sampling", "val_beam_size", "fine_tune_encoder", "fine_tune_after",
                      "fine_tune_blocks"),
@@ -107,6 +107,9 @@ def train(
     attention_dim: Annotated[int, typer.Option(min=1, help="Attention layer size.")] = 512,
     decoder_dim: Annotated[int, typer.Option(min=1, help="LSTM size.")] = 512,
     dropout: Annotated[float, typer.Option(min=0.0, max=0.99, help="Dropout before the output layers.")] = 0.5,
+    feature_dropout: Annotated[float, typer.Option(
+        min=0.0, max=0.99, help="Drop each channel of a training picture's features, in all its cells alike "
+        "(the decoder then reads an object from many channels).")] = 0.0,
     doubly_stochastic: DoublyStochasticOption = 1.0,
     epochs: Annotated[int, typer.Option(min=1, help="Epochs (one pass over every training caption).")] = 30,
     batch_size: Annotated[int, typer.Option(min=1, help="Captions per step, over all processes.")] = 64,

@@ -38,6 +38,7 @@ class TrainOptions:
     attention_dim: int = 512
     decoder_dim: int = 512
     dropout: float = 0.5
+    feature_dropout: float = 0.0  # drop each feature channel of a picture (all its cells alike) in training
     deep_output: bool = True
     doubly_stochastic: float = 1.0
     # schedule
@@ -101,6 +102,7 @@ class TrainOptions:
             vocab_size=vocab_size, encoder=self.encoder, image_size=self.image_size, grid_size=self.grid_size,
             fine_tune_blocks=0, attention=self.attention, embed_dim=self.embed_dim,
             attention_dim=self.attention_dim, decoder_dim=self.decoder_dim, dropout=self.dropout,
+            feature_dropout=self.feature_dropout,
             deep_output=self.deep_output, doubly_stochastic=self.doubly_stochastic)
 
 
