@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.encoders import DEFAULT_ENCODER, ENCODERS, Encoder
@@ -315,8 +316,7 @@ def drop_channels(features: Tensor, p: float, training: bool) -> Tensor:
     it apart, and has to read the object from many."""
     if not training or p == 0.0:
         return features
-    keep = torch.rand(features.shape[0], 1, features.shape[2], device=features.device) >= p
-    return features * keep.to(features.dtype) / (1.0 - p)
+    return F.dropout1d(features.transpose(1, 2), p, training=True).transpose(1, 2)  # channels of (B, D, L)
 
 
 def doubly_stochastic_penalties(alphas: Tensor) -> Tensor:
