@@ -50,6 +50,7 @@ class CaptionerConfig:
     decoder_dim: int = 512
     dropout: float = 0.5
     feature_dropout: float = 0.0  # training: drop each feature channel of a picture, in all its cells alike
+    words_loss: float = 0.0  # λ of the bag-of-words loss; > 0: a "which words are here" head that starts the LSTM
     deep_output: bool = True  # the paper's L_o(E y + L_h h + L_z z); False: a linear layer on h
     doubly_stochastic: float = 1.0  # λ of the attention regulariser λ mean_i (1 - Σ_t α_ti)²
     hard_sample_prob: float = 0.5  # hard attention: share of training captions that sample locations
@@ -77,6 +78,8 @@ class CaptionerConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if not 0.0 <= self.feature_dropout < 1.0:
             raise ValueError(f"feature_dropout must be in [0, 1), got {self.feature_dropout}")
+        if self.words_loss < 0.0:
+            raise ValueError(f"words_loss must be >= 0, got {self.words_loss}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -152,6 +155,16 @@ class AttentionDecoder(nn.Module):
         self.init_h = nn.Linear(feature_dim, c.decoder_dim)  # h_0 = tanh(f_init,h(mean a))
         self.init_c = nn.Linear(feature_dim, c.decoder_dim)  # c_0 = tanh(f_init,c(mean a))
         self.f_beta = nn.Linear(c.decoder_dim, 1)  # gating scalar β = σ(f_β(h_{t-1}))
+        # The bag-of-words head (words_loss > 0): p = σ(W_2 relu(W_1 mean a)), each vocabulary word's probability
+        # of being in the caption, trained by its own loss (:func:`bag_of_words_loss`) and read by the initial
+        # state, h_0 = tanh(f_init,h(mean a) + U_h p), as attribute-conditioned captioners (Yao et al. 2017,
+        # LSTM-A) start the LSTM from the detected attributes.
+        self.words = None
+        if c.words_loss > 0:
+            self.words = nn.Sequential(nn.Linear(feature_dim, c.decoder_dim), nn.ReLU(),
+                                       nn.Linear(c.decoder_dim, c.vocab_size))
+            self.init_words_h = nn.Linear(c.vocab_size, c.decoder_dim, bias=False)  # U_h
+            self.init_words_c = nn.Linear(c.vocab_size, c.decoder_dim, bias=False)  # U_c
         self.lstm = nn.LSTMCell(c.embed_dim + feature_dim, c.decoder_dim)
         self.dropout = nn.Dropout(c.dropout)
         self.deep_output = c.deep_output
@@ -165,10 +178,18 @@ class AttentionDecoder(nn.Module):
     def prepare(self, features: Tensor) -> Memory:
         return Memory(features, self.attention.key(features))
 
+    def word_logits(self, features: Tensor) -> Tensor:
+        """features (B, L, D) → the bag-of-words head's logits (B, V); only when the model has one."""
+        return self.words(features.mean(dim=1))
+
     def init_state(self, memory: Memory, n_beams: int = 1) -> State:
         mean = memory.features.mean(dim=1)  # (B, D)
-        h = torch.tanh(self.init_h(mean)).unsqueeze(1).expand(-1, n_beams, -1)  # (B, K, H)
-        c = torch.tanh(self.init_c(mean)).unsqueeze(1).expand(-1, n_beams, -1)
+        h, c = self.init_h(mean), self.init_c(mean)  # (B, H)
+        if self.words is not None:
+            present = torch.sigmoid(self.words(mean))  # (B, V)
+            h, c = h + self.init_words_h(present), c + self.init_words_c(present)
+        h = torch.tanh(h).unsqueeze(1).expand(-1, n_beams, -1)  # (B, K, H)
+        c = torch.tanh(c).unsqueeze(1).expand(-1, n_beams, -1)
         return State(h.contiguous(), c.contiguous())
 
     def step(self, tokens: Tensor, state: State, memory: Memory) -> tuple[Tensor, State, Tensor]:
@@ -215,6 +236,7 @@ class TeacherForced(NamedTuple):
     location_logprob: Tensor | None = None  # (B,) Σ_t log α_t[s_t] of the sampled locations (0: not sampled)
     entropy: Tensor | None = None  # (B,) Σ_t H(α_t)
     sampled: Tensor | None = None  # (B,) bool: the caption read sampled locations, not the expectation
+    word_logits: Tensor | None = None  # (B, V) the bag-of-words head's logits (models with words_loss > 0)
 
 
 class Captioner(nn.Module):
@@ -303,10 +325,11 @@ class Captioner(nn.Module):
         mask = (torch.arange(T, device=lengths.device).unsqueeze(0) < sorted_lengths.unsqueeze(1)).unsqueeze(-1)
         logprobs = logits.float().log_softmax(dim=-1) * mask
         unsort = order.argsort()
+        words = None if self.decoder.words is None else self.decoder.word_logits(features)  # (B, V), input order
         if not hard:
-            return TeacherForced(logprobs[unsort], alphas[unsort])
+            return TeacherForced(logprobs[unsort], alphas[unsort], word_logits=words)
         return TeacherForced(logprobs[unsort], alphas[unsort], location_logprobs.sum(1)[unsort],
-                             entropies.sum(1)[unsort], sampled[unsort])
+                             entropies.sum(1)[unsort], sampled[unsort], words)
 
 
 def drop_channels(features: Tensor, p: float, training: bool) -> Tensor:
@@ -348,6 +371,20 @@ def caption_loss(logprobs: Tensor, alphas: Tensor, tokens: Tensor, lengths: Tens
     token_logprobs = logprobs.gather(2, targets.unsqueeze(-1)).squeeze(-1)  # (B, T)
     nll = -(token_logprobs * mask).sum() / mask.sum()
     return nll + doubly_stochastic * doubly_stochastic_penalty(alphas), nll
+
+
+def bag_of_words_loss(word_logits: Tensor, tokens: Tensor, lengths: Tensor, end_id: int) -> Tensor:
+    """Per caption, the multi-label cross-entropy of the bag-of-words head against the words the caption holds:
+    Σ_v BCE(σ(logit_v), [v in caption]), summed over the vocabulary (the caller normalises over captions, as it
+    does the attention penalty). word_logits (B, V); tokens (B, T+1) as given to :meth:`Captioner.forward`
+    (``<start>`` first); lengths (B,) targets per caption, ``<end>`` included, which is not counted as a word.
+    """
+    words = tokens[:, 1:]  # (B, T)
+    is_word = torch.arange(words.shape[1], device=lengths.device).unsqueeze(0) < (lengths - 1).unsqueeze(1)
+    present = word_logits.new_zeros(word_logits.shape, dtype=torch.float32)
+    present.scatter_(1, torch.where(is_word, words, end_id), 1.0)
+    present[:, end_id] = 0.0
+    return F.binary_cross_entropy_with_logits(word_logits.float(), present, reduction="none").sum(dim=1)
 
 
 def hard_attention_loss(model: Captioner, output: TeacherForced, tokens: Tensor,

@@ -25,6 +25,7 @@ import torch
 
 from models.captioner import (
     Captioner,
+    bag_of_words_loss,
     caption_loss,
     doubly_stochastic_penalties,
     hard_attention_loss,
@@ -102,6 +103,9 @@ class Stepper:
             # normalised by the global batch, so the DDP average over ranks equals the one-process loss
             loss = (nll * int(lengths.sum()) / global_tokens
                     + options.doubly_stochastic * penalty / global_n) * self.ranks.world
+            if output.word_logits is not None:  # --words-loss: the bag-of-words head, per caption as the penalty
+                words = bag_of_words_loss(output.word_logits, tokens, lengths, self.model.config.end_id).sum()
+                loss = loss + options.words_loss * words / global_n * self.ranks.world
             objective = loss
             if output.location_logprob is not None:  # hard attention: REINFORCE and entropy, per token too
                 objective = loss + hard_attention_loss(self.model, output, tokens) / global_tokens * self.ranks.world
