@@ -261,6 +261,10 @@ register_train(app)
 def evaluate(
     dataset: Annotated[str, typer.Option("--dataset", help="A preprocessed dataset under the data root.")],
     model: ModelOption = None,
+    ensemble: Annotated[list[Path] | None, typer.Option(
+        "--ensemble", exists=True, dir_okay=False, show_default=False,
+        help="Another checkpoint to decode with --model as one model (the mean of their word probabilities); "
+        "repeat for more. All must share the frozen encoder and the vocabulary.")] = None,
     data_root: DataRootOption = Path("data"),
     split: Annotated[str, typer.Option(help="Split to caption and score.")] = "test",
     beam_size: BeamSizeOption = 3,
@@ -308,6 +312,7 @@ def evaluate(
         grounding=grounding, objects=objects, java=java, coco_references=coco_references.value, out=out,
         max_length=max_length, length_penalty=length_penalty, n_best=n_best, no_repeat_ngram_size=no_repeat_ngram,
         min_length=min_length, allow_unk=allow_unk, batch_size=batch_size, device=device,
+        ensemble=tuple(ensemble or ()),
     ))
     print_evaluated(result, f"{dataset}/{split}", as_json)
     if overlays is not None:

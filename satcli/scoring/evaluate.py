@@ -9,6 +9,9 @@
   CHAIR-i/-s (:mod:`satcli.scoring.objects`), on datasets that store objects with their words.
 - ``--beam-sizes 1,3,5``: one sweep; every image is encoded (or read from the feature cache) once and decoded at
   every beam size.
+- ``--ensemble B.pt`` (repeatable): decode ``--model`` and these checkpoints as one model, each word from the mean
+  of their word probabilities (:class:`models.ensemble.Ensemble`); all must share the frozen encoder, its input
+  size and grid, and the vocabulary, so the one feature cache serves them all.
 
 Writes ``report.json`` (metrics per beam size on the 0–1 scale, dataset, split, model, decoding options,
 satcli version) and the captions per beam size as results Parquet files (the schema of ``satcli caption``) to
@@ -28,6 +31,7 @@ import torch
 from rich.table import Table
 
 from models.decoding import DecodingOptions, DecodingResult
+from models.ensemble import Ensemble
 from satcli.core.atomic import write_text
 from satcli.core.console import make_progress
 from satcli.core.defaults import default_model
@@ -75,6 +79,7 @@ class EvaluateOptions:
     allow_unk: bool = False  # let captions contain <unk> (banned by default, as in satcli caption)
     batch_size: int = 64
     device: str = "auto"
+    ensemble: tuple[Path, ...] = ()  # more checkpoints decoded with ``model`` as one (mean word probabilities)
 
 
 @dataclass
@@ -216,8 +221,11 @@ def evaluate(options: EvaluateOptions) -> EvaluateResult:
     lexicon = _lexicon(dataset) if named_objects else {}  # also for the predictions' objects columns
     loaded, model_sha256 = load_captioner_hashed(model_path, device)  # recorded in every predictions file
     out = options.out or model_path.parent / f"evaluate-{dataset.name}-{options.split}"
+    members = [load_captioner_hashed(path, device) for path in options.ensemble]
+    decoder = ensemble_model(loaded, model_path, [(m, Path(p)) for (m, _), p in zip(members, options.ensemble,
+                                                                                    strict=True)])
 
-    outputs = _decode_split(options, dataset, loaded, device, decodings, n_images)
+    outputs = _decode_split(options, dataset, loaded, device, decodings, n_images, decoder)
     words = loaded.vocab.words
     raw_references = table.column("captions").to_pylist()
     references = [[tokenize(c) for c in captions] for captions in raw_references]
@@ -246,8 +254,32 @@ def evaluate(options: EvaluateOptions) -> EvaluateResult:
                                               table, decoded.results, scores, words, decoding.n_best,
                                               _metadata(loaded, model_sha256, decoding, dataset, options.split))
         result.beams.append(beam)
-    _write_report(result, options, dataset, loaded, model_path, decodings, time.perf_counter() - started)
+    _write_report(result, options, dataset, loaded, model_path, decodings, time.perf_counter() - started,
+                  [(Path(p), sha) for p, (_, sha) in zip(options.ensemble, members, strict=True)])
     return result
+
+
+def ensemble_model(first: LoadedCheckpoint, first_path: Path,
+                   others: list[tuple[LoadedCheckpoint, Path]]) -> torch.nn.Module:
+    """``first``'s captioner, or with ``others`` an :class:`Ensemble` of them all; a clear error naming the
+    checkpoint that cannot join (a fine-tuned encoder, other preprocessing, vocabulary or sizes)."""
+    if not others:
+        return first.model
+    for loaded, path in [(first, first_path), *others]:
+        if loaded.train_options.get("fine_tune_encoder"):
+            raise SatcliError("an ensemble's members must keep the pretrained encoder (one feature cache serves "
+                              "them all); this checkpoint fine-tuned it", path)
+    for loaded, path in others:
+        if loaded.vocab.words != first.vocab.words:
+            raise SatcliError(f"its vocabulary differs from --model {first_path}'s: ensemble members must be "
+                              "trained on the same preprocessed dataset", path)
+        if loaded.preprocessing != first.preprocessing:
+            raise SatcliError(f"it prepares images unlike --model {first_path} ({loaded.preprocessing} vs "
+                              f"{first.preprocessing})", path)
+    try:
+        return Ensemble([first.model, *(loaded.model for loaded, _ in others)]).eval()
+    except ValueError as error:
+        raise SatcliError(str(error), others[0][1]) from None
 
 
 def _lexicon(dataset: StoredDataset) -> Lexicon:
@@ -257,7 +289,7 @@ def _lexicon(dataset: StoredDataset) -> Lexicon:
 
 
 def _decode_split(options: EvaluateOptions, dataset: StoredDataset, loaded: Any, device: torch.device,
-                  decodings: list[DecodingOptions], n_images: int) -> list[Decoded]:
+                  decodings: list[DecodingOptions], n_images: int, decoder: torch.nn.Module) -> list[Decoded]:
     """Every decoding of the split, each batch encoded once for the whole sweep: from the feature cache when the
     encoder was frozen in training (its weights are then the pretrained ones the cache was made with), else by
     running the encoder."""
@@ -268,7 +300,7 @@ def _decode_split(options: EvaluateOptions, dataset: StoredDataset, loaded: Any,
             cached_features(dataset, options.split, loaded.model, device, options.batch_size, data=loaded.preprocessing)
         chunks = split_chunks(dataset, options.split, loaded.model, device, options.batch_size, features,
                               data=loaded.preprocessing)
-        return decode_split(loaded.model, chunks, decodings, device, lambda n: progress.advance(task, n))
+        return decode_split(decoder, chunks, decodings, device, lambda n: progress.advance(task, n))
 
 
 def _metadata(loaded: LoadedCheckpoint, model_sha256: str, decoding: DecodingOptions, dataset: StoredDataset,
@@ -294,7 +326,8 @@ def _write_predictions(path: Path, table: Any, results: list[DecodingResult], sc
 
 
 def _write_report(result: EvaluateResult, options: EvaluateOptions, dataset: StoredDataset, loaded: Any,
-                  model_path: Path, decodings: list[DecodingOptions], seconds: float) -> None:
+                  model_path: Path, decodings: list[DecodingOptions], seconds: float,
+                  ensemble: list[tuple[Path, str]]) -> None:
     report = {
         "satcli_version": __version__,
         "scale": "0-1 (tables show 0-100); CIDEr-D on COCO's scale",
@@ -302,7 +335,8 @@ def _write_report(result: EvaluateResult, options: EvaluateOptions, dataset: Sto
                     "root": str(dataset.root.absolute())},
         "model": {"path": str(model_path.absolute()), "encoder": loaded.model.config.encoder,
                   "attention": getattr(loaded.model.config, "attention", None),
-                  "train_options": loaded.train_options, "checkpoint_metrics": loaded.metrics},
+                  "train_options": loaded.train_options, "checkpoint_metrics": loaded.metrics,
+                  "ensemble": [{"path": str(p.absolute()), "sha256": sha} for p, sha in ensemble]},
         "decoding": {"beam_sizes": [d.beam_size for d in decodings], "max_length": options.max_length,
                      "length_penalty": options.length_penalty, "n_best": options.n_best,
                      "no_repeat_ngram_size": options.no_repeat_ngram_size, "min_length": options.min_length,
