@@ -387,6 +387,26 @@ def bag_of_words_loss(word_logits: Tensor, tokens: Tensor, lengths: Tensor, end_
     return F.binary_cross_entropy_with_logits(word_logits.float(), present, reduction="none").sum(dim=1)
 
 
+def unlikelihood_loss(logprobs: Tensor, tokens: Tensor, lengths: Tensor) -> Tensor:
+    """Token-level unlikelihood (Welleck et al. 2020, "Neural Text Generation with Unlikelihood Training", eq. 4),
+    summed over the caption tokens (the caller normalises, as it does the NLL): at every step t, for each word c
+    the caption has already written (c in y_<t) that is not the target y_t,  -log(1 - p(c | y_<t, a)).
+
+    A caption that never names one object twice then teaches the decoder to give its earlier words little
+    probability where another word belongs, the repetition an attention captioner falls into when it does not
+    recognise the second object ("a train below a train"). logprobs (B, T, V); tokens (B, T+1) with ``<start>``
+    first; lengths (B,) targets per caption, ``<end>`` included.
+    """
+    targets = tokens[:, 1 : logprobs.shape[1] + 1]  # (B, T)
+    valid = torch.arange(targets.shape[1], device=lengths.device).unsqueeze(0) < lengths.unsqueeze(1)
+    written = torch.zeros(logprobs.shape, dtype=torch.int32, device=logprobs.device)
+    written.scatter_(2, targets.unsqueeze(-1), valid.unsqueeze(-1).int())
+    candidates = (written.cumsum(dim=1) - written) > 0  # c in y_<t
+    candidates.scatter_(2, targets.unsqueeze(-1), False)  # ... and not y_t
+    p = logprobs.float().exp().clamp(max=1.0 - 1e-6)
+    return -(torch.log1p(-p) * (candidates & valid.unsqueeze(-1))).sum()
+
+
 def hard_attention_loss(model: Captioner, output: TeacherForced, tokens: Tensor,
                         update_baseline: bool = True) -> Tensor:
     """The hard-attention terms, summed over captions (the caller normalises, as it does the NLL):

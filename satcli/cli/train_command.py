@@ -67,7 +67,7 @@ TensorboardOption = Annotated[bool, typer.Option(
 # train --help shows its options in these panels, in this order (the rest: "Data and run folder")
 PANELS = {
     "Model": ("encoder", "attention", "image_size", "grid_size", "embed_dim", "attention_dim", "decoder_dim",
-              "dropout", "feature_dropout", "words_loss", "doubly_stochastic"),
+              "dropout", "feature_dropout", "words_loss", "unlikelihood", "doubly_stochastic"),
     "Optimisation": ("epochs", "batch_size", "decoder_lr", "encoder_lr", "grad_clip", "lr_decay", "lr_patience",
                      "patience", "scheduled_sampling", "val_beam_size", "fine_tune_encoder", "fine_tune_after",
                      "fine_tune_blocks"),
@@ -113,6 +113,9 @@ def train(
     words_loss: Annotated[float, typer.Option(
         min=0.0, help="λ of a bag-of-words loss: a head on the mean feature learns which words the caption holds, "
         "and its probabilities start the LSTM (0: no head).")] = 0.0,
+    unlikelihood: Annotated[float, typer.Option(
+        min=0.0, help="α of a token-level unlikelihood loss: at each word, -log(1 - p) of the words the caption "
+        "already wrote (Welleck et al. 2020), against naming one object twice (0: off).")] = 0.0,
     doubly_stochastic: DoublyStochasticOption = 1.0,
     epochs: Annotated[int, typer.Option(min=1, help="Epochs (one pass over every training caption).")] = 30,
     batch_size: Annotated[int, typer.Option(min=1, help="Captions per step, over all processes.")] = 64,

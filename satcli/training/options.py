@@ -40,6 +40,7 @@ class TrainOptions:
     dropout: float = 0.5
     feature_dropout: float = 0.0  # drop each feature channel of a picture (all its cells alike) in training
     words_loss: float = 0.0  # λ of the bag-of-words head's loss; > 0 adds the head, which starts the LSTM
+    unlikelihood: float = 0.0  # α of the token-level unlikelihood loss on the caption's earlier words
     deep_output: bool = True
     doubly_stochastic: float = 1.0
     # schedule

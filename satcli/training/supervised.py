@@ -29,6 +29,7 @@ from models.captioner import (
     caption_loss,
     doubly_stochastic_penalties,
     hard_attention_loss,
+    unlikelihood_loss,
 )
 from models.data import DataConfig
 from models.decoding import DecodingOptions
@@ -106,6 +107,9 @@ class Stepper:
             if output.word_logits is not None:  # --words-loss: the bag-of-words head, per caption as the penalty
                 words = bag_of_words_loss(output.word_logits, tokens, lengths, self.model.config.end_id).sum()
                 loss = loss + options.words_loss * words / global_n * self.ranks.world
+            if options.unlikelihood > 0:  # --unlikelihood: the earlier words of the caption, per token as the NLL
+                repeats = unlikelihood_loss(logprobs, tokens, lengths)
+                loss = loss + options.unlikelihood * repeats / global_tokens * self.ranks.world
             objective = loss
             if output.location_logprob is not None:  # hard attention: REINFORCE and entropy, per token too
                 objective = loss + hard_attention_loss(self.model, output, tokens) / global_tokens * self.ranks.world
