@@ -4,9 +4,10 @@ many objects a picture holds and how large they are.
     python -m bench.object_errors W/runs/default-emoji-seed0/evaluate-emoji-test/predictions-test-beam3.parquet \\
         --data-root W/data --dataset emoji --split test
 
-It prints, per number of objects in the picture, the exact-set rate and how many captions name fewer objects
-than are there; object recall by size (box wider than ``--large`` of the picture) and number; and the commonest
-one-for-one confusions (one object missed, one other named in its place). Objects present and named are the
+It prints, per number of objects in the picture, the exact-set rate, how many captions name fewer objects than
+are there and how many name one object twice ("a train below a train", mentions as ``--objects`` counts them);
+object recall by size (box wider than ``--large`` of the picture) and number; and the commonest one-for-one
+confusions (one object missed, one other named in its place). Objects present and named are the
 predictions' own ``objects_present`` / ``objects_named`` columns, as evaluate counted them; the boxes come from
 the stored split.
 """
@@ -21,6 +22,8 @@ import pyarrow.parquet as pq
 
 from bench.common import command
 from satcli.data.store import StoredDataset
+from satcli.scoring.evaluate import dataset_lexicon
+from satcli.scoring.objects import mentions
 
 
 def main() -> None:
@@ -32,25 +35,30 @@ def main() -> None:
     parser.add_argument("--large", type=float, default=75 / 256,
                         help="box width (share of the picture) of a large object")
     args = parser.parse_args()
-    boxes = {row["path"]: row["objects"] for row in
-             StoredDataset.open(args.data_root, args.dataset).read(args.split, ["path", "objects"]).to_pylist()}
-    rows = pq.read_table(args.predictions, columns=["path", "objects_present", "objects_named"]).to_pylist()
+    store = StoredDataset.open(args.data_root, args.dataset)
+    boxes = {row["path"]: row["objects"] for row in store.read(args.split, ["path", "objects"]).to_pylist()}
+    lexicon = dataset_lexicon(store)  # the words evaluate --objects counts as naming each object
+    rows = pq.read_table(args.predictions, columns=["path", "tokens", "objects_present", "objects_named"]).to_pylist()
     scenes, exact, fewer, recall, total, swaps = Counter(), Counter(), Counter(), Counter(), Counter(), Counter()
+    twice = Counter()
     for row in rows:
         present, named = set(row["objects_present"]), set(row["objects_named"])
         n = len(present)
         scenes[n] += 1
         exact[n] += present == named
         fewer[n] += len(named) < n
+        said = mentions(row["tokens"] or [], lexicon)
+        twice[n] += len(said) > len(set(said))
         for obj in boxes[row["path"]]:
             key = ("large" if obj["box"][2] - obj["box"][0] > args.large else "small", n)
             total[key] += 1
             recall[key] += obj["label"] in named
         if len(present - named) == 1 and len(named - present) == 1:
             swaps[(*(present - named), *(named - present))] += 1
-    print(f"command: {command()}\n\n| objects | scenes | exact set % | captions naming fewer |\n|---:|---:|---:|---:|")
+    print(f"command: {command()}\n\n| objects | scenes | exact set % | captions naming fewer | naming one twice |\n"
+          "|---:|---:|---:|---:|---:|")
     for n in sorted(scenes):
-        print(f"| {n} | {scenes[n]} | {100 * exact[n] / scenes[n]:.1f} | {fewer[n]} |")
+        print(f"| {n} | {scenes[n]} | {100 * exact[n] / scenes[n]:.1f} | {fewer[n]} | {twice[n]} |")
     print("\n| size | objects in the scene | objects | recall % |\n|---|---:|---:|---:|")
     for key in sorted(total):
         print(f"| {key[0]} | {key[1]} | {total[key]} | {100 * recall[key] / total[key]:.1f} |")

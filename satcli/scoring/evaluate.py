@@ -218,7 +218,7 @@ def evaluate(options: EvaluateOptions) -> EvaluateResult:
         raise SatcliError(f"--objects needs objects with their words, and the {options.split!r} split of "
                           f"{dataset.name!r} has none (COCO: preprocess with --instances)",
                           dataset.path(options.split))
-    lexicon = _lexicon(dataset) if named_objects else {}  # also for the predictions' objects columns
+    lexicon = dataset_lexicon(dataset) if named_objects else {}  # also for the predictions' objects columns
     loaded, model_sha256 = load_captioner_hashed(model_path, device)  # recorded in every predictions file
     out = options.out or model_path.parent / f"evaluate-{dataset.name}-{options.split}"
     members = [load_captioner_hashed(path, device) for path in options.ensemble]
@@ -282,7 +282,7 @@ def ensemble_model(first: LoadedCheckpoint, first_path: Path,
         raise SatcliError(str(error), others[0][1]) from None
 
 
-def _lexicon(dataset: StoredDataset) -> Lexicon:
+def dataset_lexicon(dataset: StoredDataset) -> Lexicon:
     """Word → labels from the objects of every split, so a word the evaluated split happens to lack still counts."""
     return build_lexicon(rows for split in dataset.splits
                          for rows in dataset.read(split, ["objects"]).column("objects").to_pylist())
