@@ -14,6 +14,12 @@ recall, exact set, CHAIR-i/-s, BLEU-4, CIDEr-D, the pointing game and the CPU ti
 
     python -m bench.recognition --work /tmp/recognition --seeds 0,1,2
     python -m bench.recognition --work /tmp/recognition --name shifts -- --feature-shifts   # a lever row
+    python -m bench.recognition --work /tmp/recognition --seeds 0,1,2 --ensemble     # + the seeds as one model
+    python -m bench.recognition --work /tmp/recognition --decode "--no-repeat-ngram 2"   # a decoding lever
+
+``--ensemble`` adds a row per set for the seeds' models decoded as one (`satcli evaluate --ensemble`), its CPU
+time the sum of theirs. ``--decode`` passes flags to every `satcli evaluate` (runs already trained are reused, so
+a decoding lever costs no training); its scores go to their own evaluation folders and scores file.
 
 The emoji pictures are fetched from the npm registry by the benchmark script into ~/.cache/emoji-scenes (once)
 and stay out of git. Give training one thread when anything else runs (``OMP_NUM_THREADS=1``): the CPU time is
@@ -98,10 +104,13 @@ def train(data: Path, dataset: str, out: Path, seed: int, flags: list[str]) -> f
     return seconds
 
 
-def evaluate(data: Path, dataset: str, split: str, model: Path) -> dict[str, float]:
-    line = satcli("evaluate", "--model", str(model), "--dataset", dataset, "--data-root", str(data), "--split",
-                  split, "--beam-size", "3", "--bleu", "--coco", "--no-java", "--objects", "--grounding",
-                  "--max-length", "30", "--out", str(model.parent / f"evaluate-{dataset}-{split}"), "--json", "-q")
+def evaluate(data: Path, dataset: str, split: str, model: Path, decode: list[str], tag: str,
+             ensemble: list[Path] | None = None, out: Path | None = None) -> dict[str, float]:
+    members = [arg for path in ensemble or [] for arg in ("--ensemble", str(path))]
+    folder = (out or model.parent) / f"evaluate-{dataset}-{split}{tag}"
+    line = satcli("evaluate", "--model", str(model), *members, "--dataset", dataset, "--data-root", str(data),
+                  "--split", split, "--beam-size", "3", "--bleu", "--coco", "--no-java", "--objects", "--grounding",
+                  "--max-length", "30", *decode, "--out", str(folder), "--json", "-q")
     report = json.loads(line)
     beam = report["results"][0]
     scores = dict(beam.get("metrics", {}))
@@ -123,26 +132,38 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--recipe", default=None, help="train flags instead of the demo's recipe (one string)")
     parser.add_argument("--datasets", default="shapes,emoji")
     parser.add_argument("--emoji-script", type=Path, default=EMOJI_SCRIPT)
+    parser.add_argument("--ensemble", action="store_true", help="also score the seeds' models as one ensemble")
+    parser.add_argument("--decode", default="", help="flags for every satcli evaluate (one string)")
     args = parser.parse_args(argv)
+    decode = args.decode.split()
+    tag = "".join(f"-{part.lstrip('-')}" for part in decode)  # e.g. -no-repeat-ngram-2
     flags = (args.recipe.split() if args.recipe is not None else demo_recipe()) + extra
     data = prepare(args.work, args.emoji_script)
     rows = []
+    seeds = [int(s) for s in args.seeds.split(",")]
     for dataset in args.datasets.split(","):
-        for seed in (int(s) for s in args.seeds.split(",")):
+        models, cpus = [], []
+        for seed in seeds:
             out = args.work / "runs" / f"{args.name}-{dataset}-seed{seed}"
-            cpu = train(data, dataset, out, seed, flags)
+            cpus.append(train(data, dataset, out, seed, flags))
+            models.append(out / "best.pt")
             for split in SPLITS[dataset]:
-                scores = evaluate(data, dataset, split, out / "best.pt")
-                rows.append((f"{dataset} {split}", seed, scores, cpu))
+                scores = evaluate(data, dataset, split, out / "best.pt", decode, tag)
+                rows.append((f"{dataset} {split}", str(seed), scores, cpus[-1]))
+        if args.ensemble and len(models) > 1:
+            out = args.work / "runs" / f"{args.name}-{dataset}-ensemble{'+'.join(map(str, seeds))}"
+            for split in SPLITS[dataset]:
+                scores = evaluate(data, dataset, split, models[0], decode, tag, models[1:], out)
+                rows.append((f"{dataset} {split}", "+".join(map(str, seeds)), scores, sum(cpus)))
     print(f"command: {command()}\nmachine: {machine()} (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')})")
-    print(f"train flags: {' '.join(flags)}\n")
+    print(f"train flags: {' '.join(flags)}" + (f"; evaluate flags: {args.decode}" if decode else "") + "\n")
     print("| set | seed | " + " | ".join(COLUMNS) + " | train CPU s |")
     print("|---|---:|" + "---:|" * (len(COLUMNS) + 1))
     for name, seed, scores, cpu in rows:
         cells = [f"{100 * scores[key]:.1f}" if key in scores else "–" for key in COLUMNS.values()]
         print(f"| {name} | {seed} | " + " | ".join(cells) + f" | {cpu:.0f} |")
     json.dump([{"set": n, "seed": s, "scores": sc, "train_cpu_seconds": c} for n, s, sc, c in rows],
-              (args.work / f"scores-{args.name}.json").open("w"), indent=1)
+              (args.work / f"scores-{args.name}{tag}.json").open("w"), indent=1)
 
 
 if __name__ == "__main__":
