@@ -119,3 +119,15 @@ def small_caption_cli(photos, checkpoint, output, *extra: str):
     return CliRunner().invoke(app, ["caption", str(photos), "--model", str(checkpoint), "-o", str(output),
                                     "--root", str(photos.parent), "--batch-size", "2", "--max-length", "4",
                                     "--workers", "0", *extra])
+
+
+def tiny_shapes_store(root):
+    """A preprocessed shapes dataset under ``root`` small enough for evaluate tests: 16 / 4 / 6 pictures of 64 px,
+    every word in the vocabulary. Returns ``root``."""
+    from satcli.commands.preprocess import run as preprocess
+    from satcli.data.preprocess import PreprocessOptions
+    from satcli.data.store import DatasetKind
+
+    preprocess(PreprocessOptions(dataset=DatasetKind.shapes, data_root=root, n_train=16, n_val=4, n_test=6,
+                                 image_size=64, min_word_freq=1))
+    return root

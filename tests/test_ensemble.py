@@ -14,11 +14,9 @@ from models.captioner import Captioner
 from models.decoding import decode
 from models.ensemble import Ensemble
 from satcli.cli import app
-from satcli.commands.preprocess import run as preprocess
-from satcli.data.preprocess import PreprocessOptions
-from satcli.data.store import DatasetKind, StoredDataset
+from satcli.data.store import StoredDataset
 from satcli.formats.checkpoint import save_checkpoint
-from tests.helpers import one_line_error, random_features, tiny_captioner, tiny_config
+from tests.helpers import one_line_error, random_features, tiny_captioner, tiny_config, tiny_shapes_store
 
 runner = CliRunner()
 END = 2
@@ -107,10 +105,7 @@ def test_members_that_cannot_share_features_are_refused():
 
 @pytest.fixture(scope="module")
 def shapes_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("data")
-    preprocess(PreprocessOptions(dataset=DatasetKind.shapes, data_root=root, n_train=16, n_val=4, n_test=6,
-                                 image_size=64, min_word_freq=1))
-    return root
+    return tiny_shapes_store(tmp_path_factory.mktemp("data"))
 
 
 def _checkpoint(root: Path, folder: Path, seed: int, **config) -> Path:

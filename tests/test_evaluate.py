@@ -9,14 +9,12 @@ from typer.testing import CliRunner
 from models.captioner import Captioner
 from satcli.cli import app
 from satcli.commands import evaluate as evaluate_step
-from satcli.commands.preprocess import run as preprocess
-from satcli.data.preprocess import PreprocessOptions
-from satcli.data.store import DatasetKind, StoredDataset
+from satcli.data.store import StoredDataset
 from satcli.data.text import tokenize
 from satcli.formats.checkpoint import save_checkpoint
 from satcli.formats.results import SCHEMA, read_attention, read_metadata
 from satcli.scoring.metrics import bleu
-from tests.helpers import tiny_config
+from tests.helpers import tiny_config, tiny_shapes_store
 
 runner = CliRunner()
 
@@ -29,10 +27,7 @@ def _isolated_state(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def shapes_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("data")
-    preprocess(PreprocessOptions(dataset=DatasetKind.shapes, data_root=root, n_train=16, n_val=4, n_test=6,
-                                 image_size=64, min_word_freq=1))
-    return root
+    return tiny_shapes_store(tmp_path_factory.mktemp("data"))
 
 
 @pytest.fixture(scope="module")
