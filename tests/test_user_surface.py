@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -175,6 +176,9 @@ def test_ctrl_c_in_a_terminal_puts_the_warning_on_its_own_line(model, tmp_path):
     def own_terminal():  # a session whose controlling terminal is the pty, as in a shell: ^C becomes SIGINT
         os.setsid()
         fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+        # and SIGINT's default action, as a shell gives its foreground job: a test run started in the background
+        # (`make test &`, nohup) ignores SIGINT, and the child would inherit that and never see the Ctrl-C
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
 
     env = {**os.environ, "PYTHONPATH": str(REPO), "TERM": "xterm", "COLUMNS": "100"}
     env.pop("NO_COLOR", None)
