@@ -36,14 +36,6 @@ class Ensemble(nn.Module):
         self.config = first.config
         self.grid_shape = first.grid_shape
 
-    @property
-    def encoder(self) -> nn.Module:
-        return self.members[0].encoder
-
-    @property
-    def device(self) -> torch.device:
-        return self.members[0].device
-
     def encode(self, images: Tensor) -> Tensor:
         """The first member's encoder (all members share its weights when their encoders were frozen)."""
         return self.members[0].encode(images)
@@ -58,8 +50,9 @@ class Ensemble(nn.Module):
              memory: tuple[Memory, ...]) -> tuple[Tensor, tuple[Tensor, ...], Tensor]:
         """tokens (B, K) → log of the mean word probability (B, K, V), the new states, mean attention (B, K, L)."""
         logprobs, alphas, states = [], [], []
+        width = len(State._fields)  # each member's (h, c), side by side in the flat state
         for i, (member, m) in enumerate(zip(self.members, memory, strict=True)):
-            lp, new_state, alpha = member.step(tokens, State(*state[2 * i: 2 * i + 2]), m)
+            lp, new_state, alpha = member.step(tokens, State(*state[width * i: width * (i + 1)]), m)
             logprobs.append(lp.float())
             alphas.append(alpha.float())
             states.extend(new_state)
