@@ -16,10 +16,14 @@ recall, exact set, CHAIR-i/-s, BLEU-4, CIDEr-D, the pointing game and the CPU ti
     python -m bench.recognition --work /tmp/recognition --name shifts -- --feature-shifts   # a lever row
     python -m bench.recognition --work /tmp/recognition --seeds 0,1,2 --ensemble     # + the seeds as one model
     python -m bench.recognition --work /tmp/recognition --decode "--no-repeat-ngram 2"   # a decoding lever
+    python -m bench.recognition --work /tmp/recognition --name scst --scst-from default -- --epochs 2 --scst-lr 1e-4
 
 ``--ensemble`` adds a row per set for the seeds' models decoded as one (`satcli evaluate --ensemble`), its CPU
 time the sum of theirs. ``--decode`` passes flags to every `satcli evaluate` (runs already trained are reused, so
 a decoding lever costs no training); its scores go to their own evaluation folders and scores file.
+``--scst-from NAME`` makes the row a second stage: each seed's run is `satcli train --scst --init` from the
+best.pt of row NAME's run of the same dataset and seed (the flags after ``--`` are SCST's; the recipe is not
+passed), and its CPU time is the SCST stage's alone.
 
 The emoji pictures are fetched from the npm registry by the benchmark script into ~/.cache/emoji-scenes (once)
 and stay out of git. Give training one thread when anything else runs (``OMP_NUM_THREADS=1``): the CPU time is
@@ -134,10 +138,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--emoji-script", type=Path, default=EMOJI_SCRIPT)
     parser.add_argument("--ensemble", action="store_true", help="also score the seeds' models as one ensemble")
     parser.add_argument("--decode", default="", help="flags for every satcli evaluate (one string)")
+    parser.add_argument("--scst-from", default=None, metavar="NAME",
+                        help="SCST second stage from row NAME's models (flags after -- are SCST's)")
     args = parser.parse_args(argv)
     decode = args.decode.split()
     tag = "".join(f"-{part.lstrip('-')}" for part in decode)  # e.g. -no-repeat-ngram-2
     flags = (args.recipe.split() if args.recipe is not None else demo_recipe()) + extra
+    if args.scst_from is not None:
+        flags = ["--scst", "--init", f"{args.work}/runs/{args.scst_from}-DATASET-seedN/best.pt", *extra]
     data = prepare(args.work, args.emoji_script)
     rows = []
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -145,7 +153,13 @@ def main(argv: list[str] | None = None) -> None:
         models, cpus = [], []
         for seed in seeds:
             out = args.work / "runs" / f"{args.name}-{dataset}-seed{seed}"
-            cpus.append(train(data, dataset, out, seed, flags))
+            if args.scst_from is not None:
+                start = args.work / "runs" / f"{args.scst_from}-{dataset}-seed{seed}" / "best.pt"
+                if not start.exists():
+                    raise SystemExit(f"{start}: no such model; run the row {args.scst_from!r} first")
+                cpus.append(train(data, dataset, out, seed, ["--scst", "--init", str(start), *extra]))
+            else:
+                cpus.append(train(data, dataset, out, seed, flags))
             models.append(out / "best.pt")
             for split in SPLITS[dataset]:
                 scores = evaluate(data, dataset, split, out / "best.pt", decode, tag)

@@ -51,6 +51,7 @@ class CaptionerConfig:
     dropout: float = 0.5
     feature_dropout: float = 0.0  # training: drop each feature channel of a picture, in all its cells alike
     words_loss: float = 0.0  # λ of the bag-of-words loss; > 0: a "which words are here" head that starts the LSTM
+    coverage: bool = False  # the attention also reads how much each cell was attended so far (See et al. 2017)
     deep_output: bool = True  # the paper's L_o(E y + L_h h + L_z z); False: a linear layer on h
     doubly_stochastic: float = 1.0  # λ of the attention regulariser λ mean_i (1 - Σ_t α_ti)²
     hard_sample_prob: float = 0.5  # hard attention: share of training captions that sample locations
@@ -92,23 +93,37 @@ class CaptionerConfig:
 
 
 class SoftAttention(nn.Module):
-    """Additive attention: e_i = w·tanh(W_a a_i + W_h h); α = softmax(e); context = Σ_i α_i a_i."""
+    """Additive attention: e_i = w·tanh(W_a a_i + W_h h); α = softmax(e); context = Σ_i α_i a_i.
 
-    def __init__(self, feature_dim: int, hidden_dim: int, attention_dim: int):
+    With ``coverage``, e_i = w·tanh(W_a a_i + W_h h + w_c c_i), where c_i = Σ_{t'<t} α_t'i is how much cell i
+    was attended before this step (See et al. 2017, "Get To The Point", eq. 11): the attention knows where it
+    has looked and can move on to an object the caption has not named yet.
+    """
+
+    def __init__(self, feature_dim: int, hidden_dim: int, attention_dim: int, coverage: bool = False):
         super().__init__()
         self.key = nn.Linear(feature_dim, attention_dim)  # W_a, applied once per image
         self.query = nn.Linear(hidden_dim, attention_dim)  # W_h
         self.score = nn.Linear(attention_dim, 1)  # w
+        self.cover = nn.Linear(1, attention_dim, bias=False) if coverage else None  # w_c
 
-    def log_alpha(self, keys: Tensor, h: Tensor) -> Tensor:
+    def energy(self, keys: Tensor, h: Tensor, coverage: Tensor | None) -> Tensor:
+        """keys (B, L, A), h (B, K, H), coverage (B, K, L) or None → e (B, K, L)."""
+        pre = keys.unsqueeze(1) + self.query(h).unsqueeze(2)  # (B, K, L, A)
+        if self.cover is not None:
+            if coverage is None:
+                raise ValueError("a coverage attention needs the state's coverage")
+            pre = pre + self.cover(coverage.unsqueeze(-1).to(pre.dtype))
+        return self.score(torch.tanh(pre)).squeeze(-1)
+
+    def log_alpha(self, keys: Tensor, h: Tensor, coverage: Tensor | None = None) -> Tensor:
         """keys (B, L, A), h (B, K, H) → log α (B, K, L), a log-softmax: finite however peaked α is."""
-        energy = torch.tanh(keys.unsqueeze(1) + self.query(h).unsqueeze(2))  # (B, K, L, A)
-        return self.score(energy).squeeze(-1).float().log_softmax(dim=-1)
+        return self.energy(keys, h, coverage).float().log_softmax(dim=-1)
 
-    def forward(self, keys: Tensor, features: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, keys: Tensor, features: Tensor, h: Tensor,
+                coverage: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """keys (B, L, A), features (B, L, D), h (B, K, H) → context (B, K, D), alpha (B, K, L)."""
-        energy = torch.tanh(keys.unsqueeze(1) + self.query(h).unsqueeze(2))  # (B, K, L, A)
-        alpha = self.score(energy).squeeze(-1).softmax(dim=-1)  # (B, K, L)
+        alpha = self.energy(keys, h, coverage).softmax(dim=-1)  # (B, K, L)
         return alpha @ features, alpha  # (B, K, D)
 
     @staticmethod
@@ -133,10 +148,15 @@ class Memory(NamedTuple):
 
 
 class State(NamedTuple):
-    """LSTM state per image and beam."""
+    """LSTM state per image and beam, and for coverage models the attention so far."""
 
     h: Tensor  # (B, K, H)
     c: Tensor  # (B, K, H)
+    coverage: Tensor | None = None  # (B, K, L) Σ of the earlier steps' α; None unless config.coverage
+
+    def rows(self, n: int) -> State:
+        """The state of the first n images."""
+        return State(*(None if s is None else s[:n] for s in self))
 
 
 class AttentionDecoder(nn.Module):
@@ -151,7 +171,7 @@ class AttentionDecoder(nn.Module):
         with torch.no_grad():
             self.embedding.weight.uniform_(-0.1, 0.1)
             self.embedding.weight[c.pad_id].zero_()
-        self.attention = SoftAttention(feature_dim, c.decoder_dim, c.attention_dim)
+        self.attention = SoftAttention(feature_dim, c.decoder_dim, c.attention_dim, c.coverage)
         self.init_h = nn.Linear(feature_dim, c.decoder_dim)  # h_0 = tanh(f_init,h(mean a))
         self.init_c = nn.Linear(feature_dim, c.decoder_dim)  # c_0 = tanh(f_init,c(mean a))
         self.f_beta = nn.Linear(c.decoder_dim, 1)  # gating scalar β = σ(f_β(h_{t-1}))
@@ -190,18 +210,22 @@ class AttentionDecoder(nn.Module):
             h, c = h + self.init_words_h(present), c + self.init_words_c(present)
         h = torch.tanh(h).unsqueeze(1).expand(-1, n_beams, -1)  # (B, K, H)
         c = torch.tanh(c).unsqueeze(1).expand(-1, n_beams, -1)
-        return State(h.contiguous(), c.contiguous())
+        coverage = None
+        if self.attention.cover is not None:
+            B, L, _ = memory.features.shape
+            coverage = memory.features.new_zeros(B, n_beams, L, dtype=torch.float32)
+        return State(h.contiguous(), c.contiguous(), coverage)
 
     def step(self, tokens: Tensor, state: State, memory: Memory) -> tuple[Tensor, State, Tensor]:
         """tokens (B, K) → logits (B, K, V), new state, alpha (B, K, L). Attention: the expectation."""
-        context, alpha = self.attention(memory.keys, memory.features, state.h)  # (B, K, D), (B, K, L)
+        context, alpha = self.attention(memory.keys, memory.features, state.h, state.coverage)  # (B,K,D), (B,K,L)
         return self._write(tokens, state, context, alpha)
 
     def hard_step(self, tokens: Tensor, state: State, memory: Memory,
                   sampled: Tensor) -> tuple[Tensor, State, Tensor, HardSteps]:
         """A hard-attention training step: rows where ``sampled`` (B,) is set read the feature vector of a
         location drawn from α, the others the expectation. tokens (B, K) → logits, state, alpha, HardSteps."""
-        log_alpha = self.attention.log_alpha(memory.keys, state.h)  # (B, K, L)
+        log_alpha = self.attention.log_alpha(memory.keys, state.h, state.coverage)  # (B, K, L)
         alpha = log_alpha.exp()
         location = self.attention.sample(log_alpha.detach())  # (B, K)
         features = memory.features
@@ -225,7 +249,8 @@ class AttentionDecoder(nn.Module):
             hidden = torch.tanh(embedded + self.out_h(self.dropout(h)) + self.out_z(context))  # (B, K, E)
         else:
             hidden = h
-        return self.out(self.dropout(hidden)), State(h, c), alpha
+        coverage = None if state.coverage is None else state.coverage + alpha.float()
+        return self.out(self.dropout(hidden)), State(h, c, coverage), alpha
 
 
 class TeacherForced(NamedTuple):
@@ -311,7 +336,7 @@ class Captioner(nn.Module):
             if sample_prob > 0 and t > 0:
                 own = torch.rand(n, device=inputs.device) < sample_prob
                 inputs = torch.where(own, logits[:n, t - 1].argmax(dim=-1), inputs)
-            step_state = State(state.h[:n], state.c[:n])
+            step_state = state.rows(n)
             if hard:
                 step_logits, new_state, alpha, extra = self.decoder.hard_step(
                     inputs.unsqueeze(1), step_state, step_memory, sampled[:n])
@@ -405,6 +430,19 @@ def unlikelihood_loss(logprobs: Tensor, tokens: Tensor, lengths: Tensor) -> Tens
     candidates.scatter_(2, targets.unsqueeze(-1), False)  # ... and not y_t
     p = logprobs.float().exp().clamp(max=1.0 - 1e-6)
     return -(torch.log1p(-p) * (candidates & valid.unsqueeze(-1))).sum()
+
+
+def coverage_loss(alphas: Tensor) -> Tensor:
+    """The coverage loss of See et al. 2017 ("Get To The Point", eq. 12), summed over the caption tokens (the
+    caller normalises, as it does the NLL): at every step, Σ_i min(α_ti, c_ti) with c_ti = Σ_{t'<t} α_t'i, the
+    attention that falls again where earlier words already looked. alphas (B, T, L), zero at padded steps.
+
+    It penalises reading one object for a second noun, the step where an attention captioner that does not
+    recognise the other object names the first one again ("a train below a train").
+    """
+    alphas = alphas.float()
+    coverage = alphas.cumsum(dim=1) - alphas
+    return torch.minimum(alphas, coverage).sum()
 
 
 def hard_attention_loss(model: Captioner, output: TeacherForced, tokens: Tensor,

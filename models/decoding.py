@@ -140,7 +140,9 @@ def _repeated_ngram_words(words: Tensor, n: int, vocab_size: int) -> Tensor:
 
 def _reorder(state: tuple[Tensor, ...], flat_index: Tensor, n_images: int, n_beams: int) -> tuple[Tensor, ...]:
     """Pick, for every (image, beam), the state of the parent beam it continues."""
-    reordered = [s.flatten(0, 1).index_select(0, flat_index).view(n_images, n_beams, *s.shape[2:]) for s in state]
+    reordered = [None if s is None else s.flatten(0, 1).index_select(0, flat_index).view(n_images, n_beams,
+                                                                                        *s.shape[2:])
+                 for s in state]
     return type(state)(*reordered) if hasattr(state, "_fields") else tuple(reordered)
 
 

@@ -54,6 +54,12 @@ FineTuneEncoderOption = Annotated[bool, typer.Option(
     "--fine-tune-encoder", help="Train the encoder too, on augmented images.")]
 FineTuneBlocksOption = Annotated[int, typer.Option(
     help="Encoder blocks to fine-tune from the top (-1: all, the stem included).")]
+CoverageOption = Annotated[bool, typer.Option(
+    "--coverage", help="Coverage attention: the attention also reads how much each cell was attended by the "
+    "earlier words (See et al. 2017), so it can move on to the next object.")]
+CoverageLossOption = Annotated[float, typer.Option(
+    min=0.0, help="λ of the coverage loss: at each word, Σ_i min(α_i, attention so far on cell i), against "
+    "looking at one object again (See et al. 2017; 0: off).")]
 ScstOption = Annotated[bool, typer.Option(
     "--scst", help="Self-critical fine-tuning of --init with a CIDEr-D reward and the greedy caption as "
     "baseline (--out default: runs/<dataset>-scst; learning rate: --scst-lr).")]
@@ -67,7 +73,8 @@ TensorboardOption = Annotated[bool, typer.Option(
 # train --help shows its options in these panels, in this order (the rest: "Data and run folder")
 PANELS = {
     "Model": ("encoder", "attention", "image_size", "grid_size", "embed_dim", "attention_dim", "decoder_dim",
-              "dropout", "feature_dropout", "words_loss", "unlikelihood", "doubly_stochastic"),
+              "dropout", "feature_dropout", "words_loss", "unlikelihood", "coverage", "coverage_loss",
+              "doubly_stochastic"),
     "Optimisation": ("epochs", "batch_size", "decoder_lr", "encoder_lr", "grad_clip", "lr_decay", "lr_patience",
                      "patience", "scheduled_sampling", "val_beam_size", "fine_tune_encoder", "fine_tune_after",
                      "fine_tune_blocks"),
@@ -116,6 +123,8 @@ def train(
     unlikelihood: Annotated[float, typer.Option(
         min=0.0, help="α of a token-level unlikelihood loss: at each word, -log(1 - p) of the words the caption "
         "already wrote (Welleck et al. 2020), against naming one object twice (0: off).")] = 0.0,
+    coverage: CoverageOption = False,
+    coverage_loss: CoverageLossOption = 0.0,
     doubly_stochastic: DoublyStochasticOption = 1.0,
     epochs: Annotated[int, typer.Option(min=1, help="Epochs (one pass over every training caption).")] = 30,
     batch_size: Annotated[int, typer.Option(min=1, help="Captions per step, over all processes.")] = 64,

@@ -25,4 +25,9 @@ def run(options: ExportOptions) -> ExportResult:
     except ImportError:
         raise SatcliError("satcli export needs safetensors: pip install 'satcli[export]'") from None
     sha256 = checkpoint_sha256(options.model)
-    return export_model(load_captioner(options.model), options.out, sha256)
+    loaded = load_captioner(options.model)
+    if loaded.model.config.coverage:
+        raise SatcliError("the export's start and step files carry the LSTM state only, not coverage attention's "
+                          "running sum of attention: this model (trained with --coverage) cannot be exported yet",
+                          options.model)
+    return export_model(loaded, options.out, sha256)

@@ -41,6 +41,8 @@ class TrainOptions:
     feature_dropout: float = 0.0  # drop each feature channel of a picture (all its cells alike) in training
     words_loss: float = 0.0  # λ of the bag-of-words head's loss; > 0 adds the head, which starts the LSTM
     unlikelihood: float = 0.0  # α of the token-level unlikelihood loss on the caption's earlier words
+    coverage: bool = False  # the attention reads how much each cell was attended so far
+    coverage_loss: float = 0.0  # λ of See et al.'s coverage loss Σ_t Σ_i min(α_ti, Σ_{t'<t} α_t'i)
     deep_output: bool = True
     doubly_stochastic: float = 1.0
     # schedule
@@ -104,7 +106,7 @@ class TrainOptions:
             vocab_size=vocab_size, encoder=self.encoder, image_size=self.image_size, grid_size=self.grid_size,
             fine_tune_blocks=0, attention=self.attention, embed_dim=self.embed_dim,
             attention_dim=self.attention_dim, decoder_dim=self.decoder_dim, dropout=self.dropout,
-            feature_dropout=self.feature_dropout, words_loss=self.words_loss,
+            feature_dropout=self.feature_dropout, words_loss=self.words_loss, coverage=self.coverage,
             deep_output=self.deep_output, doubly_stochastic=self.doubly_stochastic)
 
 

@@ -27,6 +27,7 @@ from models.captioner import (
     Captioner,
     bag_of_words_loss,
     caption_loss,
+    coverage_loss,
     doubly_stochastic_penalties,
     hard_attention_loss,
     unlikelihood_loss,
@@ -110,6 +111,9 @@ class Stepper:
             if options.unlikelihood > 0:  # --unlikelihood: the earlier words of the caption, per token as the NLL
                 repeats = unlikelihood_loss(logprobs, tokens, lengths)
                 loss = loss + options.unlikelihood * repeats / global_tokens * self.ranks.world
+            if options.coverage_loss > 0:  # --coverage-loss: attention falling again where it fell, per token
+                again = coverage_loss(alphas)
+                loss = loss + options.coverage_loss * again / global_tokens * self.ranks.world
             objective = loss
             if output.location_logprob is not None:  # hard attention: REINFORCE and entropy, per token too
                 objective = loss + hard_attention_loss(self.model, output, tokens) / global_tokens * self.ranks.world
